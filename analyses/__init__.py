@@ -1,0 +1,21 @@
+"""Federated analyses: pure functions with a site half (`local`) and a coordinator half
+(`combine`). Importing this package registers every built-in analysis."""
+
+from analyses.base import Analysis, AnalysisContext, NextRound
+from analyses.registry import analysis, get_analysis, registered_analyses
+from analyses.results import AnalysisResult, PrivacySummary, SiteContribution
+
+# Registration happens at import, so a duplicate name fails here, not at the first message.
+from analyses import descriptive  # noqa: E402,F401  (registers count, mean, histogram)
+
+__all__ = [
+    "Analysis",
+    "AnalysisContext",
+    "AnalysisResult",
+    "NextRound",
+    "PrivacySummary",
+    "SiteContribution",
+    "analysis",
+    "get_analysis",
+    "registered_analyses",
+]

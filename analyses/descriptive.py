@@ -1,0 +1,312 @@
+"""Descriptive statistics: ``count``, ``mean`` (with variance) and ``histogram``.
+
+DP calibration (add/remove one patient row at one site, values clamped to the dictionary's
+public bounds [L, U]): a count changes by at most 1; a sum of values shifted by the bounds'
+midpoint c = (L + U) / 2 by at most (U - L) / 2; a sum of squared shifted values by at most
+((U - L) / 2)^2; a histogram (one cell per row) by at most 1 in L1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pydantic import Field, field_validator
+
+from analyses.base import Analysis, AnalysisContext, Arrays, Params
+from analyses.registry import analysis
+from analyses.results import AnalysisResult
+from protocol.config import DataDictionary, NumericVariable
+from protocol.errors import ValidationError
+from protocol.records import AggregateRecord, ArraySpec, RecordSpec
+
+
+def _sum_records(records: Mapping[str, AggregateRecord], name: str) -> np.ndarray:
+    return np.sum([r[name] for r in records.values()], axis=0)
+
+
+def _require_numeric(dictionary: DataDictionary, name: str) -> NumericVariable:
+    var = dictionary.variable(name)
+    if not isinstance(var, NumericVariable):
+        raise ValidationError(
+            f"variable {name!r} is {var.type}; this analysis needs a numeric variable"
+        )
+    return var
+
+
+# ----------------------------------------------------------------------------- count
+
+
+class CountParams(Params):
+    variable: str | None = Field(default=None, description="count its non-missing values")
+
+
+@dataclass
+class CountResult(AnalysisResult):
+    """A pooled record count."""
+
+    count: float = 0.0
+    per_site: dict[str, float] = field(default_factory=dict)
+
+    def values(self) -> dict[str, Any]:
+        return {"count": self.count}
+
+    @property
+    def summary(self) -> pd.DataFrame:
+        rows = [{"site": s, "count": c} for s, c in self.per_site.items()]
+        rows.append({"site": "total", "count": self.count})
+        return pd.DataFrame(rows).set_index("site")
+
+
+@analysis("count")
+class Count(Analysis[CountParams]):
+    """Number of records (optionally: with a non-missing ``variable``)."""
+
+    params_model = CountParams
+
+    def variables(self, params: CountParams) -> set[str]:
+        return {params.variable} if params.variable else set()
+
+    def declare(self, params: CountParams, ctx: AnalysisContext) -> RecordSpec:
+        return RecordSpec({"n": ArraySpec((), kind="count", sensitivity=1.0, integer=True)})
+
+    def local(self, data: pd.DataFrame, params: CountParams, ctx: AnalysisContext) -> Arrays:
+        if params.variable is None:
+            n = len(data)
+        else:
+            n = int(data[params.variable].notna().sum())
+        return {"n": np.array(float(n))}
+
+    def combine(
+        self, records: Mapping[str, AggregateRecord], params: CountParams, ctx: AnalysisContext
+    ) -> CountResult:
+        per_site = {site: float(r["n"]) for site, r in records.items()}
+        total = float(sum(per_site.values()))
+        return CountResult(analysis="count", n=total, count=total, per_site=per_site)
+
+
+# ----------------------------------------------------------------------------- mean
+
+
+class MeanParams(Params):
+    variable: str
+
+
+@dataclass
+class MeanResult(AnalysisResult):
+    """Pooled mean and variance of a numeric variable."""
+
+    variable: str = ""
+    mean: float = float("nan")
+    variance: float = float("nan")
+    std_error: float = float("nan")
+    noise_sd: float = 0.0
+    per_site: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def values(self) -> dict[str, Any]:
+        return {
+            "variable": self.variable,
+            "mean": self.mean,
+            "variance": self.variance,
+            "std_error": self.std_error,
+            "noise_sd": self.noise_sd,
+        }
+
+    @property
+    def summary(self) -> pd.DataFrame:
+        rows = [{"site": s, **v} for s, v in self.per_site.items()]
+        rows.append({"site": "pooled", "n": self.n, "mean": self.mean, "variance": self.variance})
+        return pd.DataFrame(rows).set_index("site")
+
+
+@analysis("mean")
+class Mean(Analysis[MeanParams]):
+    """Pooled mean and (n - 1) variance from per-site counts, sums and sums of squares."""
+
+    params_model = MeanParams
+
+    def variables(self, params: MeanParams) -> set[str]:
+        return {params.variable}
+
+    def check_params(self, params: MeanParams, dictionary: DataDictionary) -> None:
+        _require_numeric(dictionary, params.variable)
+
+    def declare(self, params: MeanParams, ctx: AnalysisContext) -> RecordSpec:
+        low, high = ctx.dictionary.bounds(params.variable)
+        half = (high - low) / 2
+        return RecordSpec(
+            {
+                "n": ArraySpec((), kind="count", sensitivity=1.0, integer=True),
+                "sum": ArraySpec((), kind="sum", sensitivity=half),
+                "sumsq": ArraySpec((), kind="sum", sensitivity=half * half),
+            }
+        )
+
+    def local(self, data: pd.DataFrame, params: MeanParams, ctx: AnalysisContext) -> Arrays:
+        low, high = ctx.dictionary.bounds(params.variable)
+        values = data[params.variable].to_numpy(dtype=np.float64, na_value=np.nan)
+        values = values[~np.isnan(values)]
+        # Shift by the public midpoint: smaller DP sensitivity and better numerics alike.
+        shifted = np.clip(values, low, high) - (low + high) / 2
+        return {
+            "n": np.array(float(values.size)),
+            "sum": np.array(shifted.sum()),
+            "sumsq": np.array(np.dot(shifted, shifted)),
+        }
+
+    def combine(
+        self, records: Mapping[str, AggregateRecord], params: MeanParams, ctx: AnalysisContext
+    ) -> MeanResult:
+        low, high = ctx.dictionary.bounds(params.variable)
+        centre = (low + high) / 2
+        n = float(_sum_records(records, "n"))
+        total = float(_sum_records(records, "sum"))
+        total_sq = float(_sum_records(records, "sumsq"))
+        per_site = {}
+        for site, r in records.items():
+            sn = float(r["n"])
+            per_site[site] = {"n": sn, "mean": centre + float(r["sum"]) / sn if sn > 0 else np.nan}
+        result = MeanResult(analysis="mean", n=n, variable=params.variable, per_site=per_site)
+        if n <= 0:
+            result.notes.append("no records were available for the mean")
+            return result
+        result.mean = centre + total / n
+        if n > 1:
+            # Clip at zero: noise can push sumsq below sum^2 / n.
+            result.variance = max(0.0, (total_sq - total * total / n) / (n - 1))
+            result.std_error = float(np.sqrt(result.variance / n))
+        scales = [
+            (r.releases["sum"].scale, r.releases["n"].scale) for r in records.values()
+        ]
+        sum_noise_var = sum(2 * s * s for s, _ in scales)
+        n_noise_var = sum(2 * c * c for _, c in scales)
+        if sum_noise_var or n_noise_var:
+            # Delta method for (centre + S/N): var ~ var(S)/N^2 + (S/N^2)^2 var(N).
+            result.noise_sd = float(
+                np.sqrt(sum_noise_var / n**2 + (total / n**2) ** 2 * n_noise_var)
+            )
+            result.std_error = float(np.sqrt(result.std_error**2 + result.noise_sd**2))
+        return result
+
+
+# ----------------------------------------------------------------------------- histogram
+
+
+class HistogramParams(Params):
+    variable: str
+    edges: list[float] = Field(min_length=2, max_length=1001)
+    group: str | None = Field(default=None, description="a categorical or binary variable")
+
+    @field_validator("edges")
+    @classmethod
+    def _increasing(cls, edges: list[float]) -> list[float]:
+        if any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
+            raise ValueError(f"edges must increase strictly, got {edges}")
+        return edges
+
+
+@dataclass
+class HistogramResult(AnalysisResult):
+    """Pooled bin counts (per group level when grouped)."""
+
+    variable: str = ""
+    edges: list[float] = field(default_factory=list)
+    counts: Any = None  # list of counts, or {level: list of counts} when grouped
+    group: str | None = None
+
+    def values(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"variable": self.variable, "edges": self.edges, "counts": self.counts}
+        if self.group:
+            out["group"] = self.group
+        return out
+
+    @property
+    def summary(self) -> pd.DataFrame:
+        labels = [f"[{a:g}, {b:g})" for a, b in zip(self.edges, self.edges[1:], strict=False)]
+        labels[-1] = labels[-1][:-1] + "]"
+        if isinstance(self.counts, dict):
+            frame = pd.DataFrame({f"{self.group}={k}": v for k, v in self.counts.items()})
+        else:
+            frame = pd.DataFrame({"count": self.counts})
+        frame.index = pd.Index(labels, name=self.variable)
+        return frame
+
+    def plot(self, ax: Any = None) -> Any:
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots()
+        edges = np.asarray(self.edges)
+        groups = self.counts if isinstance(self.counts, dict) else {"all": self.counts}
+        for label, counts in groups.items():
+            ax.stairs(np.maximum(np.asarray(counts, dtype=float), 0), edges, label=str(label))
+        ax.set_xlabel(self.variable)
+        ax.set_ylabel("records")
+        if len(groups) > 1:
+            ax.legend(title=self.group)
+        ax.set_title(self._header())
+        return ax
+
+
+@analysis("histogram")
+class Histogram(Analysis[HistogramParams]):
+    """Counts of a numeric variable in public bins, optionally by the levels of ``group``."""
+
+    params_model = HistogramParams
+
+    def variables(self, params: HistogramParams) -> set[str]:
+        return {params.variable} | ({params.group} if params.group else set())
+
+    def check_params(self, params: HistogramParams, dictionary: DataDictionary) -> None:
+        _require_numeric(dictionary, params.variable)
+        if params.group:
+            dictionary.levels(params.group)
+
+    def _levels(self, params: HistogramParams, dictionary: DataDictionary) -> list[int]:
+        return dictionary.levels(params.group) if params.group else []
+
+    def declare(self, params: HistogramParams, ctx: AnalysisContext) -> RecordSpec:
+        bins = len(params.edges) - 1
+        levels = self._levels(params, ctx.dictionary)
+        shape = (len(levels), bins) if levels else (bins,)
+        return RecordSpec({"counts": ArraySpec(shape, kind="count", sensitivity=1.0, integer=True)})
+
+    def local(self, data: pd.DataFrame, params: HistogramParams, ctx: AnalysisContext) -> Arrays:
+        edges = np.asarray(params.edges, dtype=np.float64)
+        values = data[params.variable].to_numpy(dtype=np.float64, na_value=np.nan)
+        if not params.group:
+            counts, _ = np.histogram(values[~np.isnan(values)], bins=edges)
+            return {"counts": counts.astype(np.float64)}
+        groups = data[params.group].to_numpy(dtype=np.float64, na_value=np.nan)
+        rows = [
+            np.histogram(values[(groups == level) & ~np.isnan(values)], bins=edges)[0]
+            for level in self._levels(params, ctx.dictionary)
+        ]
+        return {"counts": np.asarray(rows, dtype=np.float64)}
+
+    def site_records(self, record: AggregateRecord) -> float:
+        return float(record["counts"].sum())
+
+    def combine(
+        self, records: Mapping[str, AggregateRecord], params: HistogramParams, ctx: AnalysisContext
+    ) -> HistogramResult:
+        total = _sum_records(records, "counts") if records else np.zeros(
+            self.declare(params, ctx).arrays["counts"].shape
+        )
+        counts: Any
+        if params.group:
+            levels = self._levels(params, ctx.dictionary)
+            counts = {str(level): total[i].tolist() for i, level in enumerate(levels)}
+        else:
+            counts = total.tolist()
+        return HistogramResult(
+            analysis="histogram",
+            n=float(total.sum()),
+            variable=params.variable,
+            edges=list(params.edges),
+            counts=counts,
+            group=params.group,
+        )

@@ -1,0 +1,381 @@
+"""Pydantic models of the YAML files people write, and one loader with one error shape.
+
+An invalid file fails with the file, the field path, the bad value and what is allowed::
+
+    configs/site.yaml: policy.studies[0].privacy.mode: 'exact' is not allowed; use one of: dp, sdc, off
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from protocol.errors import ConfigError
+
+PrivacyMode = Literal["dp", "sdc", "off"]
+PRIVACY_MODES: tuple[str, ...] = ("off", "sdc", "dp")  # ordered from least to most strict
+
+_NAME = r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"
+_VARIABLE = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
+
+
+def stricter_mode(first: str, second: str) -> str:
+    """The stricter of two privacy modes (off < sdc < dp)."""
+    return max(first, second, key=PRIVACY_MODES.index)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- data dictionary
+
+
+class NumericVariable(_Model):
+    """A numeric variable with public bounds (differential privacy depends on them)."""
+
+    type: Literal["numeric"]
+    min: float
+    max: float
+    unit: str | None = None
+    description: str | None = None
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> NumericVariable:
+        if not self.min < self.max:
+            raise ValueError(f"min ({self.min}) must be below max ({self.max})")
+        return self
+
+
+class CategoricalVariable(_Model):
+    """A categorical variable; its levels come from here, never from a site's data."""
+
+    type: Literal["categorical"]
+    levels: list[int]
+    labels: list[str] | None = None
+    description: str | None = None
+
+    @model_validator(mode="after")
+    def _levels_valid(self) -> CategoricalVariable:
+        if len(self.levels) < 2:
+            raise ValueError(f"a categorical variable needs at least 2 levels, got {self.levels}")
+        if len(set(self.levels)) != len(self.levels):
+            raise ValueError(f"levels must be distinct, got {self.levels}")
+        if self.labels is not None and len(self.labels) != len(self.levels):
+            raise ValueError(
+                f"labels ({len(self.labels)}) must match levels ({len(self.levels)}) one to one"
+            )
+        return self
+
+
+class BinaryVariable(_Model):
+    """A 0/1 variable (an outcome or an indicator)."""
+
+    type: Literal["binary"]
+    labels: list[str] | None = None
+    description: str | None = None
+
+    @property
+    def levels(self) -> list[int]:
+        """Always ``[0, 1]``."""
+        return [0, 1]
+
+
+Variable = Annotated[
+    NumericVariable | CategoricalVariable | BinaryVariable, Field(discriminator="type")
+]
+
+
+class DataDictionary(_Model):
+    """The alliance's common variables, their types, public bounds and levels."""
+
+    variables: dict[str, Variable]
+
+    @field_validator("variables")
+    @classmethod
+    def _names_valid(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            if not re.match(_VARIABLE, name):
+                raise ValueError(
+                    f"variable name {name!r} must start with a letter and use letters, digits, _"
+                )
+        if not value:
+            raise ValueError("a dictionary needs at least one variable")
+        return value
+
+    def variable(self, name: str) -> NumericVariable | CategoricalVariable | BinaryVariable:
+        """The variable called ``name``, or a ValidationError listing the known ones."""
+        from protocol.errors import ValidationError
+
+        if name not in self.variables:
+            raise ValidationError(
+                f"variable {name!r} is not in the data dictionary; known: "
+                f"{', '.join(sorted(self.variables))}"
+            )
+        return self.variables[name]
+
+    def bounds(self, name: str) -> tuple[float, float]:
+        """Public (min, max) of a variable; levels give them for categorical and binary ones."""
+        var = self.variable(name)
+        if isinstance(var, NumericVariable):
+            return (var.min, var.max)
+        return (float(min(var.levels)), float(max(var.levels)))
+
+    def levels(self, name: str) -> list[int]:
+        """Public levels of a categorical or binary variable."""
+        from protocol.errors import ValidationError
+
+        var = self.variable(name)
+        if isinstance(var, NumericVariable):
+            raise ValidationError(f"variable {name!r} is numeric; it has no levels")
+        return list(var.levels)
+
+    def digest(self) -> str:
+        """A stable SHA-256 of the dictionary, so both sides can check they use the same one."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- requests
+
+
+class AnalysisRequest(_Model):
+    """What a researcher asks for: an analysis, an optional row filter and its parameters."""
+
+    analysis: str
+    filter: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    epsilon: float | None = Field(default=None, gt=0, description="per site, overrides study")
+
+
+# --------------------------------------------------------------------------- studies
+
+
+class StudyPrivacy(_Model):
+    """A study's privacy request; each site's policy may be stricter."""
+
+    mode: PrivacyMode = "dp"
+    epsilon_per_request: float = Field(default=0.5, gt=0)
+    budget: float = Field(default=3.0, gt=0, description="epsilon per site for the study")
+
+
+class StudyConfig(_Model):
+    """A study drafted by the alliance lead and approved by each site."""
+
+    id: str = Field(pattern=_NAME)
+    title: str
+    purpose: str = Field(default="research", pattern=r"^[a-z][a-z0-9_-]*$")
+    sites: list[str] = Field(default_factory=list, description="empty: every connected site")
+    analyses: list[str] = Field(default_factory=list, description="empty: any registered one")
+    variables: list[str] = Field(default_factory=list, description="empty: the whole dictionary")
+    privacy: StudyPrivacy = Field(default_factory=StudyPrivacy)
+    expires: dt.date | None = None
+
+
+# --------------------------------------------------------------------------- site
+
+
+class SDCThresholds(_Model):
+    """Disclosure-control thresholds; never weaker than DataSHIELD's defaults."""
+
+    min_cell: int = Field(default=3, ge=3)
+    min_subset: int = Field(default=3, ge=3)
+    max_parameter_ratio: float = Field(default=0.33, gt=0, le=0.33)
+
+
+class StudyApproval(_Model):
+    """A site's approval of one study: its privacy mode and its budget there."""
+
+    id: str = Field(pattern=_NAME)
+    mode: PrivacyMode = "dp"
+    budget: float = Field(default=3.0, ge=0, description="epsilon this site allows the study")
+    analyses: list[str] | None = Field(default=None, description="None: the site allow-list")
+    expires: dt.date | None = None
+
+
+class SitePolicy(_Model):
+    """What a site allows. Empty means nothing: a site runs nothing it has not approved."""
+
+    allowed_analyses: list[str] = Field(default_factory=list)
+    studies: list[StudyApproval] = Field(default_factory=list)
+    denied_variables: list[str] = Field(default_factory=list)
+    sdc: SDCThresholds = Field(default_factory=SDCThresholds)
+
+    def approval(self, study_id: str) -> StudyApproval | None:
+        """This site's approval of ``study_id``, if any."""
+        for approval in self.studies:
+            if approval.id == study_id:
+                return approval
+        return None
+
+
+class DataSource(_Model):
+    """Where a site's records are and how to read them."""
+
+    connector: Literal["csv"] = "csv"
+    path: Path
+    header: bool = True
+    column_names: list[str] | None = Field(
+        default=None, description="column names when the file has no header row"
+    )
+    rename: dict[str, str] = Field(default_factory=dict, description="local name -> dictionary")
+    na_values: list[str] = Field(default_factory=list)
+    drop: list[str] = Field(default_factory=list, description="local columns to ignore")
+
+
+class TLSFiles(_Model):
+    """Paths of a certificate, its key and the alliance CA certificate."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+class SiteConfig(_Model):
+    """A site node's configuration (``site.yaml``)."""
+
+    name: str = Field(pattern=_NAME)
+    coordinator: str = Field(description="host:port of the coordinator's site link")
+    dictionary: Path
+    data: DataSource
+    policy: SitePolicy = Field(default_factory=SitePolicy)
+    state_dir: Path = Field(default=Path("state"))
+    tls: TLSFiles | None = None
+    insecure: bool = False
+    heartbeat_seconds: float = Field(default=10.0, gt=0)
+    reconnect_max_seconds: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _tls_or_insecure(self) -> SiteConfig:
+        if self.tls is None and not self.insecure:
+            raise ValueError("give tls (ca, cert, key) or set insecure: true for loopback tests")
+        return self
+
+
+# --------------------------------------------------------------------------- coordinator
+
+
+class APIToken(_Model):
+    """A person's API token bound to a role."""
+
+    token: str = Field(min_length=16)
+    user: str
+    role: Literal["lead", "researcher", "site_admin"]
+
+
+class CoordinatorConfig(_Model):
+    """The coordinator's configuration (``coordinator.yaml``)."""
+
+    name: str = Field(default="coordinator", pattern=_NAME)
+    site_link: str = Field(default="127.0.0.1:50051", description="host:port for sites")
+    http: str = Field(default="127.0.0.1:8080", description="host:port of the HTTP API")
+    dictionary: Path
+    store: str = Field(default="sqlite:///coordinator.db", description="SQLAlchemy URL")
+    state_dir: Path = Field(default=Path("."))
+    tls: TLSFiles | None = None
+    insecure: bool = False
+    tokens: list[APIToken] = Field(default_factory=list)
+    task_timeout_seconds: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _tls_or_insecure(self) -> CoordinatorConfig:
+        if self.tls is None and not self.insecure:
+            raise ValueError("give tls (ca, cert, key) or set insecure: true for loopback tests")
+        return self
+
+
+# --------------------------------------------------------------------------- loading
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("numeric", "categorical", "binary") and out.startswith("variables."):
+            continue  # the discriminator tag pydantic inserts is noise to a reader
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _describe(error: Any) -> str:
+    kind = error["type"]
+    value = error.get("input")
+    ctx = error.get("ctx") or {}
+    if kind == "literal_error":
+        allowed = ctx.get("expected", "").replace("'", "")
+        return f"{value!r} is not allowed; use one of: {allowed.replace(' or ', ', ')}"
+    if kind == "missing":
+        return "is required but missing"
+    if kind == "extra_forbidden":
+        return "is not a known field (check the spelling)"
+    if kind == "union_tag_invalid":
+        return f"type {ctx.get('tag')!r} is not allowed; use one of: numeric, categorical, binary"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{value!r}: {message}" if not isinstance(value, dict) else message
+
+
+def format_validation_error(source: str, exc: pydantic.ValidationError) -> str:
+    """One line per problem: ``source: field.path: value, what is allowed``."""
+    lines = [f"{source}: {_field_path(tuple(e['loc']))}: {_describe(e)}" for e in exc.errors()]
+    return "\n".join(lines)
+
+
+def parse_model(model: type[M], data: Any, source: str) -> M:
+    """Validate ``data`` as ``model``; raise ConfigError naming ``source`` and the field."""
+    if data is None:
+        data = {}
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(format_validation_error(source, exc)) from None
+
+
+def load_yaml(path: str | Path, model: type[M]) -> M:
+    """Load and validate a YAML file; relative paths inside stay relative to the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: malformed YAML{at}: {problem}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of fields at the top, got {type(data).__name__}")
+    model_obj = parse_model(model, data, str(path))
+    return _resolve_paths(model_obj, path.parent)
+
+
+def _resolve_paths(obj: M, base: Path) -> M:
+    """Make Path fields absolute relative to the YAML file's folder."""
+    updates: dict[str, Any] = {}
+    for name in type(obj).model_fields:
+        value = getattr(obj, name)
+        if isinstance(value, Path) and not value.is_absolute():
+            updates[name] = (base / value).resolve()
+        elif isinstance(value, BaseModel) and not isinstance(value, DataDictionary):
+            updates[name] = _resolve_paths(value, base)
+    return obj.model_copy(update=updates) if updates else obj
+
+
+def dump_yaml(obj: BaseModel) -> str:
+    """A model as YAML (paths as strings), for writing generated configs."""
+    return yaml.safe_dump(obj.model_dump(mode="json", exclude_none=True), sort_keys=False)

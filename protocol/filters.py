@@ -1,0 +1,138 @@
+"""A small, safe row-filter language: parsed into a tree and interpreted, never eval'd.
+
+Allowed: variable names from the dictionary, numbers, comparisons (``== != < <= > >=``),
+``in`` / ``not in`` with a list of numbers, ``and``, ``or``, ``not`` and parentheses, e.g.
+``age >= 40 and sex == 1`` or ``cp in [1, 2] and not (chol > 300)``.
+A comparison with a missing value is false, as in pandas.
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from protocol.errors import FilterError
+
+_COMPARE: dict[type[ast.cmpop], Callable[[Any, Any], Any]] = {
+    ast.Eq: operator.eq,
+    ast.NotEq: operator.ne,
+    ast.Lt: operator.lt,
+    ast.LtE: operator.le,
+    ast.Gt: operator.gt,
+    ast.GtE: operator.ge,
+}
+MAX_FILTER_LENGTH = 1000
+ALLOWED = "variables, numbers, == != < <= > >=, in [..], and, or, not, parentheses"
+
+
+@dataclass(frozen=True)
+class RowFilter:
+    """A parsed filter; ``variables`` are the names it reads."""
+
+    text: str
+    tree: ast.expr
+    variables: frozenset[str]
+
+    def mask(self, columns: Mapping[str, npt.NDArray[Any]], n_rows: int) -> npt.NDArray[np.bool_]:
+        """Boolean mask of the rows that pass."""
+        result = _evaluate(self.tree, columns)
+        if isinstance(result, (bool, np.bool_)):
+            return np.full(n_rows, bool(result))
+        return np.asarray(result, dtype=bool)
+
+
+def _number(node: ast.expr, text: str) -> float:
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return -_number(node.operand, text)
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return float(node.value)
+    raise FilterError(f"filter {text!r}: expected a number, got {ast.unparse(node)!r}; allowed: {ALLOWED}")
+
+
+def _check(node: ast.expr, text: str, names: set[str]) -> None:
+    if isinstance(node, ast.BoolOp):
+        for value in node.values:
+            _check(value, text, names)
+    elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        _check(node.operand, text, names)
+    elif isinstance(node, ast.Compare):
+        operands = [node.left, *node.comparators]
+        for op, right in zip(node.ops, node.comparators, strict=True):
+            if isinstance(op, (ast.In, ast.NotIn)):
+                if not isinstance(right, (ast.List, ast.Tuple)) or not right.elts:
+                    raise FilterError(f"filter {text!r}: 'in' needs a non-empty list like [1, 2]")
+                for element in right.elts:
+                    _number(element, text)
+            elif type(op) not in _COMPARE:
+                raise FilterError(f"filter {text!r}: operator {type(op).__name__} is not allowed; allowed: {ALLOWED}")
+        for operand in operands:
+            if isinstance(operand, ast.Name):
+                names.add(operand.id)
+            elif not isinstance(operand, (ast.List, ast.Tuple)):
+                _number(operand, text)
+    else:
+        raise FilterError(
+            f"filter {text!r}: {ast.unparse(node)!r} is not allowed here; allowed: {ALLOWED}"
+        )
+
+
+def parse_filter(text: str, known_variables: set[str] | frozenset[str] | None = None) -> RowFilter:
+    """Parse a filter; raise FilterError naming the bad part and what is allowed."""
+    if not isinstance(text, str) or not text.strip():
+        raise FilterError(f"filter must be a non-empty text expression, got {text!r}")
+    if len(text) > MAX_FILTER_LENGTH:
+        raise FilterError(f"filter is {len(text)} characters long; at most {MAX_FILTER_LENGTH}")
+    try:
+        tree = ast.parse(text.strip(), mode="eval").body
+    except SyntaxError:
+        raise FilterError(f"filter {text!r} is not a valid expression; allowed: {ALLOWED}") from None
+    names: set[str] = set()
+    _check(tree, text, names)
+    if known_variables is not None:
+        unknown = sorted(names - set(known_variables))
+        if unknown:
+            raise FilterError(
+                f"filter {text!r} uses {', '.join(map(repr, unknown))}, not in the data "
+                f"dictionary; known: {', '.join(sorted(known_variables))}"
+            )
+    return RowFilter(text, tree, frozenset(names))
+
+
+def _evaluate(node: ast.expr, columns: Mapping[str, npt.NDArray[Any]]) -> Any:
+    if isinstance(node, ast.BoolOp):
+        values = [_evaluate(v, columns) for v in node.values]
+        combine = np.logical_and if isinstance(node.op, ast.And) else np.logical_or
+        out = values[0]
+        for value in values[1:]:
+            out = combine(out, value)
+        return out
+    if isinstance(node, ast.UnaryOp):  # only `not` passes _check
+        return np.logical_not(_evaluate(node.operand, columns))
+    if isinstance(node, ast.Compare):
+        out: Any = True
+        left = _operand(node.left, columns)
+        for op, right_node in zip(node.ops, node.comparators, strict=True):
+            if isinstance(op, (ast.In, ast.NotIn)):
+                assert isinstance(right_node, (ast.List, ast.Tuple))
+                allowed = [_number(e, "") for e in right_node.elts]
+                hit = np.isin(left, allowed)
+                out = np.logical_and(out, hit if isinstance(op, ast.In) else ~hit & ~np.isnan(left))
+                continue
+            right = _operand(right_node, columns)
+            with np.errstate(invalid="ignore"):
+                out = np.logical_and(out, _COMPARE[type(op)](left, right))
+            left = right
+        return out
+    raise FilterError(f"cannot evaluate {ast.unparse(node)!r}")  # unreachable after _check
+
+
+def _operand(node: ast.expr, columns: Mapping[str, npt.NDArray[Any]]) -> Any:
+    if isinstance(node, ast.Name):
+        return np.asarray(columns[node.id], dtype=float)
+    return _number(node, "")

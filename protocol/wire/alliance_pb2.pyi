@@ -1,0 +1,143 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Hello(_message.Message):
+    __slots__ = ("site_id", "software_version", "allowed_analyses", "dictionary_digest", "records")
+    SITE_ID_FIELD_NUMBER: _ClassVar[int]
+    SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_ANALYSES_FIELD_NUMBER: _ClassVar[int]
+    DICTIONARY_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    site_id: str
+    software_version: str
+    allowed_analyses: _containers.RepeatedScalarFieldContainer[str]
+    dictionary_digest: str
+    records: int
+    def __init__(self, site_id: _Optional[str] = ..., software_version: _Optional[str] = ..., allowed_analyses: _Optional[_Iterable[str]] = ..., dictionary_digest: _Optional[str] = ..., records: _Optional[int] = ...) -> None: ...
+
+class Welcome(_message.Message):
+    __slots__ = ("accepted", "reason", "coordinator", "software_version")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_FIELD_NUMBER: _ClassVar[int]
+    SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    reason: str
+    coordinator: str
+    software_version: str
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., coordinator: _Optional[str] = ..., software_version: _Optional[str] = ...) -> None: ...
+
+class Task(_message.Message):
+    __slots__ = ("task_id", "study_id", "purpose", "analysis", "params_json", "filter", "privacy_mode", "epsilon", "researcher", "round", "state_json", "request_id")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    STUDY_ID_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    ANALYSIS_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_MODE_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    RESEARCHER_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    STATE_JSON_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    study_id: str
+    purpose: str
+    analysis: str
+    params_json: str
+    filter: str
+    privacy_mode: str
+    epsilon: float
+    researcher: str
+    round: int
+    state_json: str
+    request_id: str
+    def __init__(self, task_id: _Optional[str] = ..., study_id: _Optional[str] = ..., purpose: _Optional[str] = ..., analysis: _Optional[str] = ..., params_json: _Optional[str] = ..., filter: _Optional[str] = ..., privacy_mode: _Optional[str] = ..., epsilon: _Optional[float] = ..., researcher: _Optional[str] = ..., round: _Optional[int] = ..., state_json: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class NamedArray(_message.Message):
+    __slots__ = ("name", "shape", "values", "kind", "mechanism", "scale", "epsilon")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MECHANISM_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    kind: str
+    mechanism: str
+    scale: float
+    epsilon: float
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[float]] = ..., kind: _Optional[str] = ..., mechanism: _Optional[str] = ..., scale: _Optional[float] = ..., epsilon: _Optional[float] = ...) -> None: ...
+
+class AggregateRecord(_message.Message):
+    __slots__ = ("arrays",)
+    ARRAYS_FIELD_NUMBER: _ClassVar[int]
+    arrays: _containers.RepeatedCompositeFieldContainer[NamedArray]
+    def __init__(self, arrays: _Optional[_Iterable[_Union[NamedArray, _Mapping]]] = ...) -> None: ...
+
+class Reply(_message.Message):
+    __slots__ = ("task_id", "record", "privacy_mode", "epsilon_spent", "records_used", "compute_seconds", "replayed", "receipt")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_MODE_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_SPENT_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_USED_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    record: AggregateRecord
+    privacy_mode: str
+    epsilon_spent: float
+    records_used: int
+    compute_seconds: float
+    replayed: bool
+    receipt: str
+    def __init__(self, task_id: _Optional[str] = ..., record: _Optional[_Union[AggregateRecord, _Mapping]] = ..., privacy_mode: _Optional[str] = ..., epsilon_spent: _Optional[float] = ..., records_used: _Optional[int] = ..., compute_seconds: _Optional[float] = ..., replayed: _Optional[bool] = ..., receipt: _Optional[str] = ...) -> None: ...
+
+class Refusal(_message.Message):
+    __slots__ = ("task_id", "code", "reason")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    code: str
+    reason: str
+    def __init__(self, task_id: _Optional[str] = ..., code: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Heartbeat(_message.Message):
+    __slots__ = ("sent_unix_ms",)
+    SENT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    sent_unix_ms: int
+    def __init__(self, sent_unix_ms: _Optional[int] = ...) -> None: ...
+
+class SiteMessage(_message.Message):
+    __slots__ = ("hello", "reply", "refusal", "heartbeat")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    REPLY_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    hello: Hello
+    reply: Reply
+    refusal: Refusal
+    heartbeat: Heartbeat
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., reply: _Optional[_Union[Reply, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+
+class CoordinatorMessage(_message.Message):
+    __slots__ = ("welcome", "task", "heartbeat")
+    WELCOME_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    welcome: Welcome
+    task: Task
+    heartbeat: Heartbeat
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., task: _Optional[_Union[Task, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
