@@ -6,7 +6,13 @@ from analyses.registry import analysis, get_analysis, registered_analyses
 from analyses.results import AnalysisResult, PrivacySummary, SiteContribution
 
 # Registration happens at import, so a duplicate name fails here, not at the first message.
-from analyses import descriptive  # noqa: E402,F401  (registers count, mean, histogram)
+from analyses import (  # noqa: E402,F401
+    descriptive,
+    quantiles,
+    regression,
+    survival,
+    tables,
+)
 
 __all__ = [
     "Analysis",

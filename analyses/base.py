@@ -67,8 +67,6 @@ class Analysis(ABC, Generic[P]):
 
     name: ClassVar[str]
     params_model: ClassVar[type[BaseModel]]
-    #: How many rounds a dp-mode run takes at most, so its whole cost is known before it starts.
-    max_rounds: ClassVar[int] = 1
 
     # ----------------------------------------------------------------- both sides
     def parse_params(self, raw: Mapping[str, Any], dictionary: DataDictionary) -> P:
@@ -94,6 +92,11 @@ class Analysis(ABC, Generic[P]):
     @abstractmethod
     def declare(self, params: P, ctx: AnalysisContext) -> RecordSpec:
         """The arrays one site will release, with shapes fixed before any data is seen."""
+
+    def dp_rounds(self, params: P, ctx: AnalysisContext) -> int:
+        """Rounds a dp-mode run takes at most; the request's epsilon is split evenly over them,
+        so the whole cost is known and charged per round before each release."""
+        return 1
 
     def initial_state(self, params: P, ctx: AnalysisContext) -> dict[str, Any]:
         """Iterative analyses: the state of round 0. Single-round analyses need none."""

@@ -40,12 +40,15 @@ class ArraySpec:
             derived from the dictionary's public bounds; ``None`` means the array cannot be
             released under differential privacy.
         integer: whether cells are integers (counts), so the discrete mechanism applies.
+        budget_share: this array's relative share of the task's epsilon in dp mode (the site
+            splits the task's epsilon across arrays in proportion to their shares).
     """
 
     shape: tuple[int, ...]
     kind: Literal["count", "sum", "statistic"] = "statistic"
     sensitivity: float | None = None
     integer: bool = False
+    budget_share: float = 1.0
 
     def __post_init__(self) -> None:
         shape = tuple(self.shape)
@@ -60,6 +63,8 @@ class ArraySpec:
             )
         if self.kind not in ("count", "sum", "statistic"):
             raise RecordError(f"array kind {self.kind!r} is not one of: count, sum, statistic")
+        if not (math.isfinite(self.budget_share) and self.budget_share > 0):
+            raise RecordError(f"budget_share must be finite and > 0, got {self.budget_share!r}")
         if self.sensitivity is not None and not (
             math.isfinite(self.sensitivity) and self.sensitivity >= 0
         ):

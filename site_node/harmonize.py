@@ -1,0 +1,99 @@
+"""Local data -> the alliance dictionary: rename, derive, and check against public bounds.
+
+The check reports problems with counts, never with values: a value out of range or a level
+not in the dictionary is set missing, and the report says how many there were per column.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from protocol.config import DataDictionary, NumericVariable
+from protocol.filters import parse_filter
+
+
+@dataclass
+class DataReport:
+    """What a site's data check found, in counts only."""
+
+    rows: int
+    unknown_columns: list[str] = field(default_factory=list)
+    missing_columns: list[str] = field(default_factory=list)
+    below_min: dict[str, int] = field(default_factory=dict)
+    above_max: dict[str, int] = field(default_factory=dict)
+    unknown_levels: dict[str, int] = field(default_factory=dict)
+    not_numeric: dict[str, int] = field(default_factory=dict)
+    missing: dict[str, int] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        """The report in plain words, one problem per line (counts, never values)."""
+        out = [f"{self.rows} records loaded"]
+        if self.unknown_columns:
+            out.append(f"columns not in the dictionary (ignored): {', '.join(self.unknown_columns)}")
+        if self.missing_columns:
+            out.append(f"dictionary variables absent here: {', '.join(self.missing_columns)}")
+        for label, counts in (
+            ("below the dictionary minimum (set missing)", self.below_min),
+            ("above the dictionary maximum (set missing)", self.above_max),
+            ("levels not in the dictionary (set missing)", self.unknown_levels),
+            ("not numbers (set missing)", self.not_numeric),
+        ):
+            for column, count in counts.items():
+                out.append(f"{column}: {count} values {label}")
+        return out
+
+
+def conform(
+    raw: pd.DataFrame,
+    dictionary: DataDictionary,
+    rename: dict[str, str] | None = None,
+    derive: dict[str, str] | None = None,
+) -> tuple[pd.DataFrame, DataReport]:
+    """Map a site's table onto the dictionary's columns (float64, missing as NaN)."""
+    frame = raw.rename(columns=rename or {})
+    report = DataReport(rows=len(frame))
+    known = set(dictionary.variables)
+    out: dict[str, np.ndarray] = {}
+    for name in frame.columns:
+        if name not in known:
+            report.unknown_columns.append(str(name))
+            continue
+        values = pd.to_numeric(frame[name], errors="coerce")
+        bad = int((values.isna() & frame[name].notna()).sum())
+        if bad:
+            report.not_numeric[name] = bad
+        out[name] = values.to_numpy(dtype=np.float64, na_value=np.nan)
+    for name, expression in (derive or {}).items():
+        dictionary.variable(name)
+        rule = parse_filter(expression, set(out))
+        derived = rule.mask(out, len(frame)).astype(np.float64)
+        inputs_missing = np.zeros(len(frame), dtype=bool)
+        for source in rule.variables:
+            inputs_missing |= np.isnan(out[source])
+        derived[inputs_missing] = np.nan
+        out[name] = derived
+    for name, var in dictionary.variables.items():
+        if name not in out:
+            report.missing_columns.append(name)
+            out[name] = np.full(len(frame), np.nan)
+            continue
+        values = out[name]
+        if isinstance(var, NumericVariable):
+            low = values < var.min
+            high = values > var.max
+            if low.any():
+                report.below_min[name] = int(low.sum())
+            if high.any():
+                report.above_max[name] = int(high.sum())
+            values[low | high] = np.nan
+        else:
+            outside = ~np.isnan(values) & ~np.isin(values, var.levels)
+            if outside.any():
+                report.unknown_levels[name] = int(outside.sum())
+            values[outside] = np.nan
+        report.missing[name] = int(np.isnan(values).sum())
+    columns = list(dictionary.variables)
+    return pd.DataFrame({c: out[c] for c in columns}, columns=columns), report
