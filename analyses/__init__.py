@@ -7,6 +7,7 @@ from analyses.results import AnalysisResult, PrivacySummary, SiteContribution
 
 # Registration happens at import, so a duplicate name fails here, not at the first message.
 from analyses import (  # noqa: E402,F401
+    comparisons,
     descriptive,
     quantiles,
     regression,
