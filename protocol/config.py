@@ -229,6 +229,10 @@ class DataSource(_Model):
     rename: dict[str, str] = Field(default_factory=dict, description="local name -> dictionary")
     na_values: list[str] = Field(default_factory=list)
     drop: list[str] = Field(default_factory=list, description="local columns to ignore")
+    derive: dict[str, str] = Field(
+        default_factory=dict,
+        description="dictionary variable -> a filter expression giving it as 0/1 (e.g. num > 0)",
+    )
 
 
 class TLSFiles(_Model):

@@ -1,0 +1,143 @@
+"""``alliance coordinator|pki|study|run``: the alliance lead's and researchers' commands."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+
+from coordinator import pki
+from coordinator.client import AllianceClient
+from protocol.config import AnalysisRequest, CoordinatorConfig, StudyConfig, load_yaml
+
+coordinator_app = typer.Typer(help="Run the coordinator.", no_args_is_help=True)
+pki_app = typer.Typer(help="The alliance CA and its certificates.", no_args_is_help=True)
+study_app = typer.Typer(help="Create, list, show and close studies.", no_args_is_help=True)
+
+URL = Annotated[str, typer.Option("--url", envvar="ALLIANCE_URL",
+                                  help="the coordinator's HTTP API")]
+TOKEN = Annotated[str, typer.Option("--token", envvar="ALLIANCE_TOKEN", help="your API token")]
+
+
+@coordinator_app.command("serve")
+def coordinator_serve(
+    config: Annotated[Path, typer.Option("--config", help="coordinator.yaml")],
+    ready_file: Annotated[Path | None, typer.Option(help="write the bound ports here")] = None,
+) -> None:
+    """Start the site link (gRPC) and the HTTP API; stop with Ctrl-C."""
+    from coordinator.server import serve
+
+    settings = load_yaml(config, CoordinatorConfig)
+    os.chdir(settings.state_dir) if settings.state_dir.exists() else None
+    asyncio.run(serve(settings, ready_file))
+
+
+PKI_DIR = Annotated[Path, typer.Option("--dir", help="the PKI folder")]
+
+
+@pki_app.command("init")
+def pki_init(name: Annotated[str, typer.Option(help="the alliance's name")] = "alliance",
+             folder: PKI_DIR = Path("pki")) -> None:
+    """Create the alliance CA (ca.pem, ca.key)."""
+    files = pki.init_ca(folder, name)
+    typer.echo(f"created the alliance CA: {files.cert} (keep {files.key} offline)")
+
+
+@pki_app.command("issue-site")
+def pki_issue_site(name: str, folder: PKI_DIR = Path("pki")) -> None:
+    """Issue a site certificate whose subject is the site's name."""
+    files = pki.issue_site(folder, name)
+    typer.echo(f"issued site {name}: give the site {folder / 'ca.pem'}, {files.cert} and "
+               f"{files.key}")
+
+
+@pki_app.command("issue-coordinator")
+def pki_issue_coordinator(
+    host: Annotated[list[str] | None, typer.Option("--host", help="name or IP sites dial")] = None,
+    folder: PKI_DIR = Path("pki"),
+) -> None:
+    """Issue the coordinator's certificate (SANs = the hosts sites dial)."""
+    files = pki.issue_coordinator(folder, host or None)
+    typer.echo(f"issued the coordinator certificate: {files.cert}")
+
+
+@pki_app.command("show")
+def pki_show(cert: Path) -> None:
+    """Print a certificate's subject, issuer, validity and fingerprint."""
+    typer.echo(str(pki.describe(cert)))
+
+
+def _client(url: str, token: str) -> AllianceClient:
+    return AllianceClient(url, token)
+
+
+@study_app.command("create")
+def study_create(path: Path, url: URL = "http://127.0.0.1:8080", token: TOKEN = "") -> None:
+    """Create the study described in a YAML file."""
+    study = load_yaml(path, StudyConfig)
+    with _client(url, token) as client:
+        created = client.create_study(study.model_dump(mode="json"))
+    typer.echo(f"created study {created['id']}: {created['title']}")
+
+
+@study_app.command("list")
+def study_list(url: URL = "http://127.0.0.1:8080", token: TOKEN = "") -> None:
+    """List studies."""
+    with _client(url, token) as client:
+        for study in client.studies():
+            typer.echo(f"{study['id']:<24} {study['status']:<8} {study['title']}")
+
+
+@study_app.command("show")
+def study_show(study_id: str, url: URL = "http://127.0.0.1:8080", token: TOKEN = "") -> None:
+    """Show a study and its requests."""
+    with _client(url, token) as client:
+        body = client.study(study_id)
+    typer.echo(yaml.safe_dump({"study": body["study"], "status": body["status"],
+                               "requests": [{k: r[k] for k in ("request_id", "analysis",
+                                                               "status", "error")}
+                                            for r in body["requests"]]}, sort_keys=False))
+
+
+@study_app.command("close")
+def study_close(study_id: str, url: URL = "http://127.0.0.1:8080", token: TOKEN = "") -> None:
+    """Close a study: no more requests."""
+    with _client(url, token) as client:
+        client.close_study(study_id)
+    typer.echo(f"closed study {study_id}")
+
+
+def run_command(
+    request: Path,
+    study: Annotated[str, typer.Option("--study", help="the study id")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the JSON result")] = False,
+    url: URL = "http://127.0.0.1:8080",
+    token: TOKEN = "",
+) -> None:
+    """Submit an analysis request to a study and print its result."""
+    body = load_yaml(request, AnalysisRequest).model_dump(mode="json", exclude_none=True)
+    with _client(url, token) as client:
+        result = client.run(study, body)
+    typer.echo(json.dumps(result) if as_json else format_result(result))
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """A plain-text rendering of a result's JSON contract."""
+    skip = {"sites", "privacy", "timings", "notes"}
+    lines = [f"{result['analysis']}: n = {result.get('n')}"]
+    for key, value in result.items():
+        if key not in skip and key not in ("analysis", "n"):
+            lines.append(f"  {key}: {json.dumps(value)}")
+    privacy = result.get("privacy", {})
+    lines.append(f"  privacy: {privacy.get('mode')} ({privacy.get('guarantee')})")
+    for site in result.get("sites", []):
+        extra = f": {site['reason']}" if site.get("reason") else ""
+        lines.append(f"  site {site['name']}: {site['status']}, records {site.get('records')}, "
+                     f"epsilon {site.get('epsilon', 0):.3g}{extra}")
+    lines.extend(f"  note: {note}" for note in result.get("notes", []))
+    return "\n".join(lines)

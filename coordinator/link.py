@@ -1,0 +1,226 @@
+"""The coordinator's end of the site link (grpc.aio) and the registry of connected sites.
+
+A task handed to :meth:`SiteRegistry.run_task` stays outstanding until the site answers or the
+timeout passes: if the site drops and comes back in time, the same task (same id) is sent again,
+and the site answers from its stored reply without charging twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from coordinator.store import Store
+from protocol.wire import alliance_pb2 as pb
+from protocol.wire import alliance_pb2_grpc as pb_grpc
+
+VERSION = "0.1.0"
+log = logging.getLogger("alliance.coordinator")
+
+
+class SiteUnavailable(Exception):
+    """A site did not answer a task: it is not connected, dropped, or timed out."""
+
+    def __init__(self, status: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass
+class SiteSession:
+    """One connected site's stream."""
+
+    name: str
+    hello: pb.Hello
+    outbox: asyncio.Queue[pb.CoordinatorMessage | None] = field(default_factory=asyncio.Queue)
+    connected_at: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Outstanding:
+    task: pb.Task
+    future: asyncio.Future[pb.SiteMessage]
+
+
+class SiteRegistry:
+    """Connected sites and the tasks waiting for them."""
+
+    def __init__(self, store: Store | None, dictionary_digest: str) -> None:
+        self.store = store
+        self.dictionary_digest = dictionary_digest
+        self.sessions: dict[str, SiteSession] = {}
+        self.disconnected_at: dict[str, float] = {}
+        self._outstanding: dict[str, dict[str, _Outstanding]] = {}
+        self.changed = asyncio.Condition()
+
+    def connected(self) -> list[str]:
+        """Names of the connected sites, sorted."""
+        return sorted(self.sessions)
+
+    async def wait_for_sites(self, names: list[str], timeout: float) -> list[str]:
+        """Wait until every named site is connected (or the timeout); return the missing."""
+        deadline = time.monotonic() + timeout
+        async with self.changed:
+            while missing := [n for n in names if n not in self.sessions]:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return missing
+                try:
+                    await asyncio.wait_for(self.changed.wait(), remaining)
+                except TimeoutError:
+                    return [n for n in names if n not in self.sessions]
+        return []
+
+    async def attach(self, session: SiteSession) -> None:
+        """Register a site's new stream, replacing an older one, and resend its open tasks."""
+        old = self.sessions.get(session.name)
+        if old is not None:
+            log.info("site %s reconnected; closing its previous stream", session.name)
+            old.outbox.put_nowait(None)
+        self.sessions[session.name] = session
+        self.disconnected_at.pop(session.name, None)
+        for item in self._outstanding.get(session.name, {}).values():
+            session.outbox.put_nowait(pb.CoordinatorMessage(task=item.task))
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def detach(self, session: SiteSession) -> None:
+        """Forget a stream that closed (unless a newer one replaced it)."""
+        if self.sessions.get(session.name) is session:
+            del self.sessions[session.name]
+            self.disconnected_at[session.name] = time.time()
+            async with self.changed:
+                self.changed.notify_all()
+
+    def deliver(self, site: str, task_id: str, message: pb.SiteMessage) -> None:
+        """Resolve the task a reply or refusal answers."""
+        item = self._outstanding.get(site, {}).pop(task_id, None)
+        if item is None:
+            log.debug("site %s answered task %s, which nobody is waiting for", site, task_id)
+            return
+        if not item.future.done():
+            item.future.set_result(message)
+
+    async def run_task(self, site: str, task: pb.Task, timeout: float) -> pb.SiteMessage:
+        """Send a task to a site and wait for its reply or refusal.
+
+        Raises:
+            SiteUnavailable: status ``disconnected`` when the site is not connected at the
+                start, ``timeout`` when no answer came in time (naming when it dropped).
+        """
+        session = self.sessions.get(site)
+        if session is None:
+            raise SiteUnavailable("disconnected", f"site {site} is not connected")
+        future: asyncio.Future[pb.SiteMessage] = asyncio.get_running_loop().create_future()
+        self._outstanding.setdefault(site, {})[task.task_id] = _Outstanding(task, future)
+        session.outbox.put_nowait(pb.CoordinatorMessage(task=task))
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            dropped = self.disconnected_at.get(site)
+            if site not in self.sessions and dropped is not None:
+                when = time.strftime("%H:%M:%S", time.localtime(dropped))
+                reason = (f"site {site} disconnected at {when} during the task and did not come "
+                          f"back within {timeout:g} s")
+                raise SiteUnavailable("disconnected", reason) from None
+            raise SiteUnavailable(
+                "timeout", f"site {site} did not answer within {timeout:g} s"
+            ) from None
+        finally:
+            self._outstanding.get(site, {}).pop(task.task_id, None)
+
+
+def peer_common_name(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+    """The subject CN of the client certificate, when the link uses mutual TLS."""
+    values = context.auth_context().get("x509_common_name")
+    return values[0].decode() if values else None
+
+
+class SiteLinkService(pb_grpc.SiteLinkServicer):
+    """The gRPC servicer: one ``Connect`` stream per site."""
+
+    def __init__(self, registry: SiteRegistry, name: str, require_tls_identity: bool) -> None:
+        self.registry = registry
+        self.name = name
+        self.require_tls_identity = require_tls_identity
+
+    def _check_hello(self, hello: pb.Hello, cn: str | None) -> str | None:
+        if self.require_tls_identity and cn is None:
+            return "no client certificate was presented"
+        if cn is not None and cn != hello.site_id:
+            return (f"this certificate belongs to site {cn!r}, but the stream says it is "
+                    f"{hello.site_id!r}")
+        if hello.dictionary_digest != self.registry.dictionary_digest:
+            return ("the site's data dictionary differs from the alliance's (digest "
+                    f"{hello.dictionary_digest[:12]} vs {self.registry.dictionary_digest[:12]}); "
+                    "install the alliance's dictionary at the site")
+        return None
+
+    async def Connect(self, request_iterator: Any, context: Any) -> Any:  # noqa: N802 (gRPC name)
+        """Run one site's stream: Hello, Welcome, then tasks out and replies in."""
+        cn = peer_common_name(context)
+        try:
+            first = await request_iterator.__anext__()
+        except StopAsyncIteration:
+            return
+        if not first.HasField("hello"):
+            yield pb.CoordinatorMessage(welcome=pb.Welcome(
+                accepted=False, reason="the first message on the site link must be Hello"))
+            return
+        hello = first.hello
+        problem = self._check_hello(hello, cn)
+        if problem:
+            log.warning("refused site %s from %s: %s", hello.site_id or "?", context.peer(),
+                        problem)
+            if self.registry.store is not None:
+                self.registry.store.audit("site_refused", {"site": hello.site_id, "cn": cn,
+                                                           "reason": problem})
+            yield pb.CoordinatorMessage(welcome=pb.Welcome(accepted=False, reason=problem,
+                                                           coordinator=self.name))
+            return
+        session = SiteSession(hello.site_id, hello)
+        await self.registry.attach(session)
+        log.info("site %s connected (version %s, %d records, analyses: %s)", hello.site_id,
+                 hello.software_version, hello.records, ", ".join(hello.allowed_analyses) or "none")
+        if self.registry.store is not None:
+            await asyncio.to_thread(self.registry.store.site_seen, hello.site_id, "connected", {
+                "version": hello.software_version, "records": hello.records,
+                "dictionary_digest": hello.dictionary_digest})
+        reader = asyncio.create_task(self._read(session, request_iterator))
+        try:
+            yield pb.CoordinatorMessage(welcome=pb.Welcome(
+                accepted=True, coordinator=self.name, software_version=VERSION))
+            while True:
+                message = await session.outbox.get()
+                if message is None:
+                    break
+                yield message
+        finally:
+            reader.cancel()
+            await self.registry.detach(session)
+            if self.registry.sessions.get(session.name) is None:
+                log.warning("site %s disconnected", session.name)
+                if self.registry.store is not None:
+                    await asyncio.to_thread(self.registry.store.site_seen, session.name,
+                                            "disconnected")
+
+    async def _read(self, session: SiteSession, request_iterator: Any) -> None:
+        try:
+            async for message in request_iterator:
+                session.last_seen = time.monotonic()
+                kind = message.WhichOneof("body")
+                if kind == "reply":
+                    self.registry.deliver(session.name, message.reply.task_id, message)
+                elif kind == "refusal":
+                    self.registry.deliver(session.name, message.refusal.task_id, message)
+        except (grpc.aio.AioRpcError, asyncio.CancelledError):
+            pass
+        finally:
+            session.outbox.put_nowait(None)

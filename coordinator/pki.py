@@ -1,0 +1,506 @@
+"""The alliance's own certificate authority, for the lead's ``alliance pki`` commands.
+
+Sites and the coordinator authenticate each other with mutual TLS on the site link. The alliance
+lead creates one CA for the alliance, issues every hospital a site certificate whose subject
+common name is the site's name (the coordinator reads the site's identity from it), and issues
+the coordinator a server certificate naming the hosts sites dial. Keys are EC P-256 (small,
+fast handshakes, supported by every gRPC build); signatures are ECDSA with SHA-256.
+
+Layout of a PKI folder (keys are unencrypted PEM, mode 0600, because site nodes and the
+coordinator read them unattended at start-up; protect the folder, not the file)::
+
+    <folder>/
+      ca.pem                  the alliance CA certificate: give a copy to every site
+      ca.key                  the CA private key: keep it offline; whoever holds it can mint sites
+      coordinator.pem         the coordinator's certificate (serverAuth + clientAuth, SANs = hosts)
+      coordinator.key
+      sites/<name>.pem        one certificate per site (clientAuth, CN = <name>)
+      sites/<name>.key
+
+A site gets ``ca.pem``, ``sites/<name>.pem`` and ``sites/<name>.key``; the coordinator gets
+``ca.pem``, ``coordinator.pem`` and ``coordinator.key``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from protocol.errors import ConfigError, ValidationError
+
+SITE_NAME = r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"
+#: The coordinator certificate's common name; no site may take it (see ``issue_site``).
+COORDINATOR_CN = "coordinator"
+CA_DAYS = 3650
+LEAF_DAYS = 730
+#: Certificates start this long before "now" so a site whose clock is a little behind accepts them.
+CLOCK_SKEW = dt.timedelta(minutes=5)
+_DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+_EKU_NAMES = {
+    ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
+    ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth",
+}
+
+
+@dataclass(frozen=True)
+class CAFiles:
+    """Paths of the alliance CA certificate and its private key."""
+
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class IssuedFiles:
+    """Paths of an issued certificate and its private key."""
+
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class CertificateInfo:
+    """What ``alliance pki show`` prints about one certificate."""
+
+    path: Path
+    subject: str
+    issuer: str
+    serial: int
+    not_before: dt.datetime
+    not_after: dt.datetime
+    sha256_fingerprint: str
+    is_ca: bool
+    extended_key_usage: tuple[str, ...]
+    subject_alt_names: tuple[str, ...]
+
+    def expired(self, now: dt.datetime | None = None) -> bool:
+        """Whether the certificate is outside its validity period at ``now`` (UTC)."""
+        now = now or dt.datetime.now(dt.UTC)
+        return not self.not_before <= now <= self.not_after
+
+    def __str__(self) -> str:
+        lines = [
+            f"certificate  {self.path}",
+            f"subject      {self.subject}",
+            f"issuer       {self.issuer}",
+            f"role         {'certificate authority' if self.is_ca else 'leaf'}",
+            f"valid        {self.not_before:%Y-%m-%d %H:%M} to {self.not_after:%Y-%m-%d %H:%M} UTC"
+            + (" (EXPIRED or not yet valid)" if self.expired() else ""),
+            f"serial       {self.serial:x}",
+            f"sha256       {self.sha256_fingerprint}",
+        ]
+        if self.extended_key_usage:
+            lines.append(f"usage        {', '.join(self.extended_key_usage)}")
+        if self.subject_alt_names:
+            lines.append(f"names        {', '.join(self.subject_alt_names)}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- public functions
+
+
+def init_ca(folder: str | Path, alliance_name: str, days: int = CA_DAYS) -> CAFiles:
+    """Create the alliance CA in ``folder`` (created if needed).
+
+    Raises:
+        ConfigError: when ``folder`` already holds a CA (or half of one); a new CA would orphan
+            every certificate the old one issued, so it is never overwritten.
+        ValidationError: for an empty or overlong alliance name, or ``days`` < 1.
+    """
+    folder = Path(folder)
+    _check_alliance_name(alliance_name)
+    _check_days(days)
+    files = CAFiles(folder / "ca.pem", folder / "ca.key")
+    existing = [p for p in (files.cert, files.key) if p.exists()]
+    if existing:
+        raise ConfigError(
+            f"{existing[0]}: an alliance CA already exists in {folder}; refusing to overwrite it "
+            "(every certificate it issued would stop working). Use another folder for a new CA."
+        )
+    _make_private_dir(folder)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, alliance_name),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"{alliance_name} CA"),
+        ]
+    )
+    now = dt.datetime.now(dt.UTC)
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(now + dt.timedelta(days=days))
+        # path_length=0: the CA signs leaves only, never another CA.
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    _write_new(files.key, _key_pem(key), private=True)
+    _write_new(files.cert, cert.public_bytes(serialization.Encoding.PEM), private=False)
+    return files
+
+
+def issue_site(
+    folder: str | Path, site_name: str, days: int = LEAF_DAYS, overwrite: bool = False
+) -> IssuedFiles:
+    """Issue ``sites/<site_name>.pem`` and ``.key``: a client certificate with CN = site name.
+
+    Raises:
+        ValidationError: for a name outside ``SITE_NAME``, the reserved name ``coordinator``,
+            ``days`` < 1 or a validity past the CA's own expiry.
+        ConfigError: when the folder has no CA, or the site already has a certificate and
+            ``overwrite`` is false.
+    """
+    check_site_name(site_name)
+    if site_name.casefold() == COORDINATOR_CN:
+        raise ValidationError(
+            f"site name {site_name!r} is reserved for the coordinator's certificate; "
+            "choose another site name"
+        )
+    folder = Path(folder)
+    files = IssuedFiles(
+        folder / "sites" / f"{site_name}.pem", folder / "sites" / f"{site_name}.key"
+    )
+    return _issue(
+        folder,
+        files,
+        common_name=site_name,
+        usages=[ExtendedKeyUsageOID.CLIENT_AUTH],
+        alt_names=[],
+        days=days,
+        overwrite=overwrite,
+        what=f"site {site_name!r}",
+    )
+
+
+def issue_coordinator(
+    folder: str | Path,
+    hosts: list[str] | None = None,
+    days: int = LEAF_DAYS,
+    overwrite: bool = False,
+) -> IssuedFiles:
+    """Issue ``coordinator.pem`` and ``.key``: serverAuth + clientAuth, one SAN per host.
+
+    Args:
+        folder: the PKI folder holding the CA.
+        hosts: DNS names and IP addresses sites use to dial the coordinator (a site checks the
+            name it dials against these); default ``["localhost", "127.0.0.1"]``.
+        days: validity in days.
+        overwrite: replace an existing coordinator certificate.
+
+    Raises:
+        ValidationError: for an empty host list, a host that is neither a DNS name nor an IP
+            address, ``days`` < 1 or a validity past the CA's expiry.
+        ConfigError: when the folder has no CA, or a coordinator certificate exists and
+            ``overwrite`` is false.
+    """
+    hosts = ["localhost", "127.0.0.1"] if hosts is None else list(hosts)
+    if not hosts:
+        raise ValidationError("the coordinator certificate needs at least one host name or IP")
+    alt_names = [_alt_name(host) for host in dict.fromkeys(hosts)]
+    folder = Path(folder)
+    files = IssuedFiles(folder / "coordinator.pem", folder / "coordinator.key")
+    return _issue(
+        folder,
+        files,
+        common_name=COORDINATOR_CN,
+        usages=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+        alt_names=alt_names,
+        days=days,
+        overwrite=overwrite,
+        what="the coordinator",
+    )
+
+
+def check_site_name(site_name: str) -> None:
+    """Raise ValidationError unless ``site_name`` matches ``SITE_NAME``."""
+    if not isinstance(site_name, str) or not re.match(SITE_NAME, site_name):
+        raise ValidationError(
+            f"site name {site_name!r} is not allowed; use a letter followed by up to 63 letters, "
+            f"digits, '_', '.' or '-' (pattern {SITE_NAME})"
+        )
+
+
+def read_subject_cn(pem_bytes: bytes) -> str:
+    """The subject common name of a PEM certificate (a site's identity).
+
+    Raises:
+        ValidationError: when the bytes are not a PEM certificate, or it has no single CN.
+    """
+    cert = _parse_cert(pem_bytes, "the given bytes")
+    return _single_cn(cert, "the certificate")
+
+
+def describe(cert_path: str | Path) -> CertificateInfo:
+    """Subject, issuer, validity, fingerprint and usages of the certificate at ``cert_path``.
+
+    Raises:
+        ConfigError: when the file cannot be read or is not a PEM certificate.
+    """
+    path = Path(cert_path)
+    cert = _load_cert(path)
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        usages = tuple(_EKU_NAMES.get(oid, oid.dotted_string) for oid in eku)
+    except x509.ExtensionNotFound:
+        usages = ()
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = tuple(
+            [f"DNS:{n}" for n in san.get_values_for_type(x509.DNSName)]
+            + [f"IP:{ip}" for ip in san.get_values_for_type(x509.IPAddress)]
+        )
+    except x509.ExtensionNotFound:
+        names = ()
+    return CertificateInfo(
+        path=path,
+        subject=cert.subject.rfc4514_string(),
+        issuer=cert.issuer.rfc4514_string(),
+        serial=cert.serial_number,
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+        sha256_fingerprint=cert.fingerprint(hashes.SHA256()).hex(":").upper(),
+        is_ca=is_ca,
+        extended_key_usage=usages,
+        subject_alt_names=names,
+    )
+
+
+def verify_issued_by(cert_path: str | Path, ca_path: str | Path) -> None:
+    """Check that the certificate at ``cert_path`` was signed by the CA at ``ca_path``.
+
+    Raises:
+        ConfigError: naming both files when the certificate is from another CA, or unreadable.
+    """
+    cert, ca = _load_cert(Path(cert_path)), _load_cert(Path(ca_path))
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise ConfigError(
+            f"{cert_path}: not issued by the alliance CA in {ca_path} "
+            f"(issuer {cert.issuer.rfc4514_string()!r}, CA {ca.subject.rfc4514_string()!r})"
+        ) from None
+
+
+# --------------------------------------------------------------------------- internals
+
+
+def _issue(
+    folder: Path,
+    files: IssuedFiles,
+    common_name: str,
+    usages: list[x509.ObjectIdentifier],
+    alt_names: list[x509.GeneralName],
+    days: int,
+    overwrite: bool,
+    what: str,
+) -> IssuedFiles:
+    _check_days(days)
+    ca_cert, ca_key = _load_ca(folder)
+    existing = [p for p in (files.cert, files.key) if p.exists()]
+    if existing and not overwrite:
+        raise ConfigError(
+            f"{existing[0]}: {what} already has a certificate; refusing to overwrite it "
+            "(pass overwrite to re-issue)"
+        )
+    now = dt.datetime.now(dt.UTC)
+    not_after = now + dt.timedelta(days=days)
+    if not_after > ca_cert.not_valid_after_utc:
+        left = (ca_cert.not_valid_after_utc - now).days
+        raise ValidationError(
+            f"a {days}-day certificate would outlive the alliance CA, which expires on "
+            f"{ca_cert.not_valid_after_utc:%Y-%m-%d}; use days <= {left}"
+        )
+    organisation = ca_cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    attributes = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, str(a.value)) for a in organisation]
+    attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name(attributes))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            # ECDSA keys sign the handshake (digitalSignature); ECDHE needs no keyAgreement bit.
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+    )
+    if alt_names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    _make_private_dir(files.cert.parent)
+    for path in existing:
+        path.unlink()
+    _write_new(files.key, _key_pem(key), private=True)
+    _write_new(files.cert, cert.public_bytes(serialization.Encoding.PEM), private=False)
+    return files
+
+
+def _load_ca(folder: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    cert_path, key_path = folder / "ca.pem", folder / "ca.key"
+    for path in (cert_path, key_path):
+        if not path.exists():
+            raise ConfigError(
+                f"{path}: not found; create the alliance CA first (`alliance pki init`)"
+            )
+    cert = _load_cert(cert_path)
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{key_path}: not an unencrypted PEM private key ({exc})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"{key_path}: expected an EC private key, got {type(key).__name__}")
+    if key.public_key().public_numbers() != _ec_public(cert, cert_path).public_numbers():
+        raise ConfigError(f"{key_path}: this key does not belong to the CA certificate {cert_path}")
+    return cert, key
+
+
+def _ec_public(cert: x509.Certificate, path: Path) -> ec.EllipticCurvePublicKey:
+    public = cert.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey):
+        raise ConfigError(f"{path}: expected an EC certificate, got {type(public).__name__}")
+    return public
+
+
+def _load_cert(path: Path) -> x509.Certificate:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        return _parse_cert(data, str(path))
+    except ValidationError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _parse_cert(data: bytes, source: str) -> x509.Certificate:
+    if not isinstance(data, bytes):
+        raise ValidationError(f"{source}: expected PEM bytes, got {type(data).__name__}")
+    try:
+        return x509.load_pem_x509_certificate(data)
+    except ValueError:
+        raise ValidationError(
+            f"{source}: not a PEM certificate (expected '-----BEGIN CERTIFICATE-----')"
+        ) from None
+
+
+def _single_cn(cert: x509.Certificate, source: str) -> str:
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1:
+        raise ValidationError(
+            f"{source} has {len(names)} subject common names ({cert.subject.rfc4514_string()!r});"
+            " an alliance certificate has exactly one"
+        )
+    return str(names[0].value)
+
+
+def _alt_name(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    labels = host.rstrip(".").split(".") if isinstance(host, str) else []
+    if not labels or len(host) > 253 or not all(_DNS_LABEL.match(label) for label in labels):
+        raise ValidationError(
+            f"host {host!r} is neither an IP address nor a DNS name (letters, digits and '-' "
+            "in dot-separated labels, e.g. coordinator.alliance.example or 10.0.0.5)"
+        )
+    return x509.DNSName(host.rstrip(".").lower())
+
+
+def _check_alliance_name(name: str) -> None:
+    # The CA's CN is "<name> CA" and X.509 caps a CN at 64 characters.
+    if not isinstance(name, str) or not name.strip() or len(name) > 60 or not name.isprintable():
+        raise ValidationError(
+            f"alliance name {name!r} is not allowed; use 1 to 60 printable characters"
+        )
+
+
+def _check_days(days: int) -> None:
+    if isinstance(days, bool) or not isinstance(days, int) or days < 1:
+        raise ValidationError(f"days must be a whole number >= 1, got {days!r}")
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _make_private_dir(path: Path) -> None:
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot create the folder ({exc.strerror})") from None
+
+
+def _write_new(path: Path, data: bytes, private: bool) -> None:
+    """Write a file that must not exist yet; keys are created 0600 (never briefly readable)."""
+    mode = 0o600 if private else 0o644
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        raise ConfigError(f"{path}: already exists; refusing to overwrite it") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot create ({exc.strerror})") from None
+    with os.fdopen(fd, "wb") as handle:
+        # The umask may have narrowed the mode; make it exact either way.
+        os.fchmod(handle.fileno(), mode)
+        handle.write(data)

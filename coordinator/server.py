@@ -1,0 +1,114 @@
+"""``alliance coordinator serve``: the gRPC site link and the HTTP API in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import socket
+from pathlib import Path
+
+import grpc
+import uvicorn
+
+from coordinator.api import create_app
+from coordinator.auth import TokenBook
+from coordinator.link import SiteLinkService, SiteRegistry
+from coordinator.scheduler import Scheduler
+from coordinator.store import Store
+from protocol.config import CoordinatorConfig, DataDictionary, load_yaml
+from protocol.errors import ConfigError
+from protocol.wire import alliance_pb2_grpc as pb_grpc
+
+log = logging.getLogger("alliance.coordinator")
+
+SERVER_OPTIONS = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+]
+
+
+def _split(address: str, field: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"{field}: {address!r} is not host:port (e.g. 127.0.0.1:50051)")
+    return host, int(port)
+
+
+def server_credentials(config: CoordinatorConfig) -> grpc.ServerCredentials | None:
+    """Mutual TLS: the client must present a certificate issued by the alliance CA."""
+    if config.tls is None:
+        return None
+    try:
+        return grpc.ssl_server_credentials(
+            [(config.tls.key.read_bytes(), config.tls.cert.read_bytes())],
+            root_certificates=config.tls.ca.read_bytes(),
+            require_client_auth=True,
+        )
+    except OSError as exc:
+        raise ConfigError(f"tls: cannot read {exc.filename}: {exc.strerror}") from None
+
+
+async def serve(config: CoordinatorConfig, ready_file: Path | None = None) -> None:
+    """Run until SIGINT or SIGTERM."""
+    dictionary = load_yaml(config.dictionary, DataDictionary)
+    store = Store(config.store)
+    registry = SiteRegistry(store, dictionary.digest())
+    scheduler = Scheduler(registry, dictionary, config.task_timeout_seconds)
+    service = SiteLinkService(registry, config.name, require_tls_identity=config.tls is not None)
+
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    pb_grpc.add_SiteLinkServicer_to_server(service, server)
+    host, port = _split(config.site_link, "site_link")
+    credentials = server_credentials(config)
+    if credentials is None:
+        log.warning("INSECURE: the site link has no TLS and no site identity; use this only "
+                    "on loopback for experiments")
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        bound = server.add_secure_port(f"{host}:{port}", credentials)
+    if bound == 0:
+        raise ConfigError(f"site_link: cannot listen on {config.site_link} (port in use?)")
+    await server.start()
+
+    http_host, http_port = _split(config.http, "http")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((http_host, http_port))
+    except OSError as exc:
+        await server.stop(None)
+        raise ConfigError(f"http: cannot listen on {config.http} ({exc.strerror})") from None
+    http_bound = sock.getsockname()[1]
+    app = create_app(store, registry, scheduler, TokenBook(config.tokens))
+    web = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                        lifespan="off"))
+    web.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    web_task = asyncio.create_task(web.serve(sockets=[sock]))
+    store.audit("coordinator_started", {"site_link": f"{host}:{bound}",
+                                        "http": f"{http_host}:{http_bound}",
+                                        "tls": credentials is not None})
+    log.info("coordinator %s ready: sites connect to %s:%d (%s), people use http://%s:%d",
+             config.name, host, bound, "mutual TLS" if credentials else "INSECURE",
+             http_host, http_bound)
+    if ready_file is not None:
+        ready_file.write_text(json.dumps({"site_link": f"{host}:{bound}",
+                                          "http": f"http://{http_host}:{http_bound}"}))
+    await stop.wait()
+    log.info("coordinator shutting down")
+    web.should_exit = True
+    await server.stop(grace=2)
+    await web_task
+    store.audit("coordinator_stopped", {})
+    store.close()

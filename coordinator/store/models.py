@@ -1,0 +1,65 @@
+"""The coordinator's tables (SQLAlchemy Core; SQLite by default, PostgreSQL in production)."""
+
+from __future__ import annotations
+
+from sqlalchemy import Column, Float, Integer, MetaData, String, Table, Text
+
+metadata = MetaData()
+
+studies = Table(
+    "alliance_studies",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("title", Text, nullable=False),
+    Column("purpose", String(64), nullable=False),
+    Column("config_json", Text, nullable=False),
+    Column("status", String(16), nullable=False),  # open, closed
+    Column("created", String(40), nullable=False),
+)
+
+requests = Table(
+    "alliance_requests",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("study_id", String(64), nullable=False, index=True),
+    Column("researcher", String(128), nullable=False),
+    Column("analysis", String(64), nullable=False),
+    Column("request_json", Text, nullable=False),
+    Column("status", String(16), nullable=False),  # running, done, failed
+    Column("error", Text),
+    Column("created", String(40), nullable=False),
+    Column("finished", String(40)),
+)
+
+results = Table(
+    "alliance_results",
+    metadata,
+    Column("request_id", String(40), primary_key=True),
+    Column("result_json", Text, nullable=False),
+    Column("created", String(40), nullable=False),
+)
+
+audit = Table(
+    "alliance_audit",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("time", String(40), nullable=False),
+    Column("actor", String(128), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False, unique=True),
+)
+
+sites = Table(
+    "alliance_sites",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("status", String(16), nullable=False),  # connected, disconnected
+    Column("version", String(32)),
+    Column("records", Integer),
+    Column("dictionary_digest", String(64)),
+    Column("first_seen", String(40), nullable=False),
+    Column("last_seen", String(40), nullable=False),
+    Column("last_seen_unix", Float, nullable=False),
+)

@@ -1,0 +1,138 @@
+"""The ``alliance`` command: one entry point, a group per role.
+
+This module sits above both roles (it composes them for ``simulate`` and ``demo``), which is why
+the entry point lives in ``simulations/`` and not in either role's package.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from analyses import get_analysis
+from coordinator.cli import coordinator_app, pki_app, run_command, study_app
+from protocol.audit import AuditEntry, verify_chain
+from protocol.config import AnalysisRequest, DataDictionary, DataSource, StudyConfig, load_yaml
+from protocol.errors import AllianceError
+from site_node.cli import site_app
+
+app = typer.Typer(
+    help="Alliance: federated analysis for hospital alliances.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(pki_app, name="pki")
+app.add_typer(coordinator_app, name="coordinator")
+app.add_typer(site_app, name="site")
+app.add_typer(study_app, name="study")
+audit_app = typer.Typer(help="Verify audit logs.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+app.command("run")(run_command)
+
+
+@app.callback()
+def _setup(log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "WARNING"
+           ) -> None:
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.WARNING),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+    )
+    # grpc and uvicorn chatter stays out of the site admin's log unless asked for.
+    logging.getLogger("uvicorn").setLevel(logging.WARNING)
+
+
+@audit_app.command("verify")
+def audit_verify(path: Path) -> None:
+    """Verify the audit chain of a site folder or a coordinator folder."""
+    candidates = [path / "state" / "site.db", path / "site.db", path / "coordinator.db", path]
+    for candidate in candidates:
+        if candidate.is_file():
+            break
+    else:
+        raise AllianceError(f"{path}: no site.db, state/site.db or coordinator.db found")
+    db = sqlite3.connect(f"file:{candidate}?mode=ro", uri=True)
+    try:
+        table = "audit" if candidate.name == "site.db" else "alliance_audit"
+        rows = db.execute(f"SELECT seq, time, actor, action, detail, prev_hash, hash FROM {table} "
+                          "ORDER BY seq").fetchall()
+    except sqlite3.Error as exc:
+        raise AllianceError(f"{candidate}: not an Alliance store ({exc})") from None
+    finally:
+        db.close()
+    report = verify_chain(AuditEntry(*row) for row in rows)
+    typer.echo(f"{candidate}: {report}")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command("simulate")
+def simulate(
+    site: Annotated[list[str], typer.Option("--site", help="NAME=PATH of a CSV with a header")],
+    dictionary: Annotated[Path, typer.Option("--dictionary", help="the data dictionary YAML")],
+    request: Annotated[list[Path], typer.Option("--request", help="request YAML (repeatable)")],
+    privacy: Annotated[str, typer.Option(help="dp, sdc or off")] = "dp",
+    epsilon: Annotated[float, typer.Option(help="each request's epsilon at each site")] = 0.5,
+    budget: Annotated[float, typer.Option(help="each site's epsilon budget for the study")] = 3.0,
+    keep: Annotated[Path | None, typer.Option(help="keep configs, stores and logs here")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON document per line")] = False,
+    insecure: Annotated[bool, typer.Option(help="no TLS (loopback experiments only)")] = False,
+) -> None:
+    """Run requests on dummy data across real site processes on loopback."""
+    from simulations.runner import simulate_requests
+
+    if privacy not in ("dp", "sdc", "off"):
+        raise AllianceError(f"--privacy: {privacy!r} is not a privacy mode; use one of: dp, sdc, off")
+    sites: list[tuple[str, DataSource]] = []
+    for item in site:
+        name, sep, file = item.partition("=")
+        if not sep or not name or not file:
+            raise AllianceError(f"--site: {item!r} is not NAME=PATH (e.g. cleveland=cleveland.csv)")
+        if not Path(file).is_file():
+            raise AllianceError(f"--site {name}: {file!r}: file not found")
+        sites.append((name, DataSource(path=Path(file).resolve())))
+    dict_model = load_yaml(dictionary, DataDictionary)
+    requests = [load_yaml(path, AnalysisRequest) for path in request]
+    for path, req in zip(request, requests, strict=True):
+        try:
+            get_analysis(req.analysis).parse_params(req.params, dict_model)
+        except AllianceError as exc:
+            raise AllianceError(f"{path}: {exc}") from None
+    study = StudyConfig.model_validate({
+        "id": "simulation", "title": "alliance simulate",
+        "privacy": {"mode": privacy, "epsilon_per_request": epsilon, "budget": budget}})
+    failed = simulate_requests(sites, dict_model, study, requests, keep, as_json,
+                               tls=not insecure, budget=budget)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("demo")
+def demo(keep: Annotated[Path | None, typer.Option(help="keep the demo's folders here")] = None
+         ) -> None:
+    """Four UCI heart hospitals as real processes, a small dp study, and a report."""
+    from simulations.demo import run_demo
+
+    run_demo(keep)
+
+
+def main() -> None:
+    """Entry point: clear one-line errors instead of tracebacks for anything we expect."""
+    try:
+        app()
+    except AllianceError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""``alliance simulate``: start the federation, run requests in order, print, tear down."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from coordinator.cli import format_result
+from protocol.config import AnalysisRequest, DataDictionary, DataSource, StudyConfig
+from simulations.federation import LocalFederation, SiteSpec
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def simulate_requests(
+    sites: list[tuple[str, DataSource]],
+    dictionary: DataDictionary,
+    study: StudyConfig,
+    requests: list[AnalysisRequest],
+    keep: Path | None,
+    as_json: bool,
+    tls: bool = True,
+    budget: float = 3.0,
+) -> int:
+    """Run every request in order in one study; return how many failed."""
+    specs = [SiteSpec(name, data, mode=study.privacy.mode, budget=budget) for name, data in sites]
+    federation = LocalFederation(specs, dictionary, keep, tls=tls)
+    failed = 0
+    try:
+        _say(f"starting a coordinator and {len(specs)} site processes in {federation.root} "
+             f"({'mutual TLS' if tls else 'INSECURE, no TLS'}, privacy {study.privacy.mode})")
+        federation.start(study)
+        with federation.researcher() as client:
+            for req in requests:
+                body = client.submit(study.id, req.model_dump(mode="json", exclude_none=True))
+                result: dict[str, Any] = body.get("result") or {}
+                if body.get("status") != "done":
+                    failed += 1
+                    if as_json:
+                        print(json.dumps({"ok": False, "analysis": req.analysis,
+                                          "error": body.get("error"),
+                                          "sites": result.get("sites", [])}), flush=True)
+                    else:
+                        print(f"{req.analysis}: FAILED: {body.get('error')}", flush=True)
+                    continue
+                print(json.dumps(result) if as_json else format_result(result), flush=True)
+    finally:
+        federation.stop()
+        if keep:
+            _say(f"kept {keep}/coordinator and {keep}/sites/<name> (configs, stores, logs)")
+        federation.cleanup()
+    return failed

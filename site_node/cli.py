@@ -1,0 +1,102 @@
+"""``alliance site ...``: serve, check and ledger, for hospital IT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from typing import Annotated
+
+import typer
+
+from protocol.config import SiteConfig, load_yaml
+from site_node.link import SiteLink
+from site_node.runtime import SiteRuntime
+
+log = logging.getLogger("alliance.site")
+
+
+def load_site(config_path: Path) -> tuple[SiteConfig, SiteRuntime]:
+    """Load a site's config and data, log the data check, and return the runtime."""
+    config = load_yaml(config_path, SiteConfig)
+    runtime = SiteRuntime.from_config(config)
+    for line in runtime.report.lines():
+        log.info("data check: %s", line)
+    if not config.policy.allowed_analyses or not config.policy.studies:
+        log.warning("this site's policy allows %s and approves %s: it will refuse every task "
+                    "(default deny)",
+                    ", ".join(config.policy.allowed_analyses) or "no analysis",
+                    ", ".join(s.id for s in config.policy.studies) or "no study")
+    return config, runtime
+
+
+async def serve(config_path: Path) -> None:
+    """Run a site node until SIGINT or SIGTERM."""
+    config, runtime = load_site(config_path)
+    if config.tls is None:
+        log.warning("INSECURE: this site link has no TLS and proves no identity; use it only on "
+                    "loopback for experiments")
+    link = SiteLink(config, runtime)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, link.stop)
+    try:
+        await link.run()
+    finally:
+        runtime.store.audit("site_stopped", {"tasks_answered": link.tasks_answered})
+        runtime.close()
+
+
+site_app = typer.Typer(help="Run and inspect a site node (hospital IT).", no_args_is_help=True)
+CONFIG = Annotated[Path, typer.Option("--config", help="site.yaml")]
+
+
+@site_app.command("serve")
+def site_serve(config: CONFIG) -> None:
+    """Dial the coordinator and answer approved tasks; stop with Ctrl-C."""
+    asyncio.run(serve(config))
+
+
+@site_app.command("check")
+def site_check(config: CONFIG) -> None:
+    """Check the config, the data against the dictionary, and the audit log; change nothing."""
+    settings, runtime = load_site(config)
+    try:
+        for line in runtime.report.lines():
+            typer.echo(f"data: {line}")
+        policy = settings.policy
+        typer.echo(f"allowed analyses: {', '.join(policy.allowed_analyses) or 'none (deny all)'}")
+        for approval in policy.studies:
+            spent = runtime.store.spent(approval.id).epsilon
+            typer.echo(f"study {approval.id}: mode {approval.mode}, budget {approval.budget:g}, "
+                       f"spent {spent:.4g}")
+        typer.echo(str(runtime.store.verify_audit()))
+    finally:
+        runtime.close()
+
+
+@site_app.command("ledger")
+def site_ledger(config: CONFIG,
+                study: Annotated[str | None, typer.Option(help="one study only")] = None) -> None:
+    """Print the privacy-budget ledger: every charge, and the total per study."""
+    settings = load_yaml(config, SiteConfig)
+    from site_node.ledger import SiteStore
+
+    store = SiteStore(settings.state_dir / "site.db", settings.name)
+    try:
+        rows = store.ledger(study)
+        totals: dict[str, float] = {}
+        for row in rows:
+            typer.echo(f"{row.time}  {row.study_id:<20} {row.analysis:<12} {row.researcher:<12} "
+                       f"epsilon {row.epsilon:.4g}  task {row.task_id}")
+            totals[row.study_id] = totals.get(row.study_id, 0.0) + row.epsilon
+        for study_id, total in totals.items():
+            approval = settings.policy.approval(study_id)
+            budget = f" of {approval.budget:g}" if approval else ""
+            typer.echo(f"total {study_id}: epsilon {total:.4g}{budget}")
+        if not rows:
+            typer.echo("the ledger is empty")
+    finally:
+        store.close()
