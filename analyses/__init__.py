@@ -1,12 +1,8 @@
 """Federated analyses: pure functions with a site half (`local`) and a coordinator half
 (`combine`). Importing this package registers every built-in analysis."""
 
-from analyses.base import Analysis, AnalysisContext, NextRound
-from analyses.registry import analysis, get_analysis, registered_analyses
-from analyses.results import AnalysisResult, PrivacySummary, SiteContribution
-
 # Registration happens at import, so a duplicate name fails here, not at the first message.
-from analyses import (  # noqa: E402,F401
+from analyses import (  # noqa: F401
     comparisons,
     descriptive,
     quantiles,
@@ -14,6 +10,9 @@ from analyses import (  # noqa: E402,F401
     survival,
     tables,
 )
+from analyses.base import Analysis, AnalysisContext, NextRound
+from analyses.registry import analysis, get_analysis, registered_analyses
+from analyses.results import AnalysisResult, PrivacySummary, SiteContribution
 
 __all__ = [
     "Analysis",

@@ -8,11 +8,13 @@ midpoint c = (L + U) / 2 by at most (U - L) / 2; a sum of squared shifted values
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 from pydantic import Field, field_validator
 
@@ -24,8 +26,8 @@ from protocol.errors import ValidationError
 from protocol.records import AggregateRecord, ArraySpec, RecordSpec
 
 
-def _sum_records(records: Mapping[str, AggregateRecord], name: str) -> np.ndarray:
-    return np.sum([r[name] for r in records.values()], axis=0)
+def _sum_records(records: Mapping[str, AggregateRecord], name: str) -> npt.NDArray[np.float64]:
+    return np.asarray(np.sum([r[name] for r in records.values()], axis=0), dtype=np.float64)
 
 
 def _require_numeric(dictionary: DataDictionary, name: str) -> NumericVariable:
@@ -74,10 +76,8 @@ class Count(Analysis[CountParams]):
         return RecordSpec({"n": ArraySpec((), kind="count", sensitivity=1.0, integer=True)})
 
     def local(self, data: pd.DataFrame, params: CountParams, ctx: AnalysisContext) -> Arrays:
-        if params.variable is None:
-            n = len(data)
-        else:
-            n = int(data[params.variable].notna().sum())
+        # Without a variable every row counts; with one, its non-missing values.
+        n = len(data) if params.variable is None else int(data[params.variable].notna().sum())
         return {"n": np.array(float(n))}
 
     def combine(
@@ -178,9 +178,7 @@ class Mean(Analysis[MeanParams]):
             # Clip at zero: noise can push sumsq below sum^2 / n.
             result.variance = max(0.0, (total_sq - total * total / n) / (n - 1))
             result.std_error = float(np.sqrt(result.variance / n))
-        scales = [
-            (r.releases["sum"].scale, r.releases["n"].scale) for r in records.values()
-        ]
+        scales = [(r.releases["sum"].scale, r.releases["n"].scale) for r in records.values()]
         sum_noise_var = sum(2 * s * s for s, _ in scales)
         n_noise_var = sum(2 * c * c for _, c in scales)
         if sum_noise_var or n_noise_var:
@@ -203,7 +201,7 @@ class HistogramParams(Params):
     @field_validator("edges")
     @classmethod
     def _increasing(cls, edges: list[float]) -> list[float]:
-        if any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
+        if any(b <= a for a, b in itertools.pairwise(edges)):
             raise ValueError(f"edges must increase strictly, got {edges}")
         return edges
 
@@ -218,14 +216,18 @@ class HistogramResult(AnalysisResult):
     group: str | None = None
 
     def values(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"variable": self.variable, "edges": self.edges, "counts": self.counts}
+        out: dict[str, Any] = {
+            "variable": self.variable,
+            "edges": self.edges,
+            "counts": self.counts,
+        }
         if self.group:
             out["group"] = self.group
         return out
 
     @property
     def summary(self) -> pd.DataFrame:
-        labels = [f"[{a:g}, {b:g})" for a, b in zip(self.edges, self.edges[1:], strict=False)]
+        labels = [f"[{a:g}, {b:g})" for a, b in itertools.pairwise(self.edges)]
         labels[-1] = labels[-1][:-1] + "]"
         if isinstance(self.counts, dict):
             frame = pd.DataFrame({f"{self.group}={k}": v for k, v in self.counts.items()})
@@ -293,8 +295,10 @@ class Histogram(Analysis[HistogramParams]):
     def combine(
         self, records: Mapping[str, AggregateRecord], params: HistogramParams, ctx: AnalysisContext
     ) -> HistogramResult:
-        total = _sum_records(records, "counts") if records else np.zeros(
-            self.declare(params, ctx).arrays["counts"].shape
+        total = (
+            _sum_records(records, "counts")
+            if records
+            else np.zeros(self.declare(params, ctx).arrays["counts"].shape)
         )
         counts: Any
         if params.group:

@@ -40,7 +40,9 @@ def analysis(name: str) -> Callable[[T], T]:
             )
         if inspect.isabstract(cls):
             missing = ", ".join(sorted(cls.__abstractmethods__))
-            raise RegistrationError(f"Cannot register analysis {name!r}: it does not define {missing}")
+            raise RegistrationError(
+                f"Cannot register analysis {name!r}: it does not define {missing}"
+            )
         if name in _REGISTRY and _WHERE[name] != _where(cls):
             raise RegistrationError(
                 f"Cannot register analysis {name!r}: it is registered twice "

@@ -81,7 +81,7 @@ class AnalysisResult:
         return {}
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON contract of DESIGN.md: analysis, n, the analysis keys, sites, privacy, timings."""
+        """The JSON contract: analysis, n, the analysis keys, sites, privacy, timings."""
         out: dict[str, Any] = {"analysis": self.analysis, "n": self.n}
         out.update(self.values())
         out["sites"] = [asdict(s) for s in self.sites]

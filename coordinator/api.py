@@ -42,8 +42,9 @@ def error_body(status: int, error: str, errors: list[str] | None = None) -> dict
     return {"ok": False, "status": status, "error": error, "errors": errors or [error]}
 
 
-def create_app(store: Store, registry: SiteRegistry, scheduler: Scheduler,
-               tokens: TokenBook) -> FastAPI:
+def create_app(
+    store: Store, registry: SiteRegistry, scheduler: Scheduler, tokens: TokenBook
+) -> FastAPI:
     """The FastAPI application over a store, a site registry and a scheduler."""
     app = FastAPI(title="Alliance coordinator", version="0.1.0")
     running: dict[str, asyncio.Task[None]] = {}
@@ -54,14 +55,16 @@ def create_app(store: Store, registry: SiteRegistry, scheduler: Scheduler,
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(exc.status_code, str(exc.detail)),
-                            status_code=exc.status_code)
+        return JSONResponse(
+            error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        return JSONResponse(error_body(422, errors[0] if errors else "invalid request", errors),
-                            status_code=422)
+        return JSONResponse(
+            error_body(422, errors[0] if errors else "invalid request", errors), status_code=422
+        )
 
     @app.exception_handler(AllianceError)
     async def _alliance_error(_: Request, exc: AllianceError) -> JSONResponse:
@@ -81,9 +84,11 @@ def create_app(store: Store, registry: SiteRegistry, scheduler: Scheduler,
     def require(*roles: str) -> Any:
         def check(who: Principal = Depends(principal)) -> Principal:
             if who.role not in roles:
-                raise APIError(403, f"role {who.role!r} cannot do this; it needs: "
-                               f"{', '.join(roles)}")
+                raise APIError(
+                    403, f"role {who.role!r} cannot do this; it needs: {', '.join(roles)}"
+                )
             return who
+
         return check
 
     def load_study(study_id: str) -> tuple[StudyConfig, str]:
@@ -114,8 +119,9 @@ def create_app(store: Store, registry: SiteRegistry, scheduler: Scheduler,
         return {"ok": True, "sites": list(known.values())}
 
     @app.post("/api/studies")
-    async def create_study(request: Request,
-                           who: Principal = Depends(require("lead"))) -> dict[str, Any]:
+    async def create_study(
+        request: Request, who: Principal = Depends(require("lead"))
+    ) -> dict[str, Any]:
         study = parse_model(StudyConfig, await body_json(request), "study")
         await asyncio.to_thread(store.create_study, study.model_dump(mode="json"), who.user)
         return {"ok": True, "study": study.model_dump(mode="json")}
@@ -128,27 +134,37 @@ def create_app(store: Store, registry: SiteRegistry, scheduler: Scheduler,
     async def show_study(study_id: str, _: Principal = Depends(principal)) -> dict[str, Any]:
         study, status = load_study(study_id)
         reqs = await asyncio.to_thread(store.study_requests, study_id)
-        return {"ok": True, "study": study.model_dump(mode="json"), "status": status,
-                "requests": reqs}
+        return {
+            "ok": True,
+            "study": study.model_dump(mode="json"),
+            "status": status,
+            "requests": reqs,
+        }
 
     @app.post("/api/studies/{study_id}/close")
-    async def close_study(study_id: str,
-                          who: Principal = Depends(require("lead"))) -> dict[str, Any]:
+    async def close_study(
+        study_id: str, who: Principal = Depends(require("lead"))
+    ) -> dict[str, Any]:
         load_study(study_id)
         await asyncio.to_thread(store.close_study, study_id, who.user)
         return {"ok": True, "study": study_id, "status": "closed"}
 
     @app.post("/api/studies/{study_id}/requests")
-    async def submit(study_id: str, request: Request, wait: bool = True,
-                     who: Principal = Depends(require("researcher", "lead"))) -> JSONResponse:
+    async def submit(
+        study_id: str,
+        request: Request,
+        wait: bool = True,
+        who: Principal = Depends(require("researcher", "lead")),
+    ) -> JSONResponse:
         study, status = load_study(study_id)
         if status != "open":
             raise APIError(409, f"study {study_id!r} is {status}; it takes no more requests")
         body = parse_model(AnalysisRequest, await body_json(request), "request")
         scheduler.validate(study, body)  # bad requests fail here, before any task leaves
         request_id = uuid.uuid4().hex[:16]
-        await asyncio.to_thread(store.create_request, request_id, study_id, who.user,
-                                body.model_dump(mode="json"))
+        await asyncio.to_thread(
+            store.create_request, request_id, study_id, who.user, body.model_dump(mode="json")
+        )
 
         async def execute() -> None:
             result: dict[str, Any] | None = None
@@ -169,11 +185,12 @@ def create_app(store: Store, registry: SiteRegistry, scheduler: Scheduler,
         running[request_id] = job
         job.add_done_callback(lambda _: running.pop(request_id, None))
         if not wait:
-            return JSONResponse({"ok": True, "request_id": request_id, "status": "running"},
-                                status_code=202)
+            return JSONResponse(
+                {"ok": True, "request_id": request_id, "status": "running"}, status_code=202
+            )
         await asyncio.shield(job)
-        return JSONResponse({"ok": True, **(await asyncio.to_thread(store.request, request_id)
-                                            or {})})
+        stored = await asyncio.to_thread(store.request, request_id)
+        return JSONResponse({"ok": True, **(stored or {})})
 
     @app.get("/api/requests/{request_id}")
     async def show_request(request_id: str, _: Principal = Depends(principal)) -> dict[str, Any]:
@@ -185,7 +202,12 @@ def create_app(store: Store, registry: SiteRegistry, scheduler: Scheduler,
     @app.get("/api/audit/verify")
     async def audit_verify(_: Principal = Depends(require("lead"))) -> dict[str, Any]:
         report = await asyncio.to_thread(store.verify_audit)
-        return {"ok": True, "intact": report.ok, "entries": report.entries, "head": report.head,
-                "problem": report.problem}
+        return {
+            "ok": True,
+            "intact": report.ok,
+            "entries": report.entries,
+            "head": report.head,
+            "problem": report.problem,
+        }
 
     return app

@@ -19,8 +19,9 @@ coordinator_app = typer.Typer(help="Run the coordinator.", no_args_is_help=True)
 pki_app = typer.Typer(help="The alliance CA and its certificates.", no_args_is_help=True)
 study_app = typer.Typer(help="Create, list, show and close studies.", no_args_is_help=True)
 
-URL = Annotated[str, typer.Option("--url", envvar="ALLIANCE_URL",
-                                  help="the coordinator's HTTP API")]
+URL = Annotated[
+    str, typer.Option("--url", envvar="ALLIANCE_URL", help="the coordinator's HTTP API")
+]
 TOKEN = Annotated[str, typer.Option("--token", envvar="ALLIANCE_TOKEN", help="your API token")]
 
 
@@ -41,8 +42,10 @@ PKI_DIR = Annotated[Path, typer.Option("--dir", help="the PKI folder")]
 
 
 @pki_app.command("init")
-def pki_init(name: Annotated[str, typer.Option(help="the alliance's name")] = "alliance",
-             folder: PKI_DIR = Path("pki")) -> None:
+def pki_init(
+    name: Annotated[str, typer.Option(help="the alliance's name")] = "alliance",
+    folder: PKI_DIR = Path("pki"),
+) -> None:
     """Create the alliance CA (ca.pem, ca.key)."""
     files = pki.init_ca(folder, name)
     typer.echo(f"created the alliance CA: {files.cert} (keep {files.key} offline)")
@@ -52,8 +55,9 @@ def pki_init(name: Annotated[str, typer.Option(help="the alliance's name")] = "a
 def pki_issue_site(name: str, folder: PKI_DIR = Path("pki")) -> None:
     """Issue a site certificate whose subject is the site's name."""
     files = pki.issue_site(folder, name)
-    typer.echo(f"issued site {name}: give the site {folder / 'ca.pem'}, {files.cert} and "
-               f"{files.key}")
+    typer.echo(
+        f"issued site {name}: give the site {folder / 'ca.pem'}, {files.cert} and {files.key}"
+    )
 
 
 @pki_app.command("issue-coordinator")
@@ -98,10 +102,19 @@ def study_show(study_id: str, url: URL = "http://127.0.0.1:8080", token: TOKEN =
     """Show a study and its requests."""
     with _client(url, token) as client:
         body = client.study(study_id)
-    typer.echo(yaml.safe_dump({"study": body["study"], "status": body["status"],
-                               "requests": [{k: r[k] for k in ("request_id", "analysis",
-                                                               "status", "error")}
-                                            for r in body["requests"]]}, sort_keys=False))
+    typer.echo(
+        yaml.safe_dump(
+            {
+                "study": body["study"],
+                "status": body["status"],
+                "requests": [
+                    {k: r[k] for k in ("request_id", "analysis", "status", "error")}
+                    for r in body["requests"]
+                ],
+            },
+            sort_keys=False,
+        )
+    )
 
 
 @study_app.command("close")
@@ -137,7 +150,9 @@ def format_result(result: dict[str, Any]) -> str:
     lines.append(f"  privacy: {privacy.get('mode')} ({privacy.get('guarantee')})")
     for site in result.get("sites", []):
         extra = f": {site['reason']}" if site.get("reason") else ""
-        lines.append(f"  site {site['name']}: {site['status']}, records {site.get('records')}, "
-                     f"epsilon {site.get('epsilon', 0):.3g}{extra}")
+        lines.append(
+            f"  site {site['name']}: {site['status']}, records {site.get('records')}, "
+            f"epsilon {site.get('epsilon', 0):.3g}{extra}"
+        )
     lines.extend(f"  note: {note}" for note in result.get("notes", []))
     return "\n".join(lines)

@@ -1,8 +1,8 @@
 """The researcher's Python API over the coordinator's HTTP API.
 
-    client = AllianceClient("http://127.0.0.1:8080", token="...")
-    result = client.run("cardio-2026", {"analysis": "mean", "params": {"variable": "age"}})
-    result["mean"], result["sites"]
+client = AllianceClient("http://127.0.0.1:8080", token="...")
+result = client.run("cardio-2026", {"analysis": "mean", "params": {"variable": "age"}})
+result["mean"], result["sites"]
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ class AllianceClient:
 
     def __init__(self, url: str, token: str, timeout: float = 600.0) -> None:
         self.url = url.rstrip("/")
-        self._http = httpx.Client(base_url=self.url, timeout=timeout,
-                                  headers={"Authorization": f"Bearer {token}"})
+        self._http = httpx.Client(
+            base_url=self.url, timeout=timeout, headers={"Authorization": f"Bearer {token}"}
+        )
 
     def close(self) -> None:
         """Close the HTTP connection pool."""
@@ -45,18 +46,24 @@ class AllianceClient:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.ConnectError:
-            raise LinkError(f"the coordinator at {self.url} is not reachable (connection "
-                            "refused); is `alliance coordinator serve` running?") from None
+            raise LinkError(
+                f"the coordinator at {self.url} is not reachable (connection "
+                "refused); is `alliance coordinator serve` running?"
+            ) from None
         except httpx.TimeoutException:
             raise LinkError(f"the coordinator at {self.url} did not answer in time") from None
         try:
             body: dict[str, Any] = response.json()
         except ValueError:
-            raise APIRequestError(response.status_code, f"HTTP {response.status_code}: "
-                                  f"{response.text[:200]}", []) from None
+            raise APIRequestError(
+                response.status_code, f"HTTP {response.status_code}: {response.text[:200]}", []
+            ) from None
         if not body.get("ok", False):
-            raise APIRequestError(body.get("status", response.status_code),
-                                  body.get("error", "unknown error"), body.get("errors", []))
+            raise APIRequestError(
+                body.get("status", response.status_code),
+                body.get("error", "unknown error"),
+                body.get("errors", []),
+            )
         return body
 
     def health(self) -> dict[str, Any]:
@@ -85,15 +92,20 @@ class AllianceClient:
 
     def submit(self, study_id: str, request: dict[str, Any], wait: bool = True) -> dict[str, Any]:
         """Submit a request; with ``wait`` the body holds its status, error and result."""
-        return self._call("POST", f"/api/studies/{study_id}/requests",
-                          params={"wait": str(wait).lower()}, json=request)
+        return self._call(
+            "POST",
+            f"/api/studies/{study_id}/requests",
+            params={"wait": str(wait).lower()},
+            json=request,
+        )
 
     def run(self, study_id: str, request: dict[str, Any]) -> dict[str, Any]:
         """Submit, wait, and return the result (raises when the request failed)."""
         body = self.submit(study_id, request, wait=True)
         if body.get("status") != "done":
-            raise APIRequestError(200, body.get("error") or "the request failed",
-                                  [body.get("error") or ""])
+            raise APIRequestError(
+                200, body.get("error") or "the request failed", [body.get("error") or ""]
+            )
         return dict(body["result"])
 
     def request(self, request_id: str) -> dict[str, Any]:

@@ -127,8 +127,10 @@ class SiteRegistry:
             dropped = self.disconnected_at.get(site)
             if site not in self.sessions and dropped is not None:
                 when = time.strftime("%H:%M:%S", time.localtime(dropped))
-                reason = (f"site {site} disconnected at {when} during the task and did not come "
-                          f"back within {timeout:g} s")
+                reason = (
+                    f"site {site} disconnected at {when} during the task and did not come "
+                    f"back within {timeout:g} s"
+                )
                 raise SiteUnavailable("disconnected", reason) from None
             raise SiteUnavailable(
                 "timeout", f"site {site} did not answer within {timeout:g} s"
@@ -139,7 +141,7 @@ class SiteRegistry:
 
 def peer_common_name(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
     """The subject CN of the client certificate, when the link uses mutual TLS."""
-    values = context.auth_context().get("x509_common_name")
+    values = list(context.auth_context().get("x509_common_name", []))
     return values[0].decode() if values else None
 
 
@@ -155,15 +157,19 @@ class SiteLinkService(pb_grpc.SiteLinkServicer):
         if self.require_tls_identity and cn is None:
             return "no client certificate was presented"
         if cn is not None and cn != hello.site_id:
-            return (f"this certificate belongs to site {cn!r}, but the stream says it is "
-                    f"{hello.site_id!r}")
+            return (
+                f"this certificate belongs to site {cn!r}, but the stream says it is "
+                f"{hello.site_id!r}"
+            )
         if hello.dictionary_digest != self.registry.dictionary_digest:
-            return ("the site's data dictionary differs from the alliance's (digest "
-                    f"{hello.dictionary_digest[:12]} vs {self.registry.dictionary_digest[:12]}); "
-                    "install the alliance's dictionary at the site")
+            return (
+                "the site's data dictionary differs from the alliance's (digest "
+                f"{hello.dictionary_digest[:12]} vs {self.registry.dictionary_digest[:12]}); "
+                "install the alliance's dictionary at the site"
+            )
         return None
 
-    async def Connect(self, request_iterator: Any, context: Any) -> Any:  # noqa: N802 (gRPC name)
+    async def Connect(self, request_iterator: Any, context: Any) -> Any:
         """Run one site's stream: Hello, Welcome, then tasks out and replies in."""
         cn = peer_common_name(context)
         try:
@@ -171,32 +177,51 @@ class SiteLinkService(pb_grpc.SiteLinkServicer):
         except StopAsyncIteration:
             return
         if not first.HasField("hello"):
-            yield pb.CoordinatorMessage(welcome=pb.Welcome(
-                accepted=False, reason="the first message on the site link must be Hello"))
+            yield pb.CoordinatorMessage(
+                welcome=pb.Welcome(
+                    accepted=False, reason="the first message on the site link must be Hello"
+                )
+            )
             return
         hello = first.hello
         problem = self._check_hello(hello, cn)
         if problem:
-            log.warning("refused site %s from %s: %s", hello.site_id or "?", context.peer(),
-                        problem)
+            log.warning(
+                "refused site %s from %s: %s", hello.site_id or "?", context.peer(), problem
+            )
             if self.registry.store is not None:
-                self.registry.store.audit("site_refused", {"site": hello.site_id, "cn": cn,
-                                                           "reason": problem})
-            yield pb.CoordinatorMessage(welcome=pb.Welcome(accepted=False, reason=problem,
-                                                           coordinator=self.name))
+                self.registry.store.audit(
+                    "site_refused", {"site": hello.site_id, "cn": cn, "reason": problem}
+                )
+            yield pb.CoordinatorMessage(
+                welcome=pb.Welcome(accepted=False, reason=problem, coordinator=self.name)
+            )
             return
         session = SiteSession(hello.site_id, hello)
         await self.registry.attach(session)
-        log.info("site %s connected (version %s, %d records, analyses: %s)", hello.site_id,
-                 hello.software_version, hello.records, ", ".join(hello.allowed_analyses) or "none")
+        log.info(
+            "site %s connected (version %s, %d records, analyses: %s)",
+            hello.site_id,
+            hello.software_version,
+            hello.records,
+            ", ".join(hello.allowed_analyses) or "none",
+        )
         if self.registry.store is not None:
-            await asyncio.to_thread(self.registry.store.site_seen, hello.site_id, "connected", {
-                "version": hello.software_version, "records": hello.records,
-                "dictionary_digest": hello.dictionary_digest})
+            await asyncio.to_thread(
+                self.registry.store.site_seen,
+                hello.site_id,
+                "connected",
+                {
+                    "version": hello.software_version,
+                    "records": hello.records,
+                    "dictionary_digest": hello.dictionary_digest,
+                },
+            )
         reader = asyncio.create_task(self._read(session, request_iterator))
         try:
-            yield pb.CoordinatorMessage(welcome=pb.Welcome(
-                accepted=True, coordinator=self.name, software_version=VERSION))
+            yield pb.CoordinatorMessage(
+                welcome=pb.Welcome(accepted=True, coordinator=self.name, software_version=VERSION)
+            )
             while True:
                 message = await session.outbox.get()
                 if message is None:
@@ -208,8 +233,9 @@ class SiteLinkService(pb_grpc.SiteLinkServicer):
             if self.registry.sessions.get(session.name) is None:
                 log.warning("site %s disconnected", session.name)
                 if self.registry.store is not None:
-                    await asyncio.to_thread(self.registry.store.site_seen, session.name,
-                                            "disconnected")
+                    await asyncio.to_thread(
+                        self.registry.store.site_seen, session.name, "disconnected"
+                    )
 
     async def _read(self, session: SiteSession, request_iterator: Any) -> None:
         try:

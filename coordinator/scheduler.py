@@ -51,19 +51,24 @@ class _SiteState:
 
 def _guarantee(mode: str, epsilon: float) -> str:
     if mode == "dp":
-        return (f"epsilon-DP per patient row at each site, epsilon <= {epsilon:.4g} for this "
-                "result (add/remove one row; the dictionary's public bounds; OpenDP Laplace)")
+        return (
+            f"epsilon-DP per patient row at each site, epsilon <= {epsilon:.4g} for this "
+            "result (add/remove one row; the dictionary's public bounds; OpenDP Laplace)"
+        )
     if mode == "sdc":
-        return ("statistical disclosure control (exact releases, small cells refused); no "
-                "formal differential-privacy guarantee")
+        return (
+            "statistical disclosure control (exact releases, small cells refused); no "
+            "formal differential-privacy guarantee"
+        )
     return "none: exact releases (dummy data or one institution only)"
 
 
 class Scheduler:
     """Turns requests into tasks and replies into results."""
 
-    def __init__(self, registry: SiteRegistry, dictionary: DataDictionary,
-                 task_timeout: float) -> None:
+    def __init__(
+        self, registry: SiteRegistry, dictionary: DataDictionary, task_timeout: float
+    ) -> None:
         self.registry = registry
         self.dictionary = dictionary
         self.task_timeout = task_timeout
@@ -73,7 +78,8 @@ class Scheduler:
         if study.analyses and request.analysis not in study.analyses:
             raise ValidationError(
                 f"analysis {request.analysis!r} is not part of study {study.id!r}; the study "
-                f"allows: {', '.join(study.analyses)}")
+                f"allows: {', '.join(study.analyses)}"
+            )
         analysis = get_analysis(request.analysis)
         params = analysis.parse_params(request.params, self.dictionary)
         variables = set(analysis.variables(params))
@@ -84,11 +90,17 @@ class Scheduler:
             if outside:
                 raise ValidationError(
                     f"variables {', '.join(outside)} are outside study {study.id!r}'s scope; "
-                    f"in scope: {', '.join(study.variables)}")
+                    f"in scope: {', '.join(study.variables)}"
+                )
         return params
 
-    async def run(self, study: StudyConfig, request: AnalysisRequest, researcher: str,
-                  request_id: str | None = None) -> AnalysisResult:
+    async def run(
+        self,
+        study: StudyConfig,
+        request: AnalysisRequest,
+        researcher: str,
+        request_id: str | None = None,
+    ) -> AnalysisResult:
         """Run ``request`` in ``study`` and return its result object.
 
         Raises:
@@ -114,20 +126,31 @@ class Scheduler:
         round_no = 0
         while True:
             if round_no >= MAX_ROUNDS:
-                raise RequestFailed(f"analysis did not finish in {MAX_ROUNDS} rounds",
-                                    [s.contribution for s in sites.values()])
+                raise RequestFailed(
+                    f"analysis did not finish in {MAX_ROUNDS} rounds",
+                    [s.contribution for s in sites.values()],
+                )
             active = [n for n, s in sites.items() if s.active]
             ctx = AnalysisContext(self.dictionary, mode, SDCThresholds(), round_no, state)
-            task_base = {
-                "study_id": study.id, "purpose": study.purpose, "analysis": request.analysis,
-                "params_json": json.dumps(request.params), "filter": request.filter or "",
-                "privacy_mode": mode, "epsilon": epsilon_round, "researcher": researcher,
-                "round": round_no, "state_json": json.dumps(state), "request_id": request_id,
+            task_base: dict[str, Any] = {
+                "study_id": study.id,
+                "purpose": study.purpose,
+                "analysis": request.analysis,
+                "params_json": json.dumps(request.params),
+                "filter": request.filter or "",
+                "privacy_mode": mode,
+                "epsilon": epsilon_round,
+                "researcher": researcher,
+                "round": round_no,
+                "state_json": json.dumps(state),
+                "request_id": request_id,
             }
-            answers = await asyncio.gather(*[
-                self._ask(site, pb.Task(task_id=f"{request_id}.{round_no}.{site}", **task_base))
-                for site in active
-            ])
+            answers = await asyncio.gather(
+                *[
+                    self._ask(site, pb.Task(task_id=f"{request_id}.{round_no}.{site}", **task_base))
+                    for site in active
+                ]
+            )
             timings["rounds"] += 1
             records: dict[str, AggregateRecord] = {}
             modes: list[str] = []
@@ -143,8 +166,9 @@ class Scheduler:
                     sites[site].active = False
                     continue
                 reply = answer.reply
-                site_ctx = AnalysisContext(self.dictionary, reply.privacy_mode or mode,
-                                           SDCThresholds(), round_no, state)
+                site_ctx = AnalysisContext(
+                    self.dictionary, reply.privacy_mode or mode, SDCThresholds(), round_no, state
+                )
                 try:
                     record = record_from_proto(reply.record, analysis.declare(params, site_ctx))
                 except RecordError as exc:
@@ -158,12 +182,15 @@ class Scheduler:
                 entry.records = analysis.site_records(record)
                 modes.append(reply.privacy_mode)
                 timings["max_site_compute_seconds"] = max(
-                    timings["max_site_compute_seconds"], reply.compute_seconds)
+                    timings["max_site_compute_seconds"], reply.compute_seconds
+                )
             if not records:
-                reasons = "; ".join(f"{s.contribution.name}: {s.contribution.reason}"
-                                    for s in sites.values())
-                raise RequestFailed(f"no site contributed ({reasons})",
-                                    [s.contribution for s in sites.values()])
+                reasons = "; ".join(
+                    f"{s.contribution.name}: {s.contribution.reason}" for s in sites.values()
+                )
+                raise RequestFailed(
+                    f"no site contributed ({reasons})", [s.contribution for s in sites.values()]
+                )
             if round_no > 0 and len(records) < len(active) and not restarted:
                 # The pooled sums changed under the iteration: start again without that site.
                 restarted = True
@@ -172,8 +199,9 @@ class Scheduler:
             effective = modes[0]
             for m in modes[1:]:
                 effective = stricter_mode(effective, m)
-            combine_ctx = AnalysisContext(self.dictionary, effective, SDCThresholds(), round_no,
-                                          state)
+            combine_ctx = AnalysisContext(
+                self.dictionary, effective, SDCThresholds(), round_no, state
+            )
             outcome = analysis.combine(records, params, combine_ctx)
             if isinstance(outcome, NextRound):
                 state = outcome.state
@@ -185,14 +213,19 @@ class Scheduler:
                 if entry.status != "ok":
                     entry.records = None
             spent = max((s.epsilon for s in result.sites), default=0.0)
-            mechanisms = sorted({rel.mechanism for r in records.values()
-                                 for rel in r.releases.values()} - {"none"})
+            mechanisms = sorted(
+                {rel.mechanism for r in records.values() for rel in r.releases.values()} - {"none"}
+            )
             result.privacy = PrivacySummary(
-                mode=effective, mechanism=", ".join(mechanisms) or "none",
-                epsilon_per_site=spent, guarantee=_guarantee(effective, spent))
+                mode=effective,
+                mechanism=", ".join(mechanisms) or "none",
+                epsilon_per_site=spent,
+                guarantee=_guarantee(effective, spent),
+            )
             if restarted:
-                result.notes.append("a site left during the iteration; the fit was restarted "
-                                    "without it")
+                result.notes.append(
+                    "a site left during the iteration; the fit was restarted without it"
+                )
             timings["total_seconds"] = time.perf_counter() - started
             result.timings = timings
             return result

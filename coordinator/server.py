@@ -63,12 +63,14 @@ async def serve(config: CoordinatorConfig, ready_file: Path | None = None) -> No
     service = SiteLinkService(registry, config.name, require_tls_identity=config.tls is not None)
 
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    pb_grpc.add_SiteLinkServicer_to_server(service, server)
+    pb_grpc.add_SiteLinkServicer_to_server(service, server)  # type: ignore[no-untyped-call]
     host, port = _split(config.site_link, "site_link")
     credentials = server_credentials(config)
     if credentials is None:
-        log.warning("INSECURE: the site link has no TLS and no site identity; use this only "
-                    "on loopback for experiments")
+        log.warning(
+            "INSECURE: the site link has no TLS and no site identity; use this only "
+            "on loopback for experiments"
+        )
         bound = server.add_insecure_port(f"{host}:{port}")
     else:
         bound = server.add_secure_port(f"{host}:{port}", credentials)
@@ -86,9 +88,7 @@ async def serve(config: CoordinatorConfig, ready_file: Path | None = None) -> No
         raise ConfigError(f"http: cannot listen on {config.http} ({exc.strerror})") from None
     http_bound = sock.getsockname()[1]
     app = create_app(store, registry, scheduler, TokenBook(config.tokens))
-    web = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                        lifespan="off"))
-    web.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    web = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -96,16 +96,31 @@ async def serve(config: CoordinatorConfig, ready_file: Path | None = None) -> No
         loop.add_signal_handler(sig, stop.set)
 
     web_task = asyncio.create_task(web.serve(sockets=[sock]))
-    store.audit("coordinator_started", {"site_link": f"{host}:{bound}",
-                                        "http": f"{http_host}:{http_bound}",
-                                        "tls": credentials is not None})
-    log.info("coordinator %s ready: sites connect to %s:%d (%s), people use http://%s:%d",
-             config.name, host, bound, "mutual TLS" if credentials else "INSECURE",
-             http_host, http_bound)
+    store.audit(
+        "coordinator_started",
+        {
+            "site_link": f"{host}:{bound}",
+            "http": f"{http_host}:{http_bound}",
+            "tls": credentials is not None,
+        },
+    )
+    log.info(
+        "coordinator %s ready: sites connect to %s:%d (%s), people use http://%s:%d",
+        config.name,
+        host,
+        bound,
+        "mutual TLS" if credentials else "INSECURE",
+        http_host,
+        http_bound,
+    )
     if ready_file is not None:
-        ready_file.write_text(json.dumps({"site_link": f"{host}:{bound}",
-                                          "http": f"http://{http_host}:{http_bound}"}))
-    await stop.wait()
+        ready_file.write_text(
+            json.dumps({"site_link": f"{host}:{bound}", "http": f"http://{http_host}:{http_bound}"})
+        )
+    # uvicorn captures SIGINT/SIGTERM while it serves and stops itself; either way, stop all.
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({stopper, web_task}, return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
     log.info("coordinator shutting down")
     web.should_exit = True
     await server.stop(grace=2)

@@ -74,17 +74,26 @@ def verify_chain(entries: Iterable[AuditEntry]) -> VerifyReport:
     count = 0
     for expected_seq, entry in enumerate(entries, start=1):
         if entry.seq != expected_seq:
-            return VerifyReport(False, count, prev_hash, f"entry {expected_seq} is missing "
-                                f"(found seq {entry.seq} in its place)")
+            return VerifyReport(
+                False,
+                count,
+                prev_hash,
+                f"entry {expected_seq} is missing (found seq {entry.seq} in its place)",
+            )
         if entry.prev_hash != prev_hash:
-            return VerifyReport(False, count, prev_hash,
-                                f"entry {entry.seq} does not link to entry {entry.seq - 1}")
+            return VerifyReport(
+                False, count, prev_hash, f"entry {entry.seq} does not link to entry {entry.seq - 1}"
+            )
         digest = AuditEntry.compute_hash(
             entry.seq, entry.time, entry.actor, entry.action, entry.detail, entry.prev_hash
         )
         if digest != entry.hash:
-            return VerifyReport(False, count, prev_hash,
-                                f"entry {entry.seq} ({entry.action}) was altered after it was written")
+            return VerifyReport(
+                False,
+                count,
+                prev_hash,
+                f"entry {entry.seq} ({entry.action}) was altered after it was written",
+            )
         prev_hash = entry.hash
         count += 1
     return VerifyReport(True, count, prev_hash)

@@ -2,7 +2,8 @@
 
 An invalid file fails with the file, the field path, the bad value and what is allowed::
 
-    configs/site.yaml: policy.studies[0].privacy.mode: 'exact' is not allowed; use one of: dp, sdc, off
+    configs/site.yaml: policy.studies[0].mode: 'exact' is not allowed;
+    use one of: dp, sdc, off
 """
 
 from __future__ import annotations
@@ -363,7 +364,9 @@ def load_yaml(path: str | Path, model: type[M]) -> M:
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(f"{path}: malformed YAML{at}: {problem}") from None
     if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of fields at the top, got {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: expected a mapping of fields at the top, got {type(data).__name__}"
+        )
     model_obj = parse_model(model, data, str(path))
     return _resolve_paths(model_obj, path.parent)
 

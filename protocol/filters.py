@@ -50,9 +50,12 @@ class RowFilter:
 def _number(node: ast.expr, text: str) -> float:
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
         return -_number(node.operand, text)
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        return float(node.value)
-    raise FilterError(f"filter {text!r}: expected a number, got {ast.unparse(node)!r}; allowed: {ALLOWED}")
+    value = node.value if isinstance(node, ast.Constant) else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise FilterError(
+        f"filter {text!r}: expected a number, got {ast.unparse(node)!r}; allowed: {ALLOWED}"
+    )
 
 
 def _check(node: ast.expr, text: str, names: set[str]) -> None:
@@ -70,7 +73,10 @@ def _check(node: ast.expr, text: str, names: set[str]) -> None:
                 for element in right.elts:
                     _number(element, text)
             elif type(op) not in _COMPARE:
-                raise FilterError(f"filter {text!r}: operator {type(op).__name__} is not allowed; allowed: {ALLOWED}")
+                raise FilterError(
+                    f"filter {text!r}: operator {type(op).__name__} is not allowed; "
+                    f"allowed: {ALLOWED}"
+                )
         for operand in operands:
             if isinstance(operand, ast.Name):
                 names.add(operand.id)
@@ -91,7 +97,9 @@ def parse_filter(text: str, known_variables: set[str] | frozenset[str] | None = 
     try:
         tree = ast.parse(text.strip(), mode="eval").body
     except SyntaxError:
-        raise FilterError(f"filter {text!r} is not a valid expression; allowed: {ALLOWED}") from None
+        raise FilterError(
+            f"filter {text!r} is not a valid expression; allowed: {ALLOWED}"
+        ) from None
     names: set[str] = set()
     _check(tree, text, names)
     if known_variables is not None:
@@ -108,10 +116,10 @@ def _evaluate(node: ast.expr, columns: Mapping[str, npt.NDArray[Any]]) -> Any:
     if isinstance(node, ast.BoolOp):
         values = [_evaluate(v, columns) for v in node.values]
         combine = np.logical_and if isinstance(node.op, ast.And) else np.logical_or
-        out = values[0]
+        joined = values[0]
         for value in values[1:]:
-            out = combine(out, value)
-        return out
+            joined = combine(joined, value)
+        return joined
     if isinstance(node, ast.UnaryOp):  # only `not` passes _check
         return np.logical_not(_evaluate(node.operand, columns))
     if isinstance(node, ast.Compare):

@@ -104,12 +104,16 @@ class Release:
 
     def __post_init__(self) -> None:
         if self.mechanism not in MECHANISMS:
-            raise RecordError(f"mechanism {self.mechanism!r} is not one of: {', '.join(MECHANISMS)}")
+            raise RecordError(
+                f"mechanism {self.mechanism!r} is not one of: {', '.join(MECHANISMS)}"
+            )
 
 
 def _as_numeric_array(name: str, value: object) -> npt.NDArray[np.float64]:
     if isinstance(value, (str, bytes)):
-        raise RecordError(f"array {name!r} holds text ({value!r:.40}); a reply carries numbers only")
+        raise RecordError(
+            f"array {name!r} holds text ({value!r:.40}); a reply carries numbers only"
+        )
     arr = np.asarray(value)
     if arr.dtype.kind not in "biuf":
         raise RecordError(

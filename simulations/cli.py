@@ -6,7 +6,6 @@ the entry point lives in ``simulations/`` and not in either role's package.
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 import sys
@@ -38,8 +37,9 @@ app.command("run")(run_command)
 
 
 @app.callback()
-def _setup(log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "WARNING"
-           ) -> None:
+def _setup(
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "WARNING",
+) -> None:
     logging.basicConfig(
         level=getattr(logging, log_level.upper(), logging.WARNING),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -61,8 +61,9 @@ def audit_verify(path: Path) -> None:
     db = sqlite3.connect(f"file:{candidate}?mode=ro", uri=True)
     try:
         table = "audit" if candidate.name == "site.db" else "alliance_audit"
-        rows = db.execute(f"SELECT seq, time, actor, action, detail, prev_hash, hash FROM {table} "
-                          "ORDER BY seq").fetchall()
+        rows = db.execute(
+            f"SELECT seq, time, actor, action, detail, prev_hash, hash FROM {table} ORDER BY seq"
+        ).fetchall()
     except sqlite3.Error as exc:
         raise AllianceError(f"{candidate}: not an Alliance store ({exc})") from None
     finally:
@@ -89,7 +90,9 @@ def simulate(
     from simulations.runner import simulate_requests
 
     if privacy not in ("dp", "sdc", "off"):
-        raise AllianceError(f"--privacy: {privacy!r} is not a privacy mode; use one of: dp, sdc, off")
+        raise AllianceError(
+            f"--privacy: {privacy!r} is not a privacy mode; use one of: dp, sdc, off"
+        )
     sites: list[tuple[str, DataSource]] = []
     for item in site:
         name, sep, file = item.partition("=")
@@ -105,18 +108,24 @@ def simulate(
             get_analysis(req.analysis).parse_params(req.params, dict_model)
         except AllianceError as exc:
             raise AllianceError(f"{path}: {exc}") from None
-    study = StudyConfig.model_validate({
-        "id": "simulation", "title": "alliance simulate",
-        "privacy": {"mode": privacy, "epsilon_per_request": epsilon, "budget": budget}})
-    failed = simulate_requests(sites, dict_model, study, requests, keep, as_json,
-                               tls=not insecure, budget=budget)
+    study = StudyConfig.model_validate(
+        {
+            "id": "simulation",
+            "title": "alliance simulate",
+            "privacy": {"mode": privacy, "epsilon_per_request": epsilon, "budget": budget},
+        }
+    )
+    failed = simulate_requests(
+        sites, dict_model, study, requests, keep, as_json, tls=not insecure, budget=budget
+    )
     if failed:
         raise typer.Exit(1)
 
 
 @app.command("demo")
-def demo(keep: Annotated[Path | None, typer.Option(help="keep the demo's folders here")] = None
-         ) -> None:
+def demo(
+    keep: Annotated[Path | None, typer.Option(help="keep the demo's folders here")] = None,
+) -> None:
     """Four UCI heart hospitals as real processes, a small dp study, and a report."""
     from simulations.demo import run_demo
 

@@ -18,8 +18,12 @@ from protocol.config import AnalysisRequest, DataSource, StudyConfig
 from simulations.federation import LocalFederation, SiteSpec
 from simulations.heart import COLUMNS, DATA_DIR, DERIVE, SITES, heart_dictionary
 
-LABELS = {"cleveland": "Cleveland Clinic", "hungarian": "Hungarian Institute of Cardiology",
-          "switzerland": "University Hospitals Zurich and Basel", "va": "VA Long Beach"}
+LABELS = {
+    "cleveland": "Cleveland Clinic",
+    "hungarian": "Hungarian Institute of Cardiology",
+    "switzerland": "University Hospitals Zurich and Basel",
+    "va": "VA Long Beach",
+}
 EPSILON = 0.3
 #: VA Long Beach's admin set a smaller budget, so the demo shows a budget refusal.
 BUDGETS = {"cleveland": 2.0, "hungarian": 2.0, "switzerland": 2.0, "va": 1.0}
@@ -27,8 +31,17 @@ REQUESTS = [
     ("How many patients?", {"analysis": "count"}),
     ("Mean age", {"analysis": "mean", "params": {"variable": "age"}}),
     ("Mean cholesterol", {"analysis": "mean", "params": {"variable": "chol"}}),
-    ("Age histogram by disease", {"analysis": "histogram", "params": {
-        "variable": "age", "edges": [20, 30, 40, 50, 60, 70, 80], "group": "disease"}}),
+    (
+        "Age histogram by disease",
+        {
+            "analysis": "histogram",
+            "params": {
+                "variable": "age",
+                "edges": [20, 30, 40, 50, 60, 70, 80],
+                "group": "disease",
+            },
+        },
+    ),
 ]
 
 
@@ -37,8 +50,13 @@ def _out(text: str = "") -> None:
 
 
 def _site_spec(name: str) -> SiteSpec:
-    data = DataSource(path=DATA_DIR / SITES[name], header=False, column_names=COLUMNS,
-                      na_values=["?"], derive=DERIVE)
+    data = DataSource(
+        path=DATA_DIR / SITES[name],
+        header=False,
+        column_names=COLUMNS,
+        na_values=["?"],
+        derive=DERIVE,
+    )
     return SiteSpec(name, data, mode="dp", budget=BUDGETS[name])
 
 
@@ -48,9 +66,11 @@ def _render(title: str, result: dict[str, Any]) -> None:
     if analysis == "count":
         _out(f"  patients (noisy): {result['count']:.0f}")
     elif analysis == "mean":
-        _out(f"  mean {result['variable']}: {result['mean']:.2f} "
-             f"(sd {result['variance'] ** 0.5:.2f}, standard error incl. noise "
-             f"{result['std_error']:.2f}, n ~ {result['n']:.0f})")
+        _out(
+            f"  mean {result['variable']}: {result['mean']:.2f} "
+            f"(sd {result['variance'] ** 0.5:.2f}, standard error incl. noise "
+            f"{result['std_error']:.2f}, n ~ {result['n']:.0f})"
+        )
     elif analysis == "histogram":
         edges = result["edges"]
         counts = result["counts"]
@@ -62,8 +82,10 @@ def _render(title: str, result: dict[str, Any]) -> None:
             _out(f"  {f'{edges[i]:g}-{edges[i + 1]:g}':<10}{row}")
     for site in result["sites"]:
         if site["status"] == "ok":
-            _out(f"  - {site['name']:<12} used ~{site['records']:.0f} records, "
-                 f"spent epsilon {site['epsilon']:.2f}")
+            _out(
+                f"  - {site['name']:<12} used ~{site['records']:.0f} records, "
+                f"spent epsilon {site['epsilon']:.2f}"
+            )
         else:
             _out(f"  - {site['name']:<12} {site['status'].upper()}: {site['reason']}")
 
@@ -73,8 +95,9 @@ def _ledger(db_path: Path) -> tuple[float, int, bool]:
     try:
         (spent,) = db.execute("SELECT COALESCE(SUM(epsilon), 0) FROM ledger").fetchone()
         (refused,) = db.execute("SELECT COUNT(*) FROM audit WHERE action = 'refused'").fetchone()
-        rows = db.execute("SELECT seq, time, actor, action, detail, prev_hash, hash FROM audit "
-                          "ORDER BY seq").fetchall()
+        rows = db.execute(
+            "SELECT seq, time, actor, action, detail, prev_hash, hash FROM audit ORDER BY seq"
+        ).fetchall()
     finally:
         db.close()
     return float(spent), int(refused), verify_chain(AuditEntry(*r) for r in rows).ok
@@ -84,10 +107,14 @@ def run_demo(keep: Path | None = None) -> None:
     """Run the demo end to end and print its report."""
     dictionary = heart_dictionary()
     sites = [_site_spec(name) for name in SITES]
-    study = StudyConfig.model_validate({
-        "id": "heart-demo", "title": "Heart disease across four hospitals (demo)",
-        "purpose": "research",
-        "privacy": {"mode": "dp", "epsilon_per_request": EPSILON, "budget": 2.0}})
+    study = StudyConfig.model_validate(
+        {
+            "id": "heart-demo",
+            "title": "Heart disease across four hospitals (demo)",
+            "purpose": "research",
+            "privacy": {"mode": "dp", "epsilon_per_request": EPSILON, "budget": 2.0},
+        }
+    )
     started = time.monotonic()
     _out("Alliance demo: four hospitals keep their records; only noisy aggregates travel.")
     _out("Data: UCI Heart Disease (CC BY 4.0): Janosi, Steinbrunn, Pfisterer, Detrano.\n")
@@ -95,21 +122,27 @@ def run_demo(keep: Path | None = None) -> None:
     try:
         _out(f"Setting up in {federation.root}: an alliance CA, one certificate per hospital.")
         federation.start_coordinator()
-        _out(f"Coordinator listening: sites dial {federation.site_link} (mutual TLS); "
-             f"researchers use {federation.url}")
+        _out(
+            f"Coordinator listening: sites dial {federation.site_link} (mutual TLS); "
+            f"researchers use {federation.url}"
+        )
         for site in sites:
             federation.start_site(site, study.id)
         federation.wait_for_sites([s.name for s in sites])
         for site in sites:
-            _out(f"  site {site.name:<12} connected ({LABELS[site.name]}; budget epsilon "
-                 f"{site.budget:g} for this study)")
+            _out(
+                f"  site {site.name:<12} connected ({LABELS[site.name]}; budget epsilon "
+                f"{site.budget:g} for this study)"
+            )
         with federation.researcher() as client:
             from coordinator.client import AllianceClient
 
             with AllianceClient(federation.url, federation.lead_token) as lead:
                 lead.create_study(study.model_dump(mode="json"))
-            _out(f"Study '{study.id}' created: differential privacy, epsilon {EPSILON} per "
-                 "request at each site.")
+            _out(
+                f"Study '{study.id}' created: differential privacy, epsilon {EPSILON} per "
+                "request at each site."
+            )
             for title, raw in REQUESTS:
                 request = AnalysisRequest.model_validate(raw)
                 body = client.submit(study.id, request.model_dump(mode="json", exclude_none=True))
@@ -122,17 +155,24 @@ def run_demo(keep: Path | None = None) -> None:
         _out(f"  {'site':<12} {'epsilon spent':>14} {'budget':>8} {'refusals':>9}  audit log")
         for site in sites:
             spent, refused, intact = _ledger(federation.site_dir(site.name) / "state" / "site.db")
-            _out(f"  {site.name:<12} {spent:>14.2f} {site.budget:>8.2f} {refused:>9}  "
-                 f"{'intact' if intact else 'BROKEN'}")
+            _out(
+                f"  {site.name:<12} {spent:>14.2f} {site.budget:>8.2f} {refused:>9}  "
+                f"{'intact' if intact else 'BROKEN'}"
+            )
         coordinator_ok = _coordinator_audit(federation.coordinator_dir / "coordinator.db")
         _out(f"  coordinator audit log: {'intact' if coordinator_ok else 'BROKEN'}")
         _out(f"\nDone in {time.monotonic() - started:.1f} s; every process has shut down.")
         if keep:
-            _out(f"Inspect {keep}/coordinator and {keep}/sites/<name>: configs, SQLite stores, "
-                 "logs. Try: alliance site ledger --config " f"{keep}/sites/va/site.yaml")
+            _out(
+                f"Inspect {keep}/coordinator and {keep}/sites/<name>: configs, SQLite stores, "
+                "logs. Try: alliance site ledger --config "
+                f"{keep}/sites/va/site.yaml"
+            )
     except Exception:
         federation.stop()
-        _out(f"The demo failed. Logs: {federation.root}", )
+        _out(
+            f"The demo failed. Logs: {federation.root}",
+        )
         raise
     finally:
         federation.cleanup()
@@ -141,8 +181,10 @@ def run_demo(keep: Path | None = None) -> None:
 def _coordinator_audit(path: Path) -> bool:
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        rows = db.execute("SELECT seq, time, actor, action, detail, prev_hash, hash FROM "
-                          "alliance_audit ORDER BY seq").fetchall()
+        rows = db.execute(
+            "SELECT seq, time, actor, action, detail, prev_hash, hash FROM "
+            "alliance_audit ORDER BY seq"
+        ).fetchall()
     finally:
         db.close()
     return verify_chain(AuditEntry(*r) for r in rows).ok

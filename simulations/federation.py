@@ -104,7 +104,8 @@ class LocalFederation:
         folder = self.coordinator_dir
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "dictionary.yaml").write_text(
-            yaml.safe_dump(self.dictionary.model_dump(mode="json"), sort_keys=False))
+            yaml.safe_dump(self.dictionary.model_dump(mode="json"), sort_keys=False)
+        )
         config: dict[str, Any] = {
             "name": "coordinator",
             "site_link": "127.0.0.1:0",
@@ -120,8 +121,11 @@ class LocalFederation:
         }
         if self.tls:
             pki_dir = self.root / "pki"
-            config["tls"] = {"ca": str(pki_dir / "ca.pem"), "cert": str(pki_dir / "coordinator.pem"),
-                             "key": str(pki_dir / "coordinator.key")}
+            config["tls"] = {
+                "ca": str(pki_dir / "ca.pem"),
+                "cert": str(pki_dir / "coordinator.pem"),
+                "key": str(pki_dir / "coordinator.key"),
+            }
         else:
             config["insecure"] = True
         path = folder / "coordinator.yaml"
@@ -132,15 +136,17 @@ class LocalFederation:
         folder = self.site_dir(site.name)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "dictionary.yaml").write_text(
-            yaml.safe_dump(self.dictionary.model_dump(mode="json"), sort_keys=False))
-        allowed = site.allowed_analyses if site.allowed_analyses is not None else \
-            registered_analyses()
+            yaml.safe_dump(self.dictionary.model_dump(mode="json"), sort_keys=False)
+        )
+        allowed = (
+            site.allowed_analyses if site.allowed_analyses is not None else registered_analyses()
+        )
         config: dict[str, Any] = {
             "name": site.name,
             "coordinator": self.site_link,
             "dictionary": "dictionary.yaml",
-            "data": site.data.model_dump(mode="json", exclude_defaults=True) | {
-                "path": str(Path(site.data.path).resolve())},
+            "data": site.data.model_dump(mode="json", exclude_defaults=True)
+            | {"path": str(Path(site.data.path).resolve())},
             "state_dir": "state",
             "heartbeat_seconds": 5,
             "reconnect_max_seconds": 5,
@@ -152,9 +158,11 @@ class LocalFederation:
         }
         if self.tls:
             pki_dir = self.root / "pki"
-            config["tls"] = {"ca": str(pki_dir / "ca.pem"),
-                             "cert": str(pki_dir / "sites" / f"{site.name}.pem"),
-                             "key": str(pki_dir / "sites" / f"{site.name}.key")}
+            config["tls"] = {
+                "ca": str(pki_dir / "ca.pem"),
+                "cert": str(pki_dir / "sites" / f"{site.name}.pem"),
+                "key": str(pki_dir / "sites" / f"{site.name}.key"),
+            }
         else:
             config["insecure"] = True
         path = folder / "site.yaml"
@@ -167,7 +175,10 @@ class LocalFederation:
         self._logs.append(log)
         return subprocess.Popen(
             [sys.executable, "-m", "simulations.cli", "--log-level", self.log_level, *args],
-            stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=log_path.parent,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=child_env(),
+            cwd=log_path.parent,
         )
 
     def start_coordinator(self) -> None:
@@ -179,16 +190,18 @@ class LocalFederation:
         ready.unlink(missing_ok=True)
         self.coordinator_proc = self._spawn(
             ["coordinator", "serve", "--config", str(config), "--ready-file", str(ready)],
-            self.coordinator_dir / "coordinator.log")
+            self.coordinator_dir / "coordinator.log",
+        )
         deadline = time.monotonic() + STARTUP_SECONDS
         while not ready.exists():
             if self.coordinator_proc.poll() is not None:
-                raise LinkError(f"the coordinator exited at start; see "
-                                f"{self.coordinator_dir / 'coordinator.log'}:\n"
-                                + self.tail(self.coordinator_dir / "coordinator.log"))
+                raise LinkError(
+                    f"the coordinator exited at start; see "
+                    f"{self.coordinator_dir / 'coordinator.log'}:\n"
+                    + self.tail(self.coordinator_dir / "coordinator.log")
+                )
             if time.monotonic() > deadline:
-                raise LinkError("the coordinator did not start within "
-                                f"{STARTUP_SECONDS:g} s")
+                raise LinkError(f"the coordinator did not start within {STARTUP_SECONDS:g} s")
             time.sleep(0.05)
         ports = json.loads(ready.read_text())
         self.url, self.site_link = ports["http"], ports["site_link"]
@@ -197,7 +210,8 @@ class LocalFederation:
         """Write a site's config and start its process."""
         config = self._write_site(site, study_id)
         self.site_procs[site.name] = self._spawn(
-            ["site", "serve", "--config", str(config)], self.site_dir(site.name) / "site.log")
+            ["site", "serve", "--config", str(config)], self.site_dir(site.name) / "site.log"
+        )
 
     def stop_site(self, name: str, sig: int = signal.SIGTERM) -> None:
         """Stop (or, with SIGKILL, crash) one site process."""
@@ -218,11 +232,13 @@ class LocalFederation:
                     proc = self.site_procs.get(name)
                     if proc is not None and proc.poll() is not None:
                         log = self.site_dir(name) / "site.log"
-                        raise LinkError(f"site {name} exited at start; see {log}:\n"
-                                        + self.tail(log))
+                        raise LinkError(
+                            f"site {name} exited at start; see {log}:\n" + self.tail(log)
+                        )
                 if time.monotonic() > deadline:
-                    raise LinkError(f"sites {', '.join(missing)} did not connect within "
-                                    f"{timeout:g} s")
+                    raise LinkError(
+                        f"sites {', '.join(missing)} did not connect within {timeout:g} s"
+                    )
                 time.sleep(0.05)
 
     def start(self, study: StudyConfig) -> None:

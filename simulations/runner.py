@@ -31,8 +31,10 @@ def simulate_requests(
     federation = LocalFederation(specs, dictionary, keep, tls=tls)
     failed = 0
     try:
-        _say(f"starting a coordinator and {len(specs)} site processes in {federation.root} "
-             f"({'mutual TLS' if tls else 'INSECURE, no TLS'}, privacy {study.privacy.mode})")
+        _say(
+            f"starting a coordinator and {len(specs)} site processes in {federation.root} "
+            f"({'mutual TLS' if tls else 'INSECURE, no TLS'}, privacy {study.privacy.mode})"
+        )
         federation.start(study)
         with federation.researcher() as client:
             for req in requests:
@@ -41,9 +43,17 @@ def simulate_requests(
                 if body.get("status") != "done":
                     failed += 1
                     if as_json:
-                        print(json.dumps({"ok": False, "analysis": req.analysis,
-                                          "error": body.get("error"),
-                                          "sites": result.get("sites", [])}), flush=True)
+                        print(
+                            json.dumps(
+                                {
+                                    "ok": False,
+                                    "analysis": req.analysis,
+                                    "error": body.get("error"),
+                                    "sites": result.get("sites", []),
+                                }
+                            ),
+                            flush=True,
+                        )
                     else:
                         print(f"{req.analysis}: FAILED: {body.get('error')}", flush=True)
                     continue

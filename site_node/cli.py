@@ -6,7 +6,6 @@ import asyncio
 import logging
 import signal
 from pathlib import Path
-
 from typing import Annotated
 
 import typer
@@ -25,10 +24,12 @@ def load_site(config_path: Path) -> tuple[SiteConfig, SiteRuntime]:
     for line in runtime.report.lines():
         log.info("data check: %s", line)
     if not config.policy.allowed_analyses or not config.policy.studies:
-        log.warning("this site's policy allows %s and approves %s: it will refuse every task "
-                    "(default deny)",
-                    ", ".join(config.policy.allowed_analyses) or "no analysis",
-                    ", ".join(s.id for s in config.policy.studies) or "no study")
+        log.warning(
+            "this site's policy allows %s and approves %s: it will refuse every task "
+            "(default deny)",
+            ", ".join(config.policy.allowed_analyses) or "no analysis",
+            ", ".join(s.id for s in config.policy.studies) or "no study",
+        )
     return config, runtime
 
 
@@ -36,8 +37,10 @@ async def serve(config_path: Path) -> None:
     """Run a site node until SIGINT or SIGTERM."""
     config, runtime = load_site(config_path)
     if config.tls is None:
-        log.warning("INSECURE: this site link has no TLS and proves no identity; use it only on "
-                    "loopback for experiments")
+        log.warning(
+            "INSECURE: this site link has no TLS and proves no identity; use it only on "
+            "loopback for experiments"
+        )
     link = SiteLink(config, runtime)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -70,16 +73,19 @@ def site_check(config: CONFIG) -> None:
         typer.echo(f"allowed analyses: {', '.join(policy.allowed_analyses) or 'none (deny all)'}")
         for approval in policy.studies:
             spent = runtime.store.spent(approval.id).epsilon
-            typer.echo(f"study {approval.id}: mode {approval.mode}, budget {approval.budget:g}, "
-                       f"spent {spent:.4g}")
+            typer.echo(
+                f"study {approval.id}: mode {approval.mode}, budget {approval.budget:g}, "
+                f"spent {spent:.4g}"
+            )
         typer.echo(str(runtime.store.verify_audit()))
     finally:
         runtime.close()
 
 
 @site_app.command("ledger")
-def site_ledger(config: CONFIG,
-                study: Annotated[str | None, typer.Option(help="one study only")] = None) -> None:
+def site_ledger(
+    config: CONFIG, study: Annotated[str | None, typer.Option(help="one study only")] = None
+) -> None:
     """Print the privacy-budget ledger: every charge, and the total per study."""
     settings = load_yaml(config, SiteConfig)
     from site_node.ledger import SiteStore
@@ -89,8 +95,10 @@ def site_ledger(config: CONFIG,
         rows = store.ledger(study)
         totals: dict[str, float] = {}
         for row in rows:
-            typer.echo(f"{row.time}  {row.study_id:<20} {row.analysis:<12} {row.researcher:<12} "
-                       f"epsilon {row.epsilon:.4g}  task {row.task_id}")
+            typer.echo(
+                f"{row.time}  {row.study_id:<20} {row.analysis:<12} {row.researcher:<12} "
+                f"epsilon {row.epsilon:.4g}  task {row.task_id}"
+            )
             totals[row.study_id] = totals.get(row.study_id, 0.0) + row.epsilon
         for study_id, total in totals.items():
             approval = settings.policy.approval(study_id)

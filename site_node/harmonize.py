@@ -32,7 +32,9 @@ class DataReport:
         """The report in plain words, one problem per line (counts, never values)."""
         out = [f"{self.rows} records loaded"]
         if self.unknown_columns:
-            out.append(f"columns not in the dictionary (ignored): {', '.join(self.unknown_columns)}")
+            out.append(
+                f"columns not in the dictionary (ignored): {', '.join(self.unknown_columns)}"
+            )
         if self.missing_columns:
             out.append(f"dictionary variables absent here: {', '.join(self.missing_columns)}")
         for label, counts in (

@@ -91,7 +91,9 @@ class SiteStore:
             self._db.execute("COMMIT")
 
     # ------------------------------------------------------------------ audit
-    def _append_audit(self, db: sqlite3.Connection, action: str, detail: dict[str, Any]) -> AuditEntry:
+    def _append_audit(
+        self, db: sqlite3.Connection, action: str, detail: dict[str, Any]
+    ) -> AuditEntry:
         row = db.execute(
             "SELECT seq, time, actor, action, detail, prev_hash, hash FROM audit "
             "ORDER BY seq DESC LIMIT 1"
@@ -100,8 +102,15 @@ class SiteStore:
         entry = AuditEntry.create(prev, now(), self.actor, action, detail)
         db.execute(
             "INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (entry.seq, entry.time, entry.actor, entry.action, entry.detail, entry.prev_hash,
-             entry.hash),
+            (
+                entry.seq,
+                entry.time,
+                entry.actor,
+                entry.action,
+                entry.detail,
+                entry.prev_hash,
+                entry.hash,
+            ),
         )
         return entry
 

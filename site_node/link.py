@@ -8,9 +8,11 @@ in plain words.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
+from typing import Any
 
 import grpc
 
@@ -21,6 +23,7 @@ from protocol.wire import alliance_pb2_grpc as pb_grpc
 from site_node.runtime import SiteRuntime
 
 log = logging.getLogger("alliance.site")
+_EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]  # absent from the stubs
 
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 20_000),
@@ -51,9 +54,16 @@ def explain_rpc_error(error: grpc.aio.AioRpcError) -> str:
     details = (error.details() or "").splitlines()[0] if error.details() else ""
     lowered = details.lower()
     if code == grpc.StatusCode.UNAVAILABLE:
-        if "handshake" in lowered or "ssl" in lowered or "certificate" in lowered or "tls" in lowered:
-            return (f"the TLS handshake failed ({details}); check that this site's certificate "
-                    "was issued by the alliance CA and that tls.ca is the alliance CA")
+        if (
+            "handshake" in lowered
+            or "ssl" in lowered
+            or "certificate" in lowered
+            or "tls" in lowered
+        ):
+            return (
+                f"the TLS handshake failed ({details}); check that this site's certificate "
+                "was issued by the alliance CA and that tls.ca is the alliance CA"
+            )
         return f"the coordinator is unreachable ({details or 'connection refused'})"
     if code == grpc.StatusCode.PERMISSION_DENIED:
         return f"the coordinator refused this site: {details}"
@@ -97,27 +107,28 @@ class SiteLink:
             cap = min(self.config.reconnect_max_seconds, 0.5 * 2**attempt)
             delay = random.uniform(0.1 * cap, cap)  # full jitter: sites do not stampede back
             log.info("reconnecting in %.1f s (attempt %d)", delay, attempt + 1)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=delay)
-            except TimeoutError:
-                pass
         log.info("site link closed")
 
     async def _session(self) -> None:
         target = self.config.coordinator
-        log.info("connecting to the coordinator at %s%s", target,
-                 "" if self._credentials else " WITHOUT TLS (--insecure)")
+        log.info(
+            "connecting to the coordinator at %s%s",
+            target,
+            "" if self._credentials else " WITHOUT TLS (--insecure)",
+        )
         if self._credentials is None:
             channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         else:
             channel = grpc.aio.secure_channel(target, self._credentials, options=CHANNEL_OPTIONS)
         async with channel:
-            stub = pb_grpc.SiteLinkStub(channel)
+            stub = pb_grpc.SiteLinkStub(channel)  # type: ignore[no-untyped-call]
             call = stub.Connect()
             write_lock = asyncio.Lock()
             await call.write(pb.SiteMessage(hello=self.runtime.hello()))
             first = await call.read()
-            if first is grpc.aio.EOF or not first.HasField("welcome"):
+            if first is _EOF or not first.HasField("welcome"):
                 log.warning("the coordinator closed the link before welcoming this site")
                 return
             if not first.welcome.accepted:
@@ -131,14 +142,15 @@ class SiteLink:
             try:
                 while True:
                     reader = asyncio.ensure_future(call.read())
-                    done, _ = await asyncio.wait({reader, stopper},
-                                                 return_when=asyncio.FIRST_COMPLETED)
+                    done, _ = await asyncio.wait(
+                        {reader, stopper}, return_when=asyncio.FIRST_COMPLETED
+                    )
                     if stopper in done:
                         reader.cancel()
                         await call.done_writing()
                         return
                     message = reader.result()
-                    if message is grpc.aio.EOF:
+                    if message is _EOF:
                         log.warning("the coordinator closed the link")
                         return
                     if message.HasField("task"):
@@ -147,22 +159,35 @@ class SiteLink:
                 heartbeat.cancel()
                 stopper.cancel()
 
-    async def _answer(self, call: grpc.aio.StreamStreamCall, lock: asyncio.Lock,
-                      task: pb.Task) -> None:
+    async def _answer(
+        self, call: grpc.aio.StreamStreamCall[Any, Any], lock: asyncio.Lock, task: pb.Task
+    ) -> None:
         outcome = await asyncio.to_thread(self.runtime.handle, task)
         if outcome.status == "refused":
-            log.info("refused task %s (%s, study %s): %s", task.task_id, task.analysis,
-                     task.study_id, outcome.reason)
+            log.info(
+                "refused task %s (%s, study %s): %s",
+                task.task_id,
+                task.analysis,
+                task.study_id,
+                outcome.reason,
+            )
         else:
-            log.debug("answered task %s (%s)%s", task.task_id, task.analysis,
-                      " from the stored reply" if outcome.status == "replayed" else "")
+            log.debug(
+                "answered task %s (%s)%s",
+                task.task_id,
+                task.analysis,
+                " from the stored reply" if outcome.status == "replayed" else "",
+            )
         async with lock:
             await call.write(outcome.message)
         self.tasks_answered += 1
 
-    async def _heartbeats(self, call: grpc.aio.StreamStreamCall, lock: asyncio.Lock) -> None:
+    async def _heartbeats(
+        self, call: grpc.aio.StreamStreamCall[Any, Any], lock: asyncio.Lock
+    ) -> None:
         while True:
             await asyncio.sleep(self.config.heartbeat_seconds)
             async with lock:
-                await call.write(pb.SiteMessage(heartbeat=pb.Heartbeat(
-                    sent_unix_ms=int(time.time() * 1000))))
+                await call.write(
+                    pb.SiteMessage(heartbeat=pb.Heartbeat(sent_unix_ms=int(time.time() * 1000)))
+                )

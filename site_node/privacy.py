@@ -26,15 +26,15 @@ dp.enable_features("contrib")
 Arrays = dict[str, np.ndarray]
 
 
-def _laplace(values: np.ndarray, sensitivity: float, epsilon: float, integer: bool) -> tuple[
-    np.ndarray, Release
-]:
+def _laplace(
+    values: np.ndarray, sensitivity: float, epsilon: float, integer: bool
+) -> tuple[np.ndarray, Release]:
     """Release ``values`` through OpenDP's Laplace mechanism within ``epsilon``."""
     flat = values.ravel()
     if sensitivity == 0:
         return values.copy(), Release("none", 0.0, 0.0)
     if integer:
-        d_in: float | int = int(math.ceil(sensitivity))  # integer cells move in whole steps
+        d_in: float | int = math.ceil(sensitivity)  # integer cells move in whole steps
         scale = d_in / epsilon
         domain = dp.vector_domain(dp.atom_domain(T="i64"))
         metric = dp.l1_distance(T="i64")
@@ -48,11 +48,11 @@ def _laplace(values: np.ndarray, sensitivity: float, epsilon: float, integer: bo
         data = flat.astype(np.float64)
         mechanism = "laplace"
     meas = dp.m.make_laplace(domain, metric, scale)
-    spent = float(meas.map(d_in))
+    spent = float(meas.map(d_in))  # type: ignore[no-untyped-call]
     if spent > epsilon * (1 + 1e-9):  # OpenDP's float rounding slack: widen once and re-check
         scale *= spent / epsilon * (1 + 1e-9)
         meas = dp.m.make_laplace(domain, metric, scale)
-        spent = float(meas.map(d_in))
+        spent = float(meas.map(d_in))  # type: ignore[no-untyped-call]
     if spent > epsilon * (1 + 1e-6):
         raise InternalError(f"OpenDP certifies epsilon {spent} above the share {epsilon}")
     noisy = np.asarray(meas(data), dtype=np.float64).reshape(values.shape)

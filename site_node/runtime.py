@@ -73,8 +73,10 @@ class SiteRuntime:
         raw = load(config.data)
         data, report = conform(raw, dictionary, config.data.rename, config.data.derive)
         runtime = cls(config, dictionary, data, report)
-        runtime.store.audit("site_started", {"version": VERSION, "records": len(data),
-                                             "dictionary": runtime._digest})
+        runtime.store.audit(
+            "site_started",
+            {"version": VERSION, "records": len(data), "dictionary": runtime._digest},
+        )
         return runtime
 
     def close(self) -> None:
@@ -113,8 +115,14 @@ class SiteRuntime:
             code = "error"
         self.store.audit(
             "refused",
-            {"task": task.task_id, "study": task.study_id, "analysis": task.analysis,
-             "researcher": task.researcher, "code": code, "reason": reason},
+            {
+                "task": task.task_id,
+                "study": task.study_id,
+                "analysis": task.analysis,
+                "researcher": task.researcher,
+                "code": code,
+                "reason": reason,
+            },
         )
         return Outcome(_refusal(task.task_id, code, reason), "refused", reason)
 
@@ -128,10 +136,18 @@ class SiteRuntime:
         if not isinstance(raw_params, dict):
             raise ValidationError("task parameters must be a JSON object")
         params = analysis.parse_params(raw_params, self.dictionary)
-        row_filter = parse_filter(task.filter, set(self.dictionary.variables)) if task.filter else None
-        variables = set(analysis.variables(params)) | (set(row_filter.variables) if row_filter else set())
+        row_filter = (
+            parse_filter(task.filter, set(self.dictionary.variables)) if task.filter else None
+        )
+        variables = set(analysis.variables(params)) | (
+            set(row_filter.variables) if row_filter else set()
+        )
         approval, mode = check_task(
-            self.config.policy, self.name, task.study_id, task.analysis, variables,
+            self.config.policy,
+            self.name,
+            task.study_id,
+            task.analysis,
+            variables,
             task.privacy_mode or "dp",
         )
         epsilon = task.epsilon if mode == "dp" else 0.0
@@ -142,8 +158,9 @@ class SiteRuntime:
             self._check_budget(task.study_id, budget, PureDP(epsilon))
         data = self.data
         if row_filter is not None:
-            data = data.loc[row_filter.mask({c: data[c].to_numpy() for c in row_filter.variables},
-                                            len(data))]
+            data = data.loc[
+                row_filter.mask({c: data[c].to_numpy() for c in row_filter.variables}, len(data))
+            ]
         state = json.loads(task.state_json) if task.state_json else {}
         ctx = AnalysisContext(self.dictionary, mode, self.config.policy.sdc, task.round, state)
         spec = analysis.declare(params, ctx)
@@ -153,8 +170,9 @@ class SiteRuntime:
             if private is not None:
                 record = AggregateRecord(spec, private[0], private[1])
         if record is None:
-            record = privatize(spec, analysis.local(data, params, ctx), mode, epsilon,
-                               self.config.policy.sdc)
+            record = privatize(
+                spec, analysis.local(data, params, ctx), mode, epsilon, self.config.policy.sdc
+            )
         spent = record.epsilon if mode == "dp" else 0.0
         records_used = analysis.site_records(record)
         proto_record = record_to_proto(record)
@@ -172,12 +190,23 @@ class SiteRuntime:
         )
         message = pb.SiteMessage(reply=reply)
         committed = self.store.commit_reply(
-            task_id=task.task_id, study_id=task.study_id, researcher=task.researcher,
-            analysis=task.analysis, epsilon=spent, budget=budget if mode == "dp" else None,
-            payload=message.SerializeToString(deterministic=True), receipt=receipt,
-            detail={"task": task.task_id, "study": task.study_id, "analysis": task.analysis,
-                    "researcher": task.researcher, "mode": mode, "epsilon": spent,
-                    "receipt": receipt},
+            task_id=task.task_id,
+            study_id=task.study_id,
+            researcher=task.researcher,
+            analysis=task.analysis,
+            epsilon=spent,
+            budget=budget if mode == "dp" else None,
+            payload=message.SerializeToString(deterministic=True),
+            receipt=receipt,
+            detail={
+                "task": task.task_id,
+                "study": task.study_id,
+                "analysis": task.analysis,
+                "researcher": task.researcher,
+                "mode": mode,
+                "epsilon": spent,
+                "receipt": receipt,
+            },
         )
         if not committed:  # lost a race for the last of the budget
             self._check_budget(task.study_id, budget, PureDP(spent))

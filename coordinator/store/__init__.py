@@ -67,16 +67,25 @@ class Store:
             yield conn
 
     # ------------------------------------------------------------------ audit
-    def _append_audit(self, conn: Connection, action: str, detail: dict[str, Any],
-                      actor: str | None = None) -> AuditEntry:
+    def _append_audit(
+        self, conn: Connection, action: str, detail: dict[str, Any], actor: str | None = None
+    ) -> AuditEntry:
         row = conn.execute(
             select(models.audit).order_by(models.audit.c.seq.desc()).limit(1)
         ).first()
         prev = AuditEntry(*row) if row else None
         entry = AuditEntry.create(prev, now(), actor or self.actor, action, detail)
-        conn.execute(insert(models.audit).values(
-            seq=entry.seq, time=entry.time, actor=entry.actor, action=entry.action,
-            detail=entry.detail, prev_hash=entry.prev_hash, hash=entry.hash))
+        conn.execute(
+            insert(models.audit).values(
+                seq=entry.seq,
+                time=entry.time,
+                actor=entry.actor,
+                action=entry.action,
+                detail=entry.detail,
+                prev_hash=entry.prev_hash,
+                hash=entry.hash,
+            )
+        )
         return entry
 
     def audit(self, action: str, detail: dict[str, Any], actor: str | None = None) -> AuditEntry:
@@ -100,64 +109,110 @@ class Store:
         from protocol.errors import ValidationError
 
         with self._transaction() as conn:
-            if conn.execute(select(models.studies.c.id).where(
-                    models.studies.c.id == study["id"])).first():
+            if conn.execute(
+                select(models.studies.c.id).where(models.studies.c.id == study["id"])
+            ).first():
                 raise ValidationError(f"study {study['id']!r} exists already; choose another id")
-            conn.execute(insert(models.studies).values(
-                id=study["id"], title=study["title"], purpose=study["purpose"],
-                config_json=json.dumps(study, default=str), status="open", created=now()))
+            conn.execute(
+                insert(models.studies).values(
+                    id=study["id"],
+                    title=study["title"],
+                    purpose=study["purpose"],
+                    config_json=json.dumps(study, default=str),
+                    status="open",
+                    created=now(),
+                )
+            )
             self._append_audit(conn, "study_created", {"study": study}, actor)
 
     def study(self, study_id: str) -> dict[str, Any] | None:
         """A study with its status, or None."""
         with self.engine.connect() as conn:
-            row = conn.execute(select(models.studies).where(
-                models.studies.c.id == study_id)).mappings().first()
+            row = (
+                conn.execute(select(models.studies).where(models.studies.c.id == study_id))
+                .mappings()
+                .first()
+            )
         if row is None:
             return None
-        return {"config": json.loads(row["config_json"]), "status": row["status"],
-                "created": row["created"]}
+        return {
+            "config": json.loads(row["config_json"]),
+            "status": row["status"],
+            "created": row["created"],
+        }
 
     def studies(self) -> list[dict[str, Any]]:
         """Every study: id, title, purpose, status, created."""
         with self.engine.connect() as conn:
-            rows = conn.execute(select(
-                models.studies.c.id, models.studies.c.title, models.studies.c.purpose,
-                models.studies.c.status, models.studies.c.created,
-            ).order_by(models.studies.c.created)).mappings().all()
+            rows = (
+                conn.execute(
+                    select(
+                        models.studies.c.id,
+                        models.studies.c.title,
+                        models.studies.c.purpose,
+                        models.studies.c.status,
+                        models.studies.c.created,
+                    ).order_by(models.studies.c.created)
+                )
+                .mappings()
+                .all()
+            )
         return [dict(r) for r in rows]
 
     def close_study(self, study_id: str, actor: str) -> None:
         """Mark a study closed (no more requests)."""
         with self._transaction() as conn:
-            conn.execute(update(models.studies).where(models.studies.c.id == study_id)
-                         .values(status="closed"))
+            conn.execute(
+                update(models.studies)
+                .where(models.studies.c.id == study_id)
+                .values(status="closed")
+            )
             self._append_audit(conn, "study_closed", {"study": study_id}, actor)
 
     # ------------------------------------------------------------------ requests and results
-    def create_request(self, request_id: str, study_id: str, researcher: str,
-                       request: dict[str, Any]) -> None:
+    def create_request(
+        self, request_id: str, study_id: str, researcher: str, request: dict[str, Any]
+    ) -> None:
         """Record a submitted request."""
         with self._transaction() as conn:
-            conn.execute(insert(models.requests).values(
-                id=request_id, study_id=study_id, researcher=researcher,
-                analysis=request["analysis"], request_json=json.dumps(request),
-                status="running", created=now()))
-            self._append_audit(conn, "request_submitted",
-                               {"request": request_id, "study": study_id, "body": request},
-                               researcher)
+            conn.execute(
+                insert(models.requests).values(
+                    id=request_id,
+                    study_id=study_id,
+                    researcher=researcher,
+                    analysis=request["analysis"],
+                    request_json=json.dumps(request),
+                    status="running",
+                    created=now(),
+                )
+            )
+            self._append_audit(
+                conn,
+                "request_submitted",
+                {"request": request_id, "study": study_id, "body": request},
+                researcher,
+            )
 
-    def finish_request(self, request_id: str, result: dict[str, Any] | None,
-                       error: str | None) -> None:
+    def finish_request(
+        self, request_id: str, result: dict[str, Any] | None, error: str | None
+    ) -> None:
         """Store a result (or the failure) and audit it, in one transaction."""
         with self._transaction() as conn:
-            conn.execute(update(models.requests).where(models.requests.c.id == request_id).values(
-                status="done" if error is None else "failed", error=error, finished=now()))
+            conn.execute(
+                update(models.requests)
+                .where(models.requests.c.id == request_id)
+                .values(status="done" if error is None else "failed", error=error, finished=now())
+            )
             if result is not None:
-                conn.execute(insert(models.results).values(
-                    request_id=request_id, result_json=json.dumps(result), created=now()))
-            detail: dict[str, Any] = {"request": request_id, "status": "done" if error is None
-                                      else "failed"}
+                conn.execute(
+                    insert(models.results).values(
+                        request_id=request_id, result_json=json.dumps(result), created=now()
+                    )
+                )
+            detail: dict[str, Any] = {
+                "request": request_id,
+                "status": "done" if error is None else "failed",
+            }
             if error:
                 detail["error"] = error
             if result is not None:
@@ -167,42 +222,68 @@ class Store:
     def request(self, request_id: str) -> dict[str, Any] | None:
         """A request with its status, error and result."""
         with self.engine.connect() as conn:
-            row = conn.execute(select(models.requests).where(
-                models.requests.c.id == request_id)).mappings().first()
+            row = (
+                conn.execute(select(models.requests).where(models.requests.c.id == request_id))
+                .mappings()
+                .first()
+            )
             if row is None:
                 return None
-            res = conn.execute(select(models.results.c.result_json).where(
-                models.results.c.request_id == request_id)).scalar()
+            res = conn.execute(
+                select(models.results.c.result_json).where(
+                    models.results.c.request_id == request_id
+                )
+            ).scalar()
         return {
-            "request_id": row["id"], "study_id": row["study_id"], "researcher": row["researcher"],
-            "analysis": row["analysis"], "request": json.loads(row["request_json"]),
-            "status": row["status"], "error": row["error"], "created": row["created"],
-            "finished": row["finished"], "result": json.loads(res) if res else None,
+            "request_id": row["id"],
+            "study_id": row["study_id"],
+            "researcher": row["researcher"],
+            "analysis": row["analysis"],
+            "request": json.loads(row["request_json"]),
+            "status": row["status"],
+            "error": row["error"],
+            "created": row["created"],
+            "finished": row["finished"],
+            "result": json.loads(res) if res else None,
         }
 
     def study_requests(self, study_id: str) -> list[dict[str, Any]]:
         """Every request of a study, oldest first."""
         with self.engine.connect() as conn:
-            ids = conn.execute(select(models.requests.c.id).where(
-                models.requests.c.study_id == study_id).order_by(models.requests.c.created)
-            ).scalars().all()
+            ids = (
+                conn.execute(
+                    select(models.requests.c.id)
+                    .where(models.requests.c.study_id == study_id)
+                    .order_by(models.requests.c.created)
+                )
+                .scalars()
+                .all()
+            )
         return [r for r in (self.request(i) for i in ids) if r is not None]
 
     # ------------------------------------------------------------------ sites
     def site_seen(self, name: str, status: str, hello: dict[str, Any] | None = None) -> None:
         """Record a site's connection state (and its Hello when it connects)."""
         stamp = now()
-        values: dict[str, Any] = {"status": status, "last_seen": stamp,
-                                  "last_seen_unix": time.time()}
+        values: dict[str, Any] = {
+            "status": status,
+            "last_seen": stamp,
+            "last_seen_unix": time.time(),
+        }
         if hello:
-            values.update(version=hello.get("version"), records=hello.get("records"),
-                          dictionary_digest=hello.get("dictionary_digest"))
+            values.update(
+                version=hello.get("version"),
+                records=hello.get("records"),
+                dictionary_digest=hello.get("dictionary_digest"),
+            )
         with self._transaction() as conn:
-            exists = conn.execute(select(func.count()).select_from(models.sites).where(
-                models.sites.c.name == name)).scalar()
+            exists = conn.execute(
+                select(func.count()).select_from(models.sites).where(models.sites.c.name == name)
+            ).scalar()
             if exists:
-                conn.execute(update(models.sites).where(models.sites.c.name == name)
-                             .values(**values))
+                conn.execute(
+                    update(models.sites).where(models.sites.c.name == name).values(**values)
+                )
             else:
                 conn.execute(insert(models.sites).values(name=name, first_seen=stamp, **values))
             self._append_audit(conn, f"site_{status}", {"site": name, **(hello or {})})

@@ -22,5 +22,7 @@ def read_csv(source: DataSource) -> pd.DataFrame:
         raise ConfigError(f"data.path: {str(source.path)!r}: file not found") from None
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"data.path: {str(source.path)!r}: not a readable CSV ({first})") from None
+        raise ConfigError(
+            f"data.path: {str(source.path)!r}: not a readable CSV ({first})"
+        ) from None
     return frame.drop(columns=[c for c in source.drop if c in frame.columns])
