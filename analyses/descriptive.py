@@ -104,6 +104,7 @@ class MeanResult(AnalysisResult):
     variance: float = float("nan")
     std_error: float = float("nan")
     noise_sd: float = 0.0
+    variance_noise_sd: float = 0.0
     per_site: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def values(self) -> dict[str, Any]:
@@ -113,6 +114,7 @@ class MeanResult(AnalysisResult):
             "variance": self.variance,
             "std_error": self.std_error,
             "noise_sd": self.noise_sd,
+            "variance_noise_sd": self.variance_noise_sd,
         }
 
     @property
@@ -178,15 +180,25 @@ class Mean(Analysis[MeanParams]):
             # Clip at zero: noise can push sumsq below sum^2 / n.
             result.variance = max(0.0, (total_sq - total * total / n) / (n - 1))
             result.std_error = float(np.sqrt(result.variance / n))
-        scales = [(r.releases["sum"].scale, r.releases["n"].scale) for r in records.values()]
-        sum_noise_var = sum(2 * s * s for s, _ in scales)
-        n_noise_var = sum(2 * c * c for _, c in scales)
+        releases = [r.releases for r in records.values()]
+        sum_noise_var = sum(2 * rel["sum"].scale ** 2 for rel in releases)
+        n_noise_var = sum(2 * rel["n"].scale ** 2 for rel in releases)
+        sumsq_noise_var = sum(2 * rel["sumsq"].scale ** 2 for rel in releases)
         if sum_noise_var or n_noise_var:
             # Delta method for (centre + S/N): var ~ var(S)/N^2 + (S/N^2)^2 var(N).
             result.noise_sd = float(
                 np.sqrt(sum_noise_var / n**2 + (total / n**2) ** 2 * n_noise_var)
             )
             result.std_error = float(np.sqrt(result.std_error**2 + result.noise_sd**2))
+        if sumsq_noise_var and n > 1:
+            # The sum of squares' noise dominates the variance's error.
+            result.variance_noise_sd = float(np.sqrt(sumsq_noise_var) / (n - 1))
+            if result.variance_noise_sd > 0.5 * result.variance:
+                result.notes.append(
+                    f"the variance is dominated by noise at this epsilon (noise sd "
+                    f"{result.variance_noise_sd:.3g} vs estimate {result.variance:.3g}); "
+                    "spend more epsilon or pool more records for a usable variance"
+                )
         return result
 
 

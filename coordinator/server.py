@@ -14,6 +14,7 @@ import uvicorn
 
 from coordinator.api import create_app
 from coordinator.auth import TokenBook
+from coordinator.grpc_log import relay_grpc_stderr
 from coordinator.link import SiteLinkService, SiteRegistry
 from coordinator.scheduler import Scheduler
 from coordinator.store import Store
@@ -54,14 +55,18 @@ def server_credentials(config: CoordinatorConfig) -> grpc.ServerCredentials | No
         raise ConfigError(f"tls: cannot read {exc.filename}: {exc.strerror}") from None
 
 
-async def serve(config: CoordinatorConfig, ready_file: Path | None = None) -> None:
-    """Run until SIGINT or SIGTERM."""
+async def serve(
+    config: CoordinatorConfig, ready_file: Path | None = None, relay_stderr: bool = True
+) -> None:
+    """Run until SIGINT or SIGTERM; gRPC core's handshake refusals are logged in plain words."""
     dictionary = load_yaml(config.dictionary, DataDictionary)
     store = Store(config.store)
     registry = SiteRegistry(store, dictionary.digest())
     scheduler = Scheduler(registry, dictionary, config.task_timeout_seconds)
     service = SiteLinkService(registry, config.name, require_tls_identity=config.tls is not None)
 
+    if relay_stderr:
+        relay_grpc_stderr()
     server = grpc.aio.server(options=SERVER_OPTIONS)
     pb_grpc.add_SiteLinkServicer_to_server(service, server)  # type: ignore[no-untyped-call]
     host, port = _split(config.site_link, "site_link")

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from protocol.audit import AuditEntry, verify_chain
-from protocol.config import AnalysisRequest, DataSource, StudyConfig
+from protocol.config import AnalysisRequest, StudyConfig
 from simulations.federation import LocalFederation, SiteSpec
-from simulations.heart import COLUMNS, DATA_DIR, DERIVE, SITES, heart_dictionary
+from simulations.heart import SITES, heart_dictionary, heart_source
 
 LABELS = {
     "cleveland": "Cleveland Clinic",
@@ -50,14 +50,7 @@ def _out(text: str = "") -> None:
 
 
 def _site_spec(name: str) -> SiteSpec:
-    data = DataSource(
-        path=DATA_DIR / SITES[name],
-        header=False,
-        column_names=COLUMNS,
-        na_values=["?"],
-        derive=DERIVE,
-    )
-    return SiteSpec(name, data, mode="dp", budget=BUDGETS[name])
+    return SiteSpec(name, heart_source(name), mode="dp", budget=BUDGETS[name])
 
 
 def _render(title: str, result: dict[str, Any]) -> None:
@@ -67,9 +60,9 @@ def _render(title: str, result: dict[str, Any]) -> None:
         _out(f"  patients (noisy): {result['count']:.0f}")
     elif analysis == "mean":
         _out(
-            f"  mean {result['variable']}: {result['mean']:.2f} "
-            f"(sd {result['variance'] ** 0.5:.2f}, standard error incl. noise "
-            f"{result['std_error']:.2f}, n ~ {result['n']:.0f})"
+            f"  mean {result['variable']}: {result['mean']:.1f} "
+            f"(standard error {result['std_error']:.1f}, of which DP noise "
+            f"{result['noise_sd']:.1f}; n ~ {result['n']:.0f})"
         )
     elif analysis == "histogram":
         edges = result["edges"]
@@ -80,10 +73,12 @@ def _render(title: str, result: dict[str, Any]) -> None:
         for i in range(len(edges) - 1):
             row = "".join(f"{max(0.0, groups[g][i]):>12.0f}" for g in groups)
             _out(f"  {f'{edges[i]:g}-{edges[i + 1]:g}':<10}{row}")
+    for note in result.get("notes", []):
+        _out(f"  note: {note}")
     for site in result["sites"]:
         if site["status"] == "ok":
             _out(
-                f"  - {site['name']:<12} used ~{site['records']:.0f} records, "
+                f"  - {site['name']:<12} used ~{max(0.0, site['records']):.0f} records, "
                 f"spent epsilon {site['epsilon']:.2f}"
             )
         else:
@@ -135,10 +130,7 @@ def run_demo(keep: Path | None = None) -> None:
                 f"{site.budget:g} for this study)"
             )
         with federation.researcher() as client:
-            from coordinator.client import AllianceClient
-
-            with AllianceClient(federation.url, federation.lead_token) as lead:
-                lead.create_study(study.model_dump(mode="json"))
+            federation.create_study(study)
             _out(
                 f"Study '{study.id}' created: differential privacy, epsilon {EPSILON} per "
                 "request at each site."

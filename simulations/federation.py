@@ -247,8 +247,14 @@ class LocalFederation:
         for site in self.sites:
             self.start_site(site, study.id)
         self.wait_for_sites([s.name for s in self.sites])
+        self.create_study(study)
+
+    def create_study(self, study: StudyConfig) -> None:
+        """Create ``study`` as the lead, inviting every simulated site unless it names some."""
+        body = study.model_dump(mode="json")
+        body["sites"] = body["sites"] or [s.name for s in self.sites]
         with AllianceClient(self.url, self.lead_token) as client:
-            client.create_study(study.model_dump(mode="json"))
+            client.create_study(body)
 
     def researcher(self) -> AllianceClient:
         """A client holding the researcher's token."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from protocol.config import DataDictionary, load_yaml
+from protocol.config import DataDictionary, DataSource, load_yaml
 from site_node.harmonize import conform
 
 DATA_DIR = Path(__file__).parent / "data" / "uci_heart"
@@ -46,3 +46,14 @@ def heart_sites() -> dict[str, pd.DataFrame]:
     out-of-range values (``chol == 0`` at Switzerland and VA) become missing."""
     dictionary = heart_dictionary()
     return {site: conform(read_raw(site), dictionary, derive=DERIVE)[0] for site in SITES}
+
+
+def heart_source(site: str) -> DataSource:
+    """How a site node reads one hospital's shipped file (no header, ``?`` missing)."""
+    return DataSource(
+        path=DATA_DIR / SITES[site],
+        header=False,
+        column_names=COLUMNS,
+        na_values=["?"],
+        derive=DERIVE,
+    )

@@ -48,7 +48,7 @@ def channel_credentials(config: SiteConfig) -> grpc.ChannelCredentials | None:
         raise ConfigError(f"tls: cannot read {exc.filename}: {exc.strerror}") from None
 
 
-def explain_rpc_error(error: grpc.aio.AioRpcError) -> str:
+def explain_rpc_error(error: grpc.aio.AioRpcError, tls: bool = True) -> str:
     """One line a hospital IT admin can act on."""
     code = error.code()
     details = (error.details() or "").splitlines()[0] if error.details() else ""
@@ -63,6 +63,18 @@ def explain_rpc_error(error: grpc.aio.AioRpcError) -> str:
             return (
                 f"the TLS handshake failed ({details}); check that this site's certificate "
                 "was issued by the alliance CA and that tls.ca is the alliance CA"
+            )
+        if tls and "socket closed" in lowered:
+            # TLS 1.3: a server that rejects our certificate just closes the socket.
+            return (
+                f"the coordinator closed the connection during the TLS handshake ({details}); "
+                "if this repeats, this site's certificate was probably not issued by the "
+                "alliance CA, or is missing"
+            )
+        if not tls and "socket closed" in lowered:
+            return (
+                f"the coordinator closed the connection ({details}); it probably requires "
+                "mutual TLS: give this site tls (ca, cert, key) instead of insecure: true"
             )
         return f"the coordinator is unreachable ({details or 'connection refused'})"
     if code == grpc.StatusCode.PERMISSION_DENIED:
@@ -95,7 +107,7 @@ class SiteLink:
             except grpc.aio.AioRpcError as exc:
                 if self._stopping.is_set():
                     break
-                log.warning("lost the link to the coordinator: %s", explain_rpc_error(exc))
+                log.warning("lost the link to the coordinator: %s", explain_rpc_error(exc, self._credentials is not None))
             except asyncio.CancelledError:
                 raise
             except Exception:  # keep the site alive; the next attempt may succeed

@@ -113,17 +113,20 @@ class SiteRuntime:
             log.exception("task %s failed", task.task_id)
             reason = f"internal error at {self.name}: {type(exc).__name__}; this is probably a bug"
             code = "error"
-        self.store.audit(
-            "refused",
-            {
-                "task": task.task_id,
-                "study": task.study_id,
-                "analysis": task.analysis,
-                "researcher": task.researcher,
-                "code": code,
-                "reason": reason,
-            },
-        )
+        try:
+            self.store.audit(
+                "refused",
+                {
+                    "task": task.task_id,
+                    "study": task.study_id,
+                    "analysis": task.analysis,
+                    "researcher": task.researcher,
+                    "code": code,
+                    "reason": reason,
+                },
+            )
+        except Exception:  # nothing was released; the refusal itself must still go out
+            log.exception("could not audit the refusal of task %s", task.task_id)
         return Outcome(_refusal(task.task_id, code, reason), "refused", reason)
 
     def _run(self, task: pb.Task) -> Outcome:

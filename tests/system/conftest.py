@@ -1,0 +1,38 @@
+"""Fixtures that start real coordinator and site processes on loopback (mutual TLS)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from protocol.config import StudyConfig
+from simulations.federation import LocalFederation, SiteSpec
+from simulations.heart import SITES, heart_dictionary, heart_source
+
+pytestmark = pytest.mark.system
+
+
+def heart_federation(tmp: Path, mode: str, budget: float = 3.0, **kwargs: object
+                     ) -> LocalFederation:
+    sites = [SiteSpec(name, heart_source(name), mode=mode, budget=budget) for name in SITES]
+    return LocalFederation(sites, heart_dictionary(), tmp, **kwargs)  # type: ignore[arg-type]
+
+
+def study(mode: str, study_id: str = "s1", epsilon: float = 0.5, budget: float = 3.0
+          ) -> StudyConfig:
+    return StudyConfig.model_validate({
+        "id": study_id, "title": f"system test ({mode})",
+        "privacy": {"mode": mode, "epsilon_per_request": epsilon, "budget": budget}})
+
+
+@pytest.fixture(scope="module")
+def off_federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
+    """Four heart hospitals whose policies name mode `off` for study s1."""
+    federation = heart_federation(tmp_path_factory.mktemp("off"), "off")
+    try:
+        federation.start(study("off"))
+        yield federation
+    finally:
+        federation.stop()
