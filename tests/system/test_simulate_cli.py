@@ -1,0 +1,105 @@
+"""`alliance simulate` through the CLI runner: real processes behind a real command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from simulations.cli import app
+from simulations.heart import DICTIONARY_PATH
+
+pytestmark = pytest.mark.system
+runner = CliRunner()
+
+
+@pytest.fixture
+def site_csvs(tmp_path: Path, heart_frames: dict[str, pd.DataFrame]) -> list[str]:
+    args = []
+    for name in ("cleveland", "hungarian"):
+        path = tmp_path / f"{name}.csv"
+        heart_frames[name].to_csv(path, index=False)
+        args += ["--site", f"{name}={path}"]
+    return args
+
+
+def write(tmp_path: Path, name: str, body: dict) -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(body))
+    return str(path)
+
+
+def test_requests_run_in_order_one_json_line_each_and_the_budget_holds(
+    tmp_path: Path, site_csvs: list[str], heart_frames: dict[str, pd.DataFrame]
+) -> None:
+    count = write(tmp_path, "count.yaml", {"analysis": "count"})
+    mean = write(tmp_path, "mean.yaml", {"analysis": "mean", "params": {"variable": "age"}})
+    keep = tmp_path / "kept"
+    result = runner.invoke(app, [
+        "simulate", *site_csvs, "--dictionary", str(DICTIONARY_PATH),
+        "--request", count, "--request", mean, "--request", count,
+        "--privacy", "dp", "--epsilon", "0.4", "--budget", "1.0", "--json", "--keep", str(keep)])
+    lines = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert [doc["analysis"] for doc in lines] == ["count", "mean", "count"]
+    assert lines[0]["privacy"]["mode"] == "dp"
+    assert lines[0]["privacy"]["epsilon_per_site"] == pytest.approx(0.4)
+    true_n = len(heart_frames["cleveland"]) + len(heart_frames["hungarian"])
+    assert abs(lines[0]["count"] - true_n) < 60  # discrete Laplace, scale 2.5 per site
+    # 0.4 + 0.4 spent of 1.0: the third request needs 0.4 with 0.2 left at both sites.
+    assert lines[2]["ok"] is False
+    for site in lines[2]["sites"]:
+        assert site["status"] == "refused"
+        assert "left at this site; this request needs 0.4 (short by 0.2)" in site["reason"]
+    assert result.exit_code == 1
+    for name in ("cleveland", "hungarian"):
+        assert (keep / "sites" / name / "site.yaml").exists()
+        assert (keep / "sites" / name / "state" / "site.db").exists()
+        verified = runner.invoke(app, ["audit", "verify", str(keep / "sites" / name)])
+        assert verified.exit_code == 0 and "audit log intact" in verified.stdout
+    assert (keep / "coordinator" / "coordinator.db").exists()
+    ledger = runner.invoke(app, ["site", "ledger", "--config",
+                                 str(keep / "sites" / "cleveland" / "site.yaml")])
+    assert "total simulation: epsilon 0.8 of 1" in ledger.stdout
+
+
+def test_off_mode_prints_exact_text(tmp_path: Path, site_csvs: list[str],
+                                    heart_frames: dict[str, pd.DataFrame]) -> None:
+    mean = write(tmp_path, "mean.yaml", {"analysis": "mean", "params": {"variable": "age"}})
+    result = runner.invoke(app, ["simulate", *site_csvs, "--dictionary", str(DICTIONARY_PATH),
+                                 "--request", mean, "--privacy", "off"])
+    assert result.exit_code == 0, result.output
+    pooled = pd.concat([heart_frames["cleveland"], heart_frames["hungarian"]]).age
+    assert f'mean: {json.dumps(float(pooled.mean()))}' in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--privacy", "exact"], "--privacy: 'exact' is not a privacy mode; use one of: dp, sdc, off"),
+        (["--site", "broken"], "--site: 'broken' is not NAME=PATH"),
+    ],
+)
+def test_bad_options_are_one_line_errors(tmp_path: Path, site_csvs: list[str], args: list[str],
+                                         message: str) -> None:
+    count = write(tmp_path, "count.yaml", {"analysis": "count"})
+    result = runner.invoke(app, ["simulate", *site_csvs, "--dictionary", str(DICTIONARY_PATH),
+                                 "--request", count, *args])
+    assert result.exit_code != 0
+    assert message in str(result.exception)
+
+
+def test_a_bad_request_file_fails_before_anything_starts(tmp_path: Path, site_csvs: list[str]
+                                                         ) -> None:
+    bad = write(tmp_path, "bad.yaml", {"analysis": "mean", "params": {"variable": "height"}})
+    result = runner.invoke(app, ["simulate", *site_csvs, "--dictionary", str(DICTIONARY_PATH),
+                                 "--request", bad])
+    assert "bad.yaml: variable 'height' is not in the data dictionary" in str(result.exception)
+    malformed = tmp_path / "malformed.yaml"
+    malformed.write_text("analysis: [unclosed\n")
+    result = runner.invoke(app, ["simulate", *site_csvs, "--dictionary", str(DICTIONARY_PATH),
+                                 "--request", str(malformed)])
+    assert "malformed.yaml: malformed YAML at line 2" in str(result.exception)
