@@ -150,13 +150,18 @@ class Mean(Analysis[MeanParams]):
     def local(self, data: pd.DataFrame, params: MeanParams, ctx: AnalysisContext) -> Arrays:
         low, high = ctx.dictionary.bounds(params.variable)
         values = data[params.variable].to_numpy(dtype=np.float64, na_value=np.nan)
-        values = values[~np.isnan(values)]
+        valid = ~np.isnan(values)
+        n = int(np.count_nonzero(valid))
+        if n < values.size:
+            values = values[valid]
         # Shift by the public midpoint: smaller DP sensitivity and better numerics alike.
-        shifted = np.clip(values, low, high) - (low + high) / 2
+        # One scratch buffer keeps this within a small factor of plain numpy on 10M rows.
+        shifted = np.clip(values, low, high, out=np.empty_like(values))
+        shifted -= (low + high) / 2
         return {
-            "n": np.array(float(values.size)),
+            "n": np.array(float(n)),
             "sum": np.array(shifted.sum()),
-            "sumsq": np.array(np.dot(shifted, shifted)),
+            "sumsq": np.array(np.einsum("i,i->", shifted, shifted)),  # BLAS wake-up costs ms
         }
 
     def combine(

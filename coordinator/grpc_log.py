@@ -43,9 +43,10 @@ def relay_grpc_stderr() -> None:
     os.close(write_end)
 
     def pump() -> None:
-        with os.fdopen(read_end, "r", errors="replace") as lines, os.fdopen(
-            original, "w", buffering=1
-        ) as out:
+        with (
+            os.fdopen(read_end, "r", errors="replace") as lines,
+            os.fdopen(original, "w", buffering=1) as out,
+        ):
             for line in lines:
                 message = describe_handshake_failure(line)
                 if message is None:
@@ -53,9 +54,15 @@ def relay_grpc_stderr() -> None:
                 else:
                     # Our handler writes to descriptor 2 too; write the rewritten line directly
                     # so it cannot come back through the pipe.
-                    out.write(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
-                                                "%Y-%m-%d %H:%M:%S").format(
-                        log.makeRecord(log.name, logging.WARNING, __file__, 0, message, (), None)
-                    ) + "\n")
+                    out.write(
+                        logging.Formatter(
+                            "%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"
+                        ).format(
+                            log.makeRecord(
+                                log.name, logging.WARNING, __file__, 0, message, (), None
+                            )
+                        )
+                        + "\n"
+                    )
 
     threading.Thread(target=pump, name="grpc-stderr-relay", daemon=True).start()

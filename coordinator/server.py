@@ -86,6 +86,8 @@ async def serve(
     http_host, http_port = _split(config.http, "http")
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted connections inherit this: no ~40 ms Nagle/delayed-ACK stall on keep-alive.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((http_host, http_port))
     except OSError as exc:

@@ -8,6 +8,7 @@ same relation. Budgets of different types never mix silently: convert first.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 from protocol.errors import BudgetError
@@ -16,7 +17,7 @@ _EPS_TOLERANCE = 1e-12
 
 
 def _check_non_negative(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise BudgetError(f"{name} must be a number, got {value!r}")
     value = float(value)
     if not math.isfinite(value) or value < 0:
@@ -48,12 +49,14 @@ class PureDP:
 
     def split(self, parts: int) -> PureDP:
         """The budget of one of ``parts`` equal shares (sequential composition)."""
-        if parts < 1:
+        if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
             raise BudgetError(f"cannot split a budget into {parts} parts; use 1 or more")
         return PureDP(self.epsilon / parts)
 
     def covers(self, other: PureDP) -> bool:
         """Whether this budget is at least ``other`` (up to float rounding)."""
+        if not isinstance(other, PureDP):
+            raise TypeError(f"cannot compare {type(other).__name__} with PureDP; convert first")
         return self.epsilon + _EPS_TOLERANCE >= other.epsilon
 
     def __str__(self) -> str:

@@ -48,11 +48,12 @@ class RowFilter:
 
 
 def _number(node: ast.expr, text: str) -> float:
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-        return -_number(node.operand, text)
+    sign = 1.0
+    while isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        sign, node = -sign, node.operand  # a loop, not recursion: long chains stay safe
     value = node.value if isinstance(node, ast.Constant) else None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        return sign * float(value)
     raise FilterError(
         f"filter {text!r}: expected a number, got {ast.unparse(node)!r}; allowed: {ALLOWED}"
     )
@@ -72,11 +73,15 @@ def _check(node: ast.expr, text: str, names: set[str]) -> None:
                     raise FilterError(f"filter {text!r}: 'in' needs a non-empty list like [1, 2]")
                 for element in right.elts:
                     _number(element, text)
+            elif isinstance(right, (ast.List, ast.Tuple)):
+                raise FilterError(f"filter {text!r}: a list may only follow 'in' or 'not in'")
             elif type(op) not in _COMPARE:
                 raise FilterError(
                     f"filter {text!r}: operator {type(op).__name__} is not allowed; "
                     f"allowed: {ALLOWED}"
                 )
+        if isinstance(node.left, (ast.List, ast.Tuple)):
+            raise FilterError(f"filter {text!r}: a list may only follow 'in' or 'not in'")
         for operand in operands:
             if isinstance(operand, ast.Name):
                 names.add(operand.id)
@@ -134,7 +139,10 @@ def _evaluate(node: ast.expr, columns: Mapping[str, npt.NDArray[Any]]) -> Any:
                 continue
             right = _operand(right_node, columns)
             with np.errstate(invalid="ignore"):
-                out = np.logical_and(out, _COMPARE[type(op)](left, right))
+                hit = _COMPARE[type(op)](left, right)
+            # A comparison with a missing value is false, `!=` included (numpy says nan != x).
+            hit = hit & ~np.isnan(left) & ~np.isnan(right)
+            out = np.logical_and(out, hit)
             left = right
         return out
     raise FilterError(f"cannot evaluate {ast.unparse(node)!r}")  # unreachable after _check
@@ -142,5 +150,7 @@ def _evaluate(node: ast.expr, columns: Mapping[str, npt.NDArray[Any]]) -> Any:
 
 def _operand(node: ast.expr, columns: Mapping[str, npt.NDArray[Any]]) -> Any:
     if isinstance(node, ast.Name):
+        if node.id not in columns:
+            raise FilterError(f"filter uses {node.id!r}, which is not a column here")
         return np.asarray(columns[node.id], dtype=float)
     return _number(node, "")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Literal
 
 import numpy as np
@@ -88,7 +89,7 @@ class RecordSpec:
                 raise RecordError(f"array name {name!r} must be a plain identifier")
             if not isinstance(spec, ArraySpec):
                 raise RecordError(f"array {name!r} must be declared with an ArraySpec")
-        object.__setattr__(self, "arrays", dict(self.arrays))
+        object.__setattr__(self, "arrays", MappingProxyType(dict(self.arrays)))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.arrays)
@@ -120,7 +121,10 @@ def _as_numeric_array(name: str, value: object) -> npt.NDArray[np.float64]:
             f"array {name!r} has dtype {arr.dtype}; a reply carries numbers only "
             "(no text, identifiers, dates or objects)"
         )
-    return np.array(arr, dtype=np.float64, copy=True)
+    # Backed by immutable bytes: the array cannot be made writable again after the checks.
+    return np.frombuffer(np.asarray(arr, dtype=np.float64).tobytes(), dtype=np.float64).reshape(
+        arr.shape
+    )
 
 
 @dataclass(frozen=True)
@@ -155,11 +159,10 @@ class AggregateRecord:
                     f"array {name!r} has shape {arr.shape} but {want} was declared; a reply "
                     "cannot carry one value per patient or any shape chosen by the data"
                 )
-            arr.setflags(write=False)
             checked[name] = arr
-        object.__setattr__(self, "arrays", checked)
+        object.__setattr__(self, "arrays", MappingProxyType(checked))
         releases = {name: self.releases.get(name, Release()) for name in checked}
-        object.__setattr__(self, "releases", releases)
+        object.__setattr__(self, "releases", MappingProxyType(releases))
 
     def __getitem__(self, name: str) -> npt.NDArray[np.float64]:
         return self.arrays[name]

@@ -107,7 +107,10 @@ class SiteLink:
             except grpc.aio.AioRpcError as exc:
                 if self._stopping.is_set():
                     break
-                log.warning("lost the link to the coordinator: %s", explain_rpc_error(exc, self._credentials is not None))
+                log.warning(
+                    "lost the link to the coordinator: %s",
+                    explain_rpc_error(exc, self._credentials is not None),
+                )
             except asyncio.CancelledError:
                 raise
             except Exception:  # keep the site alive; the next attempt may succeed

@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Any
 
 import numpy as np
 import opendp.prelude as dp
@@ -26,6 +28,24 @@ dp.enable_features("contrib")
 Arrays = dict[str, np.ndarray]
 
 
+@functools.lru_cache(maxsize=512)
+def _measurement(integer: bool, scale: float, d_in: float) -> tuple[Any, float]:
+    """OpenDP's Laplace measurement and the epsilon its privacy map certifies for ``d_in``.
+
+    Cached: building a measurement costs more than the release itself for small aggregates,
+    and the same (type, scale, sensitivity) recurs for every task of a study.
+    """
+    if integer:
+        domain = dp.vector_domain(dp.atom_domain(T="i64"))
+        metric = dp.l1_distance(T="i64")
+        meas = dp.m.make_laplace(domain, metric, scale)
+        return meas, float(meas.map(int(d_in)))  # type: ignore[no-untyped-call]
+    domain = dp.vector_domain(dp.atom_domain(T=float, nan=False))
+    metric = dp.l1_distance(T=float)
+    meas = dp.m.make_laplace(domain, metric, scale)
+    return meas, float(meas.map(float(d_in)))  # type: ignore[no-untyped-call]
+
+
 def _laplace(
     values: np.ndarray, sensitivity: float, epsilon: float, integer: bool
 ) -> tuple[np.ndarray, Release]:
@@ -36,23 +56,17 @@ def _laplace(
     if integer:
         d_in: float | int = math.ceil(sensitivity)  # integer cells move in whole steps
         scale = d_in / epsilon
-        domain = dp.vector_domain(dp.atom_domain(T="i64"))
-        metric = dp.l1_distance(T="i64")
         data = np.rint(flat).astype(np.int64)
         mechanism = "discrete_laplace"
     else:
         scale = sensitivity / epsilon
-        domain = dp.vector_domain(dp.atom_domain(T=float, nan=False))
-        metric = dp.l1_distance(T=float)
         d_in = float(sensitivity)
         data = flat.astype(np.float64)
         mechanism = "laplace"
-    meas = dp.m.make_laplace(domain, metric, scale)
-    spent = float(meas.map(d_in))  # type: ignore[no-untyped-call]
+    meas, spent = _measurement(integer, scale, d_in)
     if spent > epsilon * (1 + 1e-9):  # OpenDP's float rounding slack: widen once and re-check
         scale *= spent / epsilon * (1 + 1e-9)
-        meas = dp.m.make_laplace(domain, metric, scale)
-        spent = float(meas.map(d_in))  # type: ignore[no-untyped-call]
+        meas, spent = _measurement(integer, scale, d_in)
     if spent > epsilon * (1 + 1e-6):
         raise InternalError(f"OpenDP certifies epsilon {spent} above the share {epsilon}")
     noisy = np.asarray(meas(data), dtype=np.float64).reshape(values.shape)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from protocol.errors import RecordError
-from protocol.records import AggregateRecord, RecordSpec, Release
+from protocol.records import MAX_CELLS, AggregateRecord, RecordSpec, Release
 from protocol.wire import alliance_pb2 as pb
 
 
@@ -43,8 +45,12 @@ def record_from_proto(message: pb.AggregateRecord, spec: RecordSpec) -> Aggregat
         if item.name not in spec.arrays:
             raise RecordError(f"reply carries undeclared array {item.name!r}")
         shape = tuple(item.shape)
+        if any(dim < 0 for dim in shape) or math.prod(shape) > MAX_CELLS:
+            raise RecordError(f"array {item.name!r}: shape {list(shape)} is not a valid shape")
+        if not all(math.isfinite(x) and x >= 0 for x in (item.scale, item.epsilon)):
+            raise RecordError(f"array {item.name!r}: scale and epsilon must be finite and >= 0")
         values = np.asarray(item.values, dtype=np.float64)
-        if values.size != int(np.prod(shape, dtype=np.int64)):
+        if values.size != math.prod(shape):
             raise RecordError(f"array {item.name!r}: {values.size} values for shape {shape}")
         arrays[item.name] = values.reshape(shape)
         releases[item.name] = Release(item.mechanism or "none", item.scale, item.epsilon)

@@ -14,17 +14,23 @@ from simulations.heart import SITES, heart_dictionary, heart_source
 pytestmark = pytest.mark.system
 
 
-def heart_federation(tmp: Path, mode: str, budget: float = 3.0, **kwargs: object
-                     ) -> LocalFederation:
+def heart_federation(
+    tmp: Path, mode: str, budget: float = 3.0, **kwargs: object
+) -> LocalFederation:
     sites = [SiteSpec(name, heart_source(name), mode=mode, budget=budget) for name in SITES]
     return LocalFederation(sites, heart_dictionary(), tmp, **kwargs)  # type: ignore[arg-type]
 
 
-def study(mode: str, study_id: str = "s1", epsilon: float = 0.5, budget: float = 3.0
-          ) -> StudyConfig:
-    return StudyConfig.model_validate({
-        "id": study_id, "title": f"system test ({mode})",
-        "privacy": {"mode": mode, "epsilon_per_request": epsilon, "budget": budget}})
+def study(
+    mode: str, study_id: str = "s1", epsilon: float = 0.5, budget: float = 3.0
+) -> StudyConfig:
+    return StudyConfig.model_validate(
+        {
+            "id": study_id,
+            "title": f"system test ({mode})",
+            "privacy": {"mode": mode, "epsilon_per_request": epsilon, "budget": budget},
+        }
+    )
 
 
 @pytest.fixture(scope="module")

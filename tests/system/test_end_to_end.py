@@ -17,8 +17,13 @@ def test_off_mode_count_mean_histogram_equal_pooled_numpy(
     with off_federation.researcher() as client:
         count = client.run("s1", {"analysis": "count"})
         mean = client.run("s1", {"analysis": "mean", "params": {"variable": "chol"}})
-        hist = client.run("s1", {"analysis": "histogram", "params": {
-            "variable": "age", "edges": [20, 40, 60, 80], "group": "disease"}})
+        hist = client.run(
+            "s1",
+            {
+                "analysis": "histogram",
+                "params": {"variable": "age", "edges": [20, 40, 60, 80], "group": "disease"},
+            },
+        )
     assert count["count"] == len(heart_pooled) == 920
     chol = heart_pooled.chol.dropna()
     # numpy on the pooled rows: chol.mean(), chol.var(ddof=1)
@@ -30,18 +35,29 @@ def test_off_mode_count_mean_histogram_equal_pooled_numpy(
         expected, _ = np.histogram(ages, bins=[20, 40, 60, 80])
         assert hist["counts"][level] == expected.tolist()
     assert {s["name"]: s["status"] for s in mean["sites"]} == {
-        "cleveland": "ok", "hungarian": "ok", "switzerland": "ok", "va": "ok"}
+        "cleveland": "ok",
+        "hungarian": "ok",
+        "switzerland": "ok",
+        "va": "ok",
+    }
     # Switzerland's chol is 0 (missing) in every row: it contributes no record, and says so.
     assert {s["name"]: s["records"] for s in mean["sites"]}["switzerland"] == 0
     assert mean["privacy"]["mode"] == "off"
     assert mean["timings"]["rounds"] == 1
 
 
-def test_filter_is_applied_at_every_site(off_federation: LocalFederation,
-                                         heart_pooled: pd.DataFrame) -> None:
+def test_filter_is_applied_at_every_site(
+    off_federation: LocalFederation, heart_pooled: pd.DataFrame
+) -> None:
     with off_federation.researcher() as client:
-        mean = client.run("s1", {"analysis": "mean", "filter": "age >= 40 and sex == 1",
-                                 "params": {"variable": "thalach"}})
+        mean = client.run(
+            "s1",
+            {
+                "analysis": "mean",
+                "filter": "age >= 40 and sex == 1",
+                "params": {"variable": "thalach"},
+            },
+        )
     chosen = heart_pooled[(heart_pooled.age >= 40) & (heart_pooled.sex == 1)].thalach.dropna()
     assert mean["n"] == chosen.size
     assert mean["mean"] == pytest.approx(chosen.mean(), rel=1e-12)

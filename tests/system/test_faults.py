@@ -33,8 +33,9 @@ def wait_for_log(path: Path, text: str, timeout: float = 30.0) -> str:
 
 @pytest.fixture(scope="module")
 def dp_federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
-    federation = heart_federation(tmp_path_factory.mktemp("faults"), "dp", budget=100.0,
-                                  task_timeout=4.0)
+    federation = heart_federation(
+        tmp_path_factory.mktemp("faults"), "dp", budget=100.0, task_timeout=4.0
+    )
     try:
         federation.start(study("dp", budget=100.0))
         yield federation
@@ -42,8 +43,9 @@ def dp_federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFed
         federation.stop()
 
 
-def test_a_frozen_site_is_reported_by_name_after_the_timeout(dp_federation: LocalFederation
-                                                             ) -> None:
+def test_a_frozen_site_is_reported_by_name_after_the_timeout(
+    dp_federation: LocalFederation,
+) -> None:
     frozen = dp_federation.site_procs["switzerland"]
     frozen.send_signal(signal.SIGSTOP)
     try:
@@ -118,8 +120,21 @@ def test_a_site_without_an_alliance_certificate_is_refused(
     offset = coordinator_log.stat().st_size
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "simulations.cli", "--log-level", "INFO", "site", "serve",
-             "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, env=child_env())
+            [
+                sys.executable,
+                "-m",
+                "simulations.cli",
+                "--log-level",
+                "INFO",
+                "site",
+                "serve",
+                "--config",
+                str(config),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=child_env(),
+        )
         try:
             site_log = wait_for_log(log_path, "reconnecting in")
         finally:
@@ -134,22 +149,41 @@ def test_a_site_without_an_alliance_certificate_is_refused(
     with AllianceClient(dp_federation.url, dp_federation.lead_token) as client:
         connected = client.health()["sites"]
     assert sorted(connected) == ["cleveland", "hungarian", "switzerland", "va"]
-    reason = "its certificate was not issued by the alliance CA" if with_cert else \
-        "it did not speak TLS (a site configured with insecure: true?)"
+    reason = (
+        "its certificate was not issued by the alliance CA"
+        if with_cert
+        else "it did not speak TLS (a site configured with insecure: true?)"
+    )
     expected = f"refused a connection on the site link: TLS handshake failed because {reason}"
     wait_for_log(coordinator_log, expected)
     assert expected in coordinator_log.read_text(errors="replace")[offset:]
 
 
 def test_a_coordinator_that_is_down_gives_one_clear_line(tmp_path: Path) -> None:
-    with pytest.raises(LinkError, match=r"not reachable \(connection refused\)"), \
-            AllianceClient("http://127.0.0.1:9", "token") as client:
+    with (
+        pytest.raises(LinkError, match=r"not reachable \(connection refused\)"),
+        AllianceClient("http://127.0.0.1:9", "token") as client,
+    ):
         client.studies()
     result = subprocess.run(
-        [sys.executable, "-m", "simulations.cli", "study", "list", "--url",
-         "http://127.0.0.1:9", "--token", "x"], capture_output=True, text=True, env=child_env(),
-        timeout=60)
+        [
+            sys.executable,
+            "-m",
+            "simulations.cli",
+            "study",
+            "list",
+            "--url",
+            "http://127.0.0.1:9",
+            "--token",
+            "x",
+        ],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=60,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: the coordinator at http://127.0.0.1:9 is not reachable (connection refused); "
-        "is `alliance coordinator serve` running?"]
+        "is `alliance coordinator serve` running?"
+    ]

@@ -39,10 +39,30 @@ def test_requests_run_in_order_one_json_line_each_and_the_budget_holds(
     count = write(tmp_path, "count.yaml", {"analysis": "count"})
     mean = write(tmp_path, "mean.yaml", {"analysis": "mean", "params": {"variable": "age"}})
     keep = tmp_path / "kept"
-    result = runner.invoke(app, [
-        "simulate", *site_csvs, "--dictionary", str(DICTIONARY_PATH),
-        "--request", count, "--request", mean, "--request", count,
-        "--privacy", "dp", "--epsilon", "0.4", "--budget", "1.0", "--json", "--keep", str(keep)])
+    result = runner.invoke(
+        app,
+        [
+            "simulate",
+            *site_csvs,
+            "--dictionary",
+            str(DICTIONARY_PATH),
+            "--request",
+            count,
+            "--request",
+            mean,
+            "--request",
+            count,
+            "--privacy",
+            "dp",
+            "--epsilon",
+            "0.4",
+            "--budget",
+            "1.0",
+            "--json",
+            "--keep",
+            str(keep),
+        ],
+    )
     lines = [json.loads(line) for line in result.stdout.strip().splitlines()]
     assert [doc["analysis"] for doc in lines] == ["count", "mean", "count"]
     assert lines[0]["privacy"]["mode"] == "dp"
@@ -61,45 +81,68 @@ def test_requests_run_in_order_one_json_line_each_and_the_budget_holds(
         verified = runner.invoke(app, ["audit", "verify", str(keep / "sites" / name)])
         assert verified.exit_code == 0 and "audit log intact" in verified.stdout
     assert (keep / "coordinator" / "coordinator.db").exists()
-    ledger = runner.invoke(app, ["site", "ledger", "--config",
-                                 str(keep / "sites" / "cleveland" / "site.yaml")])
+    ledger = runner.invoke(
+        app, ["site", "ledger", "--config", str(keep / "sites" / "cleveland" / "site.yaml")]
+    )
     assert "total simulation: epsilon 0.8 of 1" in ledger.stdout
 
 
-def test_off_mode_prints_exact_text(tmp_path: Path, site_csvs: list[str],
-                                    heart_frames: dict[str, pd.DataFrame]) -> None:
+def test_off_mode_prints_exact_text(
+    tmp_path: Path, site_csvs: list[str], heart_frames: dict[str, pd.DataFrame]
+) -> None:
     mean = write(tmp_path, "mean.yaml", {"analysis": "mean", "params": {"variable": "age"}})
-    result = runner.invoke(app, ["simulate", *site_csvs, "--dictionary", str(DICTIONARY_PATH),
-                                 "--request", mean, "--privacy", "off"])
+    result = runner.invoke(
+        app,
+        [
+            "simulate",
+            *site_csvs,
+            "--dictionary",
+            str(DICTIONARY_PATH),
+            "--request",
+            mean,
+            "--privacy",
+            "off",
+        ],
+    )
     assert result.exit_code == 0, result.output
     pooled = pd.concat([heart_frames["cleveland"], heart_frames["hungarian"]]).age
-    assert f'mean: {json.dumps(float(pooled.mean()))}' in result.stdout
+    assert f"mean: {json.dumps(float(pooled.mean()))}" in result.stdout
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--privacy", "exact"], "--privacy: 'exact' is not a privacy mode; use one of: dp, sdc, off"),
+        (
+            ["--privacy", "exact"],
+            "--privacy: 'exact' is not a privacy mode; use one of: dp, sdc, off",
+        ),
         (["--site", "broken"], "--site: 'broken' is not NAME=PATH"),
     ],
 )
-def test_bad_options_are_one_line_errors(tmp_path: Path, site_csvs: list[str], args: list[str],
-                                         message: str) -> None:
+def test_bad_options_are_one_line_errors(
+    tmp_path: Path, site_csvs: list[str], args: list[str], message: str
+) -> None:
     count = write(tmp_path, "count.yaml", {"analysis": "count"})
-    result = runner.invoke(app, ["simulate", *site_csvs, "--dictionary", str(DICTIONARY_PATH),
-                                 "--request", count, *args])
+    result = runner.invoke(
+        app,
+        ["simulate", *site_csvs, "--dictionary", str(DICTIONARY_PATH), "--request", count, *args],
+    )
     assert result.exit_code != 0
     assert message in str(result.exception)
 
 
-def test_a_bad_request_file_fails_before_anything_starts(tmp_path: Path, site_csvs: list[str]
-                                                         ) -> None:
+def test_a_bad_request_file_fails_before_anything_starts(
+    tmp_path: Path, site_csvs: list[str]
+) -> None:
     bad = write(tmp_path, "bad.yaml", {"analysis": "mean", "params": {"variable": "height"}})
-    result = runner.invoke(app, ["simulate", *site_csvs, "--dictionary", str(DICTIONARY_PATH),
-                                 "--request", bad])
+    result = runner.invoke(
+        app, ["simulate", *site_csvs, "--dictionary", str(DICTIONARY_PATH), "--request", bad]
+    )
     assert "bad.yaml: variable 'height' is not in the data dictionary" in str(result.exception)
     malformed = tmp_path / "malformed.yaml"
     malformed.write_text("analysis: [unclosed\n")
-    result = runner.invoke(app, ["simulate", *site_csvs, "--dictionary", str(DICTIONARY_PATH),
-                                 "--request", str(malformed)])
+    result = runner.invoke(
+        app,
+        ["simulate", *site_csvs, "--dictionary", str(DICTIONARY_PATH), "--request", str(malformed)],
+    )
     assert "malformed.yaml: malformed YAML at line 2" in str(result.exception)

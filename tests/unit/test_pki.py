@@ -236,3 +236,21 @@ def test_describe_missing_or_garbage_file(tmp_path: Path) -> None:
     (tmp_path / "junk.pem").write_text("hello")
     with pytest.raises(ConfigError, match=r"junk\.pem: not a PEM certificate"):
         pki.describe(tmp_path / "junk.pem")
+
+
+def test_read_subject_cn_needs_exactly_one_cn() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "No CN Hospital")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    with pytest.raises(ValidationError, match="has 0 subject common names"):
+        pki.read_subject_cn(cert.public_bytes(serialization.Encoding.PEM))

@@ -13,8 +13,8 @@ from protocol.config import DataDictionary, SiteConfig
 from protocol.records import RecordSpec
 from protocol.wire import alliance_pb2 as pb
 from protocol.wire.messages import record_from_proto
-from site_node.runtime import SiteRuntime
 from site_node.harmonize import conform
+from site_node.runtime import SiteRuntime
 
 
 def make_site(
@@ -35,11 +35,25 @@ def make_site(
     return SiteRuntime(config, dictionary, data, report)
 
 
-def task(analysis: str = "mean", task_id: str = "t1", mode: str = "dp", epsilon: float = 0.5,
-         study: str = "s1", filter: str = "", **params: object) -> pb.Task:
-    return pb.Task(task_id=task_id, study_id=study, analysis=analysis, privacy_mode=mode,
-                   epsilon=epsilon, researcher="r.chen", filter=filter,
-                   params_json=json.dumps(params or {"variable": "age"}))
+def task(
+    analysis: str = "mean",
+    task_id: str = "t1",
+    mode: str = "dp",
+    epsilon: float = 0.5,
+    study: str = "s1",
+    filter: str = "",
+    **params: object,
+) -> pb.Task:
+    return pb.Task(
+        task_id=task_id,
+        study_id=study,
+        analysis=analysis,
+        privacy_mode=mode,
+        epsilon=epsilon,
+        researcher="r.chen",
+        filter=filter,
+        params_json=json.dumps(params or {"variable": "age"}),
+    )
 
 
 POLICY = {
@@ -111,9 +125,16 @@ def test_repeated_task_id_returns_stored_reply_and_charges_once(tmp_path, frame,
 def test_dp_reply_is_noisy_and_states_its_noise(tmp_path, frame, heart_dict):
     site = make_site(tmp_path, frame, heart_dict, POLICY)
     reply = site.handle(task("count", epsilon=0.9)).message.reply
-    record = record_from_proto(reply.record, RecordSpec(
-        {"n": __import__("protocol.records", fromlist=["ArraySpec"]).ArraySpec(
-            (), kind="count", sensitivity=1.0, integer=True)}))
+    record = record_from_proto(
+        reply.record,
+        RecordSpec(
+            {
+                "n": __import__("protocol.records", fromlist=["ArraySpec"]).ArraySpec(
+                    (), kind="count", sensitivity=1.0, integer=True
+                )
+            }
+        ),
+    )
     release = record.releases["n"]
     assert release.mechanism == "discrete_laplace"
     assert release.scale == pytest.approx(1 / 0.9)
@@ -122,15 +143,16 @@ def test_dp_reply_is_noisy_and_states_its_noise(tmp_path, frame, heart_dict):
 
 
 def test_sdc_refuses_small_histogram_cells(tmp_path, frame, heart_dict):
-    policy = {"allowed_analyses": ["histogram", "count"],
-              "studies": [{"id": "s1", "mode": "sdc"}]}
+    policy = {"allowed_analyses": ["histogram", "count"], "studies": [{"id": "s1", "mode": "sdc"}]}
     site = make_site(tmp_path, frame, heart_dict, policy)
     # Cleveland has exactly one patient in his twenties (29), so the first bin holds 1.
     assert int(((frame.age >= 20) & (frame.age < 30)).sum()) in (1, 2)
     outcome = site.handle(task("histogram", mode="sdc", variable="age", edges=[20, 30, 80]))
     assert outcome.message.refusal.code == "disclosure"
     assert "between 1 and 2 records" in outcome.reason
-    ok = site.handle(task("histogram", task_id="t2", mode="sdc", variable="age", edges=[20, 50, 80]))
+    ok = site.handle(
+        task("histogram", task_id="t2", mode="sdc", variable="age", edges=[20, 50, 80])
+    )
     assert ok.status == "reply" and ok.message.reply.epsilon_spent == 0
 
 
@@ -147,8 +169,9 @@ def test_bad_parameters_are_typed_refusals(tmp_path, frame, heart_dict):
     assert "is not allowed here" in bad_filter.reason
 
 
-def test_crash_inside_the_commit_leaves_no_half_written_entry(tmp_path, frame, heart_dict,
-                                                               monkeypatch):
+def test_crash_inside_the_commit_leaves_no_half_written_entry(
+    tmp_path, frame, heart_dict, monkeypatch
+):
     site = make_site(tmp_path, frame, heart_dict, POLICY)
     entries_before = len(site.store.audit_entries())
 

@@ -58,8 +58,11 @@ def test_studies_requests_results_and_audit_round_trip(store: Store) -> None:
     with pytest.raises(ValidationError, match="study 's1' exists already"):
         store.create_study({"id": "s1", "title": "T", "purpose": "research"}, "lead")
     store.create_request("r1", "s1", "r.chen", {"analysis": "count"})
-    result = {"analysis": "count", "count": 3.0, "sites": [
-        {"name": "a", "status": "ok", "epsilon": 0.5}]}
+    result = {
+        "analysis": "count",
+        "count": 3.0,
+        "sites": [{"name": "a", "status": "ok", "epsilon": 0.5}],
+    }
     store.finish_request("r1", result, None)
     store.site_seen("a", "connected", {"version": "0.1.0", "records": 3})
     got = store.request("r1")

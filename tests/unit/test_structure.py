@@ -51,9 +51,22 @@ def test_the_boundary_check_would_catch_a_role_importing_the_other(tmp_path: Pat
 def test_generated_grpc_stubs_are_fresh(tmp_path: Path) -> None:
     proto = Path("protocol/wire/alliance.proto")
     result = subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", "-I", ".", f"--python_out={tmp_path}",
-         f"--grpc_python_out={tmp_path}", f"--pyi_out={tmp_path}", str(proto)],
-        cwd=ROOT, capture_output=True, text=True, check=False)
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-I",
+            ".",
+            f"--python_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
+            str(proto),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     for name in ("alliance_pb2.py", "alliance_pb2_grpc.py", "alliance_pb2.pyi"):
         fresh = (tmp_path / "protocol" / "wire" / name).read_text()
