@@ -19,6 +19,10 @@ coordinator_app = typer.Typer(help="Run the coordinator.", no_args_is_help=True)
 pki_app = typer.Typer(help="The alliance CA and its certificates.", no_args_is_help=True)
 study_app = typer.Typer(help="Create, list, show and close studies.", no_args_is_help=True)
 
+INSECURE_WARNING = (
+    "WARNING: --insecure: the site link runs WITHOUT TLS. Anyone on the network can read the "
+    "aggregates and impersonate a site. Use it only on loopback for experiments."
+)
 URL = Annotated[
     str, typer.Option("--url", envvar="ALLIANCE_URL", help="the coordinator's HTTP API")
 ]
@@ -29,11 +33,17 @@ TOKEN = Annotated[str, typer.Option("--token", envvar="ALLIANCE_TOKEN", help="yo
 def coordinator_serve(
     config: Annotated[Path, typer.Option("--config", help="coordinator.yaml")],
     ready_file: Annotated[Path | None, typer.Option(help="write the bound ports here")] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="no TLS: loopback experiments ONLY")
+    ] = False,
 ) -> None:
     """Start the site link (gRPC) and the HTTP API; stop with Ctrl-C."""
     from coordinator.server import serve
 
     settings = load_yaml(config, CoordinatorConfig)
+    if insecure:
+        typer.echo(INSECURE_WARNING, err=True)
+        settings = settings.model_copy(update={"tls": None, "insecure": True})
     os.chdir(settings.state_dir) if settings.state_dir.exists() else None
     asyncio.run(serve(settings, ready_file))
 

@@ -17,9 +17,11 @@ from site_node.runtime import SiteRuntime
 log = logging.getLogger("alliance.site")
 
 
-def load_site(config_path: Path) -> tuple[SiteConfig, SiteRuntime]:
+def load_site(config_path: Path, insecure: bool = False) -> tuple[SiteConfig, SiteRuntime]:
     """Load a site's config and data, log the data check, and return the runtime."""
     config = load_yaml(config_path, SiteConfig)
+    if insecure:
+        config = config.model_copy(update={"tls": None, "insecure": True})
     runtime = SiteRuntime.from_config(config)
     for line in runtime.report.lines():
         log.info("data check: %s", line)
@@ -33,9 +35,9 @@ def load_site(config_path: Path) -> tuple[SiteConfig, SiteRuntime]:
     return config, runtime
 
 
-async def serve(config_path: Path) -> None:
-    """Run a site node until SIGINT or SIGTERM."""
-    config, runtime = load_site(config_path)
+async def serve(config_path: Path, insecure: bool = False) -> None:
+    """Run a site node until SIGINT or SIGTERM (``insecure``: drop TLS, loopback only)."""
+    config, runtime = load_site(config_path, insecure)
     if config.tls is None:
         log.warning(
             "INSECURE: this site link has no TLS and proves no identity; use it only on "
@@ -57,9 +59,20 @@ CONFIG = Annotated[Path, typer.Option("--config", help="site.yaml")]
 
 
 @site_app.command("serve")
-def site_serve(config: CONFIG) -> None:
+def site_serve(
+    config: CONFIG,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="no TLS: loopback experiments ONLY")
+    ] = False,
+) -> None:
     """Dial the coordinator and answer approved tasks; stop with Ctrl-C."""
-    asyncio.run(serve(config))
+    if insecure:
+        typer.echo(
+            "WARNING: --insecure: this site dials WITHOUT TLS and proves no identity; its "
+            "aggregates travel in clear. Use it only on loopback for experiments.",
+            err=True,
+        )
+    asyncio.run(serve(config, insecure))
 
 
 @site_app.command("check")

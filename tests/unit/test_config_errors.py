@@ -156,3 +156,14 @@ def test_parse_model_names_its_source() -> None:
     with pytest.raises(ConfigError) as info:
         parse_model(StudyConfig, {"id": "s1", "title": "T", "expires": "soon"}, "request #7")
     assert str(info.value).startswith("request #7: expires: 'soon': ")
+
+
+def test_a_key_given_twice_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "study.yaml"
+    path.write_text("id: s1\ntitle: T\nid: s2\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"study\.yaml: malformed YAML at line 3, column 1: "
+        r"key 'id' is given twice",
+    ):
+        load_yaml(path, StudyConfig)
