@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ from analyses import AnalysisContext, get_analysis
 from protocol.budget import PureDP
 from protocol.config import DataDictionary, SiteConfig, load_yaml
 from protocol.errors import AllianceError, RefusedError, ValidationError
-from protocol.filters import parse_filter
+from protocol.filters import RowFilter, parse_filter
 from protocol.records import AggregateRecord
 from protocol.wire import alliance_pb2 as pb
 from protocol.wire.messages import record_to_proto
@@ -32,6 +33,8 @@ from site_node.policy import check_task
 from site_node.privacy import privatize
 
 VERSION = "0.1.0"
+#: Filtered frames kept for the later rounds of iterative analyses.
+FILTER_CACHE_SIZE = 8
 log = logging.getLogger("alliance.site")
 
 
@@ -65,6 +68,7 @@ class SiteRuntime:
         self.report = report or DataReport(rows=len(data))
         self.store = SiteStore(config.state_dir / "site.db", actor=config.name)
         self._digest = dictionary.digest()
+        self._filter_cache: OrderedDict[str, pd.DataFrame] = OrderedDict()
 
     @classmethod
     def from_config(cls, config: SiteConfig) -> SiteRuntime:
@@ -159,11 +163,7 @@ class SiteRuntime:
             if epsilon <= 0:
                 raise ValidationError(f"a dp task needs an epsilon above 0, got {epsilon}")
             self._check_budget(task.study_id, budget, PureDP(epsilon))
-        data = self.data
-        if row_filter is not None:
-            data = data.loc[
-                row_filter.mask({c: data[c].to_numpy() for c in row_filter.variables}, len(data))
-            ]
+        data = self._filtered(row_filter) if row_filter is not None else self.data
         state = json.loads(task.state_json) if task.state_json else {}
         ctx = AnalysisContext(self.dictionary, mode, self.config.policy.sdc, task.round, state)
         spec = analysis.declare(params, ctx)
@@ -214,6 +214,23 @@ class SiteRuntime:
         if not committed:  # lost a race for the last of the budget
             self._check_budget(task.study_id, budget, PureDP(spent))
         return Outcome(message, "reply")
+
+    def _filtered(self, row_filter: RowFilter) -> pd.DataFrame:
+        """The rows a filter keeps, as the same frame object every round of an analysis.
+
+        Iterative analyses cache per-frame work (a GLM's design matrix) by frame identity, so a
+        filter's rows are kept for the next rounds instead of being rebuilt.
+        """
+        frame = self._filter_cache.get(row_filter.text)
+        if frame is None:
+            columns = {c: self.data[c].to_numpy() for c in row_filter.variables}
+            frame = self.data.loc[row_filter.mask(columns, len(self.data))]
+            self._filter_cache[row_filter.text] = frame
+            while len(self._filter_cache) > FILTER_CACHE_SIZE:
+                self._filter_cache.popitem(last=False)
+        else:
+            self._filter_cache.move_to_end(row_filter.text)
+        return frame
 
     def _check_budget(self, study_id: str, budget: PureDP, requested: PureDP) -> None:
         spent = self.store.spent(study_id)

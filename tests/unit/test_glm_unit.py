@@ -299,7 +299,7 @@ def test_design_cache_reuses_per_frame_and_never_serves_a_stale_design(
     assert len(regression._DESIGNS) == 0  # entries die with their frames
 
 
-def test_design_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_design_cache_is_bounded() -> None:
     cache = regression._DesignCache(max_entries=2, max_bytes=1 << 30)
     model = regression._model(GLM.parse_params({"formula": "y ~ age"}, DICT), DICT)
     frames = [make_site(10, np.random.default_rng(i)) for i in range(4)]
