@@ -5,8 +5,9 @@ Model
     ``- 1`` drops the intercept) is parsed by formulaic. Every factor must be a plain dictionary
     variable: transforms (``np.log(x)``, ``I(x**2)``, ``C(x)``, ``center(x)``) are refused,
     because a stateful transform evaluated at each site would differ from site to site, and
-    because differential privacy needs public bounds on every design column. Categorical and
-    binary variables become pandas Categoricals with the dictionary's levels (the first is the
+    because differential privacy needs public bounds on every design column. Binary variables
+    enter as 0/1 numbers (term ``smoker``, as statsmodels names a 0/1 column); categorical
+    variables become pandas Categoricals with the dictionary's levels (the first is the
     reference), so term names are formulaic's (``sex[T.1]``, ``age:sex[T.1]``). Every site
     builds its design with one formulaic ``ModelSpec`` made from a template of the dictionary's
     levels and bounds, never from data, so all sites have the same columns even where a level is
@@ -142,7 +143,7 @@ from scipy import special, stats
 from analyses.base import Analysis, AnalysisContext, Arrays, NextRound, Params
 from analyses.registry import analysis
 from analyses.results import AnalysisResult
-from protocol.config import DataDictionary, NumericVariable
+from protocol.config import BinaryVariable, DataDictionary, NumericVariable
 from protocol.errors import DisclosureError, InternalError, ModelError, ValidationError
 from protocol.records import AggregateRecord, ArraySpec, RecordSpec
 
@@ -318,8 +319,9 @@ def _build_model(
     levels: dict[str, list[int]] = {}
     for name in formula.variables:
         var = dictionary.variable(name)
-        if isinstance(var, NumericVariable):
-            numeric[name] = (float(var.min), float(var.max))
+        if isinstance(var, (NumericVariable, BinaryVariable)):
+            # A 0/1 variable enters as the number it is, as in statsmodels on pooled data.
+            numeric[name] = dictionary.bounds(name)
         else:
             levels[name] = list(var.levels)
     rows = max([2] + [len(v) for v in levels.values()])

@@ -76,9 +76,7 @@ def test_heart_gaussian_with_categorical_terms_and_interaction(
     formula = "thalach ~ age + sex*exang + cp + trestbps"
     result = federate("glm", heart_frames, {"formula": formula, "family": "gaussian"}, heart_dict)
     # statsmodels 0.15: smf.glm("thalach ~ age + sex*exang + cp + trestbps", pooled).fit()
-    reference = smf.glm(
-        formula, with_levels(heart_pooled, heart_dict, ["sex", "exang", "cp"])
-    ).fit()
+    reference = smf.glm(formula, with_levels(heart_pooled, heart_dict, ["sex", "cp"])).fit()
     assert_equals_pooled(result, reference)
     assert result.scale == pytest.approx(reference.scale, rel=1e-8)
 
@@ -109,7 +107,7 @@ def test_heart_column_constant_at_one_site(
     # statsmodels 0.15: smf.glm("disease ~ age + sex + fbs + thalach", pooled,
     #                           family=sm.families.Binomial()).fit()
     reference = smf.glm(
-        formula, with_levels(pooled, heart_dict, ["sex", "fbs"]), family=sm.families.Binomial()
+        formula, with_levels(pooled, heart_dict, ["sex"]), family=sm.families.Binomial()
     ).fit()
     assert_equals_pooled(result, reference)
 

@@ -1,0 +1,155 @@
+"""``quantiles`` on real multi-site data against numpy and pandas on the pooled data.
+
+UCI heart (four hospitals, conformed as their site nodes conform them) and, when the shared
+data folder is present, DataSHIELD's CNSIM1/2/3 (LAB_TSC: 7825 valid values, published pooled
+mean 5.85192485623003).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import analyses  # noqa: F401  (registers every analysis)
+from analyses.testing import federate
+from protocol.config import DataDictionary, load_yaml
+from site_node.harmonize import conform
+
+REPO = Path(__file__).resolve().parents[2]
+CNSIM_DIR = REPO.parent / "shared" / "data" / "cnsim"
+CNSIM_DICTIONARY = REPO / "simulations" / "configs" / "cnsim_dictionary.yaml"
+PROBS = [0.01, 0.05, 0.1, 0.25, 1 / 3, 0.5, 0.75, 0.9, 0.95, 0.99]
+
+
+# ----------------------------------------------------------------------------- UCI heart
+
+
+@pytest.mark.parametrize("variable", ["age", "chol", "oldpeak", "thalach"])
+def test_heart_quantiles_equal_pooled_numpy_and_pandas(
+    variable: str,
+    heart_frames: dict[str, pd.DataFrame],
+    heart_pooled: pd.DataFrame,
+    heart_dict: DataDictionary,
+) -> None:
+    result = federate("quantiles", heart_frames, {"variable": variable, "probs": PROBS}, heart_dict)
+    values = heart_pooled[variable].dropna()
+    # numpy 2.4: np.quantile(values, PROBS) (method="linear"); pandas 2.3: Series.quantile(PROBS)
+    expected = np.quantile(values, PROBS)
+    expected_pandas = values.quantile(PROBS).to_numpy()
+    for p, want, want_pandas in zip(PROBS, expected, expected_pandas, strict=True):
+        assert result.quantiles[p] == pytest.approx(want, rel=1e-12, abs=1e-12), p
+        assert result.quantiles[p] == pytest.approx(want_pandas, rel=1e-12, abs=1e-12), p
+        assert result.exact[p]
+        assert result.intervals[p] == [result.quantiles[p], result.quantiles[p]]
+    assert result.n == len(values)
+    assert result.rounds <= 6  # values recorded to a decimal or two resolve in a few rounds
+    assert not result.notes
+
+
+def test_heart_quantiles_sdc_bounds_hold_the_pooled_quantile(
+    heart_frames: dict[str, pd.DataFrame], heart_pooled: pd.DataFrame, heart_dict: DataDictionary
+) -> None:
+    probs = [0.05, 0.25, 0.5, 0.75, 0.95]
+    for variable in ("age", "chol", "thalach"):
+        result = federate(
+            "quantiles", heart_frames, {"variable": variable, "probs": probs}, heart_dict, "sdc"
+        )
+        # numpy 2.4: np.quantile(pooled[variable].dropna(), probs)
+        expected = np.quantile(heart_pooled[variable].dropna(), probs)
+        for p, want in zip(probs, expected, strict=True):
+            low, high = result.intervals[p]
+            assert low - 1e-9 <= want <= high + 1e-9, (variable, p)
+            assert low <= result.quantiles[p] <= high
+            if result.exact[p]:
+                assert result.quantiles[p] == pytest.approx(want, rel=1e-12)
+        if not all(result.exact.values()):
+            assert any("precision reached" in note for note in result.notes)
+    # Every site holds 0 or >= 3 patients aged 53, 54 and 55, so the median resolves exactly.
+    age = federate(
+        "quantiles", heart_frames, {"variable": "age", "probs": [0.5]}, heart_dict, "sdc"
+    )
+    assert age.exact[0.5]
+    assert age.quantiles[0.5] == np.quantile(heart_pooled["age"].dropna(), 0.5)
+
+
+def test_heart_quantiles_dp_path_without_noise_is_within_one_bin(
+    heart_frames: dict[str, pd.DataFrame], heart_pooled: pd.DataFrame, heart_dict: DataDictionary
+) -> None:
+    # federate releases exact counts, so this checks the histogram estimator alone.
+    probs = [0.1, 0.5, 0.9]
+    result = federate(
+        "quantiles",
+        heart_frames,
+        {"variable": "age", "probs": probs, "bins": 120},
+        heart_dict,
+        "dp",
+    )
+    # numpy 2.4: np.quantile(pooled.age.dropna(), probs); bins of 1 year over [0, 120]
+    expected = np.quantile(heart_pooled["age"].dropna(), probs)
+    for p, want in zip(probs, expected, strict=True):
+        assert abs(result.quantiles[p] - want) <= 1.0
+        assert not result.exact[p]
+    assert result.rounds == 1
+
+
+# ----------------------------------------------------------------------------- CNSIM
+
+
+def cnsim_dictionary() -> DataDictionary:
+    if CNSIM_DICTIONARY.exists():
+        return load_yaml(CNSIM_DICTIONARY, DataDictionary)
+    return DataDictionary.model_validate(
+        {"variables": {"LAB_TSC": {"type": "numeric", "min": 0, "max": 20}}}
+    )
+
+
+@pytest.fixture(scope="module")
+def cnsim() -> tuple[dict[str, pd.DataFrame], DataDictionary]:
+    if not CNSIM_DIR.is_dir():
+        pytest.skip(f"DataSHIELD's CNSIM data are not at {CNSIM_DIR} (shared data folder absent)")
+    dictionary = cnsim_dictionary()
+    frames = {}
+    for i in (1, 2, 3):
+        raw = pd.read_csv(CNSIM_DIR / f"CNSIM{i}.csv", index_col=0)  # first column: row names
+        raw.columns = [c.strip() for c in raw.columns]  # header names carry trailing blanks
+        frames[f"cnsim{i}"] = conform(raw[list(dictionary.variables)], dictionary)[0]
+    return frames, dictionary
+
+
+def test_cnsim_lab_tsc_quantiles_equal_pooled_numpy(
+    cnsim: tuple[dict[str, pd.DataFrame], DataDictionary],
+) -> None:
+    frames, dictionary = cnsim
+    pooled = pd.concat(frames.values(), ignore_index=True)["LAB_TSC"].dropna()
+    # DataSHIELD (published): 7825 valid values of LAB_TSC, pooled mean 5.85192485623003
+    assert len(pooled) == 7825
+    assert pooled.mean() == pytest.approx(5.85192485623003, rel=1e-12)
+    result = federate("quantiles", frames, {"variable": "LAB_TSC", "probs": PROBS}, dictionary)
+    # numpy 2.4: np.quantile(pooled, PROBS)
+    expected = np.quantile(pooled, PROBS)
+    for p, want in zip(PROBS, expected, strict=True):
+        assert result.quantiles[p] == pytest.approx(want, rel=1e-12), p
+        assert result.exact[p]
+    assert result.n == 7825
+    assert result.rounds <= 8
+
+
+def test_cnsim_lab_tsc_sdc_quantiles_are_bounded_tightly(
+    cnsim: tuple[dict[str, pd.DataFrame], DataDictionary],
+) -> None:
+    frames, dictionary = cnsim
+    pooled = pd.concat(frames.values(), ignore_index=True)["LAB_TSC"].dropna()
+    probs = [0.25, 0.5, 0.75]
+    result = federate(
+        "quantiles", frames, {"variable": "LAB_TSC", "probs": probs}, dictionary, mode="sdc"
+    )
+    # numpy 2.4: np.quantile(pooled, probs)
+    for p, want in zip(probs, np.quantile(pooled, probs), strict=True):
+        low, high = result.intervals[p]
+        assert low <= want <= high
+        # Three sites of 2000 to 4000 records: cells of 3 records are a few thousandths wide.
+        assert high - low < 0.02
+        assert result.quantiles[p] == pytest.approx(want, abs=0.02)

@@ -1,0 +1,199 @@
+"""``table`` and ``mantel_haenszel`` on real multi-site data against scipy and statsmodels.
+
+UCI heart (four hospitals, conformed as their site nodes conform them) and, when the shared
+data folder is present, DataSHIELD's CNSIM1/2/3.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+from statsmodels.stats.contingency_tables import StratifiedTable
+
+import analyses  # noqa: F401  (registers every analysis)
+from analyses.testing import federate
+from protocol.config import DataDictionary, load_yaml
+from site_node.harmonize import conform
+
+REPO = Path(__file__).resolve().parents[2]
+CNSIM_DIR = REPO.parent / "shared" / "data" / "cnsim"
+CNSIM_DICTIONARY = REPO / "simulations" / "configs" / "cnsim_dictionary.yaml"
+
+
+def crosstab(frame: pd.DataFrame, rows: str, cols: str, dictionary: DataDictionary) -> np.ndarray:
+    """Pooled counts over the dictionary's levels (rows x cols)."""
+    table = pd.crosstab(frame[rows], frame[cols]).reindex(
+        index=dictionary.levels(rows), columns=dictionary.levels(cols), fill_value=0
+    )
+    return table.to_numpy(dtype=float)
+
+
+# ----------------------------------------------------------------------------- table
+
+
+def test_heart_table_cp_by_disease_equals_scipy(
+    heart_frames: dict[str, pd.DataFrame], heart_pooled: pd.DataFrame, heart_dict: DataDictionary
+) -> None:
+    result = federate("table", heart_frames, {"rows": "cp", "cols": "disease"}, heart_dict)
+    observed = crosstab(heart_pooled, "cp", "disease", heart_dict)
+    # scipy 1.17: stats.chi2_contingency(observed) (dof 3: no Yates correction)
+    reference = stats.chi2_contingency(observed)
+    assert result.chi2 == pytest.approx(reference.statistic, rel=1e-12)
+    assert result.p == pytest.approx(reference.pvalue, rel=1e-9)
+    assert result.dof == reference.dof == 3
+    assert result.correction is False
+    np.testing.assert_allclose(result.expected, reference.expected_freq, rtol=1e-12)
+    assert result.counts["4"]["1"] == observed[3, 1]
+    np.testing.assert_array_equal(np.array(result.table), observed)
+    assert result.n == observed.sum()
+
+
+@pytest.mark.parametrize("correction", [True, False])
+def test_heart_two_by_two_applies_yates_as_scipy(
+    correction: bool,
+    heart_frames: dict[str, pd.DataFrame],
+    heart_pooled: pd.DataFrame,
+    heart_dict: DataDictionary,
+) -> None:
+    params = {"rows": "sex", "cols": "disease", "correction": correction}
+    result = federate("table", heart_frames, params, heart_dict)
+    observed = crosstab(heart_pooled, "sex", "disease", heart_dict)
+    # scipy 1.17: stats.chi2_contingency(observed, correction=correction) (dof 1)
+    reference = stats.chi2_contingency(observed, correction=correction)
+    assert result.chi2 == pytest.approx(reference.statistic, rel=1e-12)
+    assert result.p == pytest.approx(reference.pvalue, rel=1e-9)
+    assert result.dof == 1
+    assert result.correction is correction
+
+
+def test_heart_one_way_table_tests_uniformity_as_scipy(
+    heart_frames: dict[str, pd.DataFrame], heart_pooled: pd.DataFrame, heart_dict: DataDictionary
+) -> None:
+    result = federate("table", heart_frames, {"rows": "restecg"}, heart_dict)
+    observed = heart_pooled["restecg"].value_counts().reindex([0, 1, 2], fill_value=0)
+    # scipy 1.17: stats.chisquare(observed) (uniform expected counts)
+    reference = stats.chisquare(observed.to_numpy(dtype=float))
+    assert result.chi2 == pytest.approx(reference.statistic, rel=1e-12)
+    assert result.p == pytest.approx(reference.pvalue, rel=1e-9)
+    assert result.dof == 2
+    assert result.counts == {str(k): float(v) for k, v in observed.items()}
+    assert result.test == "uniformity"
+
+
+# ----------------------------------------------------------------------------- mantel_haenszel
+
+
+def assert_equals_stratified(result: Any, reference: StratifiedTable) -> None:
+    """Pooled OR, its 95% interval and both tests, to 1e-10 (p-values 1e-8 or 1e-14 absolute)."""
+    assert result.odds_ratio == pytest.approx(reference.oddsratio_pooled, rel=1e-12)
+    low, high = reference.oddsratio_pooled_confint()
+    assert result.ci_lower == pytest.approx(low, rel=1e-10)
+    assert result.ci_upper == pytest.approx(high, rel=1e-10)
+    assert result.std_error_log == pytest.approx(reference.logodds_pooled_se, rel=1e-10)
+    null = reference.test_null_odds()
+    assert result.null_statistic == pytest.approx(null.statistic, rel=1e-10)
+    assert result.null_p == pytest.approx(null.pvalue, rel=1e-8, abs=1e-14)
+    equal = reference.test_equal_odds()
+    assert result.equal_statistic == pytest.approx(equal.statistic, rel=1e-10)
+    assert result.equal_p == pytest.approx(equal.pvalue, rel=1e-8, abs=1e-14)
+    assert result.equal_dof == reference.table.shape[2] - 1
+
+
+def test_heart_mh_exang_on_disease_by_site_equals_statsmodels(
+    heart_frames: dict[str, pd.DataFrame], heart_dict: DataDictionary
+) -> None:
+    params = {"exposure": "exang", "outcome": "disease"}
+    result = federate("mantel_haenszel", heart_frames, params, heart_dict)
+    tables = [crosstab(frame, "exang", "disease", heart_dict) for frame in heart_frames.values()]
+    # statsmodels 0.15: StratifiedTable(tables) with one 2x2 table per site
+    reference = StratifiedTable(tables)
+    assert_equals_stratified(result, reference)
+    assert list(result.strata) == list(heart_frames)
+    assert result.n == sum(t.sum() for t in tables)
+
+
+def test_heart_mh_corrections_equal_statsmodels(
+    heart_frames: dict[str, pd.DataFrame], heart_dict: DataDictionary
+) -> None:
+    params = {"exposure": "exang", "outcome": "disease", "correction": True, "tarone": True}
+    result = federate("mantel_haenszel", heart_frames, params, heart_dict)
+    tables = [crosstab(frame, "exang", "disease", heart_dict) for frame in heart_frames.values()]
+    reference = StratifiedTable(tables)
+    # statsmodels 0.15: test_null_odds(correction=True), test_equal_odds(adjust=True)
+    null = reference.test_null_odds(correction=True)
+    equal = reference.test_equal_odds(adjust=True)
+    assert result.null_statistic == pytest.approx(null.statistic, rel=1e-10)
+    assert result.equal_statistic == pytest.approx(equal.statistic, rel=1e-10)
+    assert result.equal_p == pytest.approx(equal.pvalue, rel=1e-8)
+
+
+def test_heart_mh_stratified_by_sex_equals_statsmodels(
+    heart_frames: dict[str, pd.DataFrame], heart_pooled: pd.DataFrame, heart_dict: DataDictionary
+) -> None:
+    params = {"exposure": "fbs", "outcome": "disease", "stratum": "sex"}
+    result = federate("mantel_haenszel", heart_frames, params, heart_dict)
+    tables = [
+        crosstab(heart_pooled[heart_pooled["sex"] == level], "fbs", "disease", heart_dict)
+        for level in heart_dict.levels("sex")
+    ]
+    # statsmodels 0.15: StratifiedTable(tables) with one pooled 2x2 table per sex
+    assert_equals_stratified(result, StratifiedTable(tables))
+    assert list(result.strata) == ["0 (female)", "1 (male)"]
+
+
+# ----------------------------------------------------------------------------- CNSIM
+
+
+@pytest.fixture(scope="module")
+def cnsim() -> tuple[dict[str, pd.DataFrame], DataDictionary]:
+    if not CNSIM_DIR.is_dir():
+        pytest.skip(f"DataSHIELD's CNSIM data are not at {CNSIM_DIR} (shared data folder absent)")
+    if CNSIM_DICTIONARY.exists():
+        dictionary = load_yaml(CNSIM_DICTIONARY, DataDictionary)
+    else:
+        dictionary = DataDictionary.model_validate(
+            {
+                "variables": {
+                    "MEDI_LPD": {"type": "binary"},
+                    "DIS_DIAB": {"type": "binary"},
+                    "GENDER": {"type": "categorical", "levels": [0, 1]},
+                    "PM_BMI_CATEGORICAL": {"type": "categorical", "levels": [1, 2, 3]},
+                }
+            }
+        )
+    frames = {}
+    for i in (1, 2, 3):
+        raw = pd.read_csv(CNSIM_DIR / f"CNSIM{i}.csv", index_col=0)  # first column: row names
+        raw.columns = [c.strip() for c in raw.columns]  # header names carry trailing blanks
+        frames[f"cnsim{i}"] = conform(raw[list(dictionary.variables)], dictionary)[0]
+    return frames, dictionary
+
+
+def test_cnsim_table_bmi_by_gender_equals_scipy(
+    cnsim: tuple[dict[str, pd.DataFrame], DataDictionary],
+) -> None:
+    frames, dictionary = cnsim
+    pooled = pd.concat(frames.values(), ignore_index=True)
+    result = federate("table", frames, {"rows": "PM_BMI_CATEGORICAL", "cols": "GENDER"}, dictionary)
+    observed = crosstab(pooled, "PM_BMI_CATEGORICAL", "GENDER", dictionary)
+    # scipy 1.17: stats.chi2_contingency(observed)
+    reference = stats.chi2_contingency(observed)
+    assert result.chi2 == pytest.approx(reference.statistic, rel=1e-12)
+    assert result.p == pytest.approx(reference.pvalue, rel=1e-9)
+    assert result.n == 8927  # valid PM_BMI_CATEGORICAL (GENDER is complete)
+
+
+def test_cnsim_mh_lipid_drugs_on_diabetes_by_site_equals_statsmodels(
+    cnsim: tuple[dict[str, pd.DataFrame], DataDictionary],
+) -> None:
+    frames, dictionary = cnsim
+    params = {"exposure": "MEDI_LPD", "outcome": "DIS_DIAB"}
+    result = federate("mantel_haenszel", frames, params, dictionary)
+    tables = [crosstab(f, "MEDI_LPD", "DIS_DIAB", dictionary) for f in frames.values()]
+    # statsmodels 0.15: StratifiedTable(tables) with one 2x2 table per CNSIM site
+    assert_equals_stratified(result, StratifiedTable(tables))
