@@ -120,7 +120,11 @@ class Scheduler:
         if not names:
             raise RequestFailed("no site is connected to the coordinator", [])
         sites = {n: _SiteState(SiteContribution(n, "ok")) for n in names}
-        timings: dict[str, float] = {"rounds": 0, "max_site_compute_seconds": 0.0}
+        timings: dict[str, float] = {
+            "rounds": 0,
+            "site_wait_seconds": 0.0,
+            "max_site_compute_seconds": 0.0,
+        }
         restarted = False
         state = analysis.initial_state(params, ctx)
         round_no = 0
@@ -145,6 +149,7 @@ class Scheduler:
                 "state_json": json.dumps(state),
                 "request_id": request_id,
             }
+            waited = time.perf_counter()
             answers = await asyncio.gather(
                 *[
                     self._ask(site, pb.Task(task_id=f"{request_id}.{round_no}.{site}", **task_base))
@@ -152,6 +157,7 @@ class Scheduler:
                 ]
             )
             timings["rounds"] += 1
+            timings["site_wait_seconds"] += time.perf_counter() - waited
             records: dict[str, AggregateRecord] = {}
             modes: list[str] = []
             for site, answer in zip(active, answers, strict=True):
