@@ -46,31 +46,54 @@ def _measurement(integer: bool, scale: float, d_in: float) -> tuple[Any, float]:
     return meas, float(meas.map(float(d_in)))  # type: ignore[no-untyped-call]
 
 
-def _laplace(
-    values: np.ndarray, sensitivity: float, epsilon: float, integer: bool
-) -> tuple[np.ndarray, Release]:
-    """Release ``values`` through OpenDP's Laplace mechanism within ``epsilon``."""
-    flat = values.ravel()
-    if sensitivity == 0:
-        return values.copy(), Release("none", 0.0, 0.0)
+def _release(
+    blocks: list[tuple[str, np.ndarray, float, float]], integer: bool
+) -> tuple[Arrays, dict[str, Release]]:
+    """Release several arrays through ONE OpenDP Laplace measurement.
+
+    ``blocks`` holds (name, values, sensitivity, epsilon share). Float arrays are divided by
+    their own scale (sensitivity / share) so that one unit-scale mechanism serves them all: the
+    concatenated vector's L1 sensitivity is the sum of the shares, which OpenDP's privacy map
+    then certifies as a whole. Integer arrays cannot be rescaled, so each call takes integer
+    arrays of one scale. One call instead of one per array: OpenDP's FFI costs more than the
+    noise for small aggregates.
+    """
+    target = sum(share for _, _, _, share in blocks)
     if integer:
-        d_in: float | int = math.ceil(sensitivity)  # integer cells move in whole steps
-        scale = d_in / epsilon
-        data = np.rint(flat).astype(np.int64)
-        mechanism = "discrete_laplace"
+        d_unit = math.ceil(blocks[0][2])  # integer cells move in whole steps
+        scale = d_unit / blocks[0][3]
+        d_in: float = d_unit * len(blocks)
+        data = np.concatenate([np.rint(v.ravel()) for _, v, _, _ in blocks]).astype(np.int64)
+        unit_scales = [scale] * len(blocks)
+        mechanism_scale = scale
     else:
-        scale = sensitivity / epsilon
-        d_in = float(sensitivity)
-        data = flat.astype(np.float64)
-        mechanism = "laplace"
-    meas, spent = _measurement(integer, scale, d_in)
-    if spent > epsilon * (1 + 1e-9):  # OpenDP's float rounding slack: widen once and re-check
-        scale *= spent / epsilon * (1 + 1e-9)
-        meas, spent = _measurement(integer, scale, d_in)
-    if spent > epsilon * (1 + 1e-6):
-        raise InternalError(f"OpenDP certifies epsilon {spent} above the share {epsilon}")
-    noisy = np.asarray(meas(data), dtype=np.float64).reshape(values.shape)
-    return noisy, Release(mechanism, float(scale), spent)
+        unit_scales = [sens / share for _, _, sens, share in blocks]
+        data = np.concatenate(
+            [v.ravel() / unit for (_, v, _, _), unit in zip(blocks, unit_scales, strict=True)]
+        )
+        d_in = target
+        mechanism_scale = 1.0
+    meas, spent = _measurement(integer, mechanism_scale, d_in)
+    if spent > target * (1 + 1e-9):  # OpenDP's float rounding slack: widen once and re-check
+        mechanism_scale *= spent / target * (1 + 1e-9)
+        meas, spent = _measurement(integer, mechanism_scale, d_in)
+    if spent > target * (1 + 1e-6):
+        raise InternalError(f"OpenDP certifies epsilon {spent} above the budget {target}")
+    noisy = np.asarray(meas(data), dtype=np.float64)
+    widen = mechanism_scale / (scale if integer else 1.0)
+    values: Arrays = {}
+    releases: dict[str, Release] = {}
+    start = 0
+    for (name, v, _, share), unit in zip(blocks, unit_scales, strict=True):
+        part = noisy[start : start + v.size]
+        start += v.size
+        values[name] = (part if integer else part * unit).reshape(v.shape)
+        releases[name] = Release(
+            "discrete_laplace" if integer else "laplace",
+            float(unit * widen),
+            float(share * spent / target),
+        )
+    return values, releases
 
 
 def privatize(
@@ -107,6 +130,8 @@ def privatize(
     total_share = sum(s.budget_share for s in spec.arrays.values())
     values: Arrays = {}
     releases: dict[str, Release] = {}
+    floats: list[tuple[str, np.ndarray, float, float]] = []
+    integers: dict[tuple[int, float], list[tuple[str, np.ndarray, float, float]]] = {}
     for name, arr_spec in spec.arrays.items():
         if arr_spec.sensitivity is None:
             raise DisclosureError(
@@ -114,7 +139,15 @@ def privatize(
                 "differential privacy; ask for sdc mode or another analysis"
             )
         share = epsilon * arr_spec.budget_share / total_share
-        values[name], releases[name] = _laplace(
-            exact[name], arr_spec.sensitivity, share, arr_spec.integer
-        )
+        block = (name, exact[name], arr_spec.sensitivity, share)
+        if arr_spec.sensitivity == 0:  # nothing about a patient can move it
+            values[name], releases[name] = exact[name].copy(), Release("none", 0.0, 0.0)
+        elif arr_spec.integer:
+            integers.setdefault((math.ceil(arr_spec.sensitivity), share), []).append(block)
+        else:
+            floats.append(block)
+    for group in ([floats] if floats else []) + list(integers.values()):
+        released, metadata = _release(group, integer=group is not floats)
+        values.update(released)
+        releases.update(metadata)
     return exact.with_values(values, releases)
