@@ -17,8 +17,8 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 from pydantic import Field, field_validator
-from scipy import stats
 
+from analyses._lazy import stats
 from analyses.base import Analysis, AnalysisContext, Arrays, Params, rows_used
 from analyses.registry import analysis
 from analyses.results import AnalysisResult

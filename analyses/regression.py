@@ -138,8 +138,9 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 from pydantic import Field
-from scipy import special, stats
+from scipy import special
 
+from analyses._lazy import stats
 from analyses.base import Analysis, AnalysisContext, Arrays, NextRound, Params
 from analyses.registry import analysis
 from analyses.results import AnalysisResult

@@ -23,8 +23,8 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 from pydantic import Field
-from scipy import stats
 
+from analyses._lazy import stats
 from analyses.base import Analysis, AnalysisContext, Arrays, Params
 from analyses.registry import analysis
 from analyses.results import AnalysisResult

@@ -246,7 +246,8 @@ class LocalFederation:
         self.start_coordinator()
         for site in self.sites:
             self.start_site(site, study.id)
-        self.wait_for_sites([s.name for s in self.sites])
+        # Each site process imports and loads its data on start; on a small machine they queue.
+        self.wait_for_sites([s.name for s in self.sites], STARTUP_SECONDS + 2.0 * len(self.sites))
         self.create_study(study)
 
     def create_study(self, study: StudyConfig) -> None:
