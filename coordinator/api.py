@@ -48,6 +48,7 @@ def create_app(
     """The FastAPI application over a store, a site registry and a scheduler."""
     app = FastAPI(title="Alliance coordinator", version="0.1.0")
     running: dict[str, asyncio.Task[dict[str, Any]]] = {}
+    open_studies: dict[str, StudyConfig] = {}
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -92,10 +93,16 @@ def create_app(
         return check
 
     def load_study(study_id: str) -> tuple[StudyConfig, str]:
+        # Studies change only through this API (create, close), so a parsed copy is kept.
+        if study_id in open_studies:
+            return open_studies[study_id], "open"
         found = store.study(study_id)
         if found is None:
             raise APIError(404, f"study {study_id!r} does not exist")
-        return StudyConfig.model_validate(found["config"]), found["status"]
+        study = StudyConfig.model_validate(found["config"])
+        if found["status"] == "open":
+            open_studies[study_id] = study
+        return study, found["status"]
 
     async def body_json(request: Request) -> Any:
         try:
@@ -147,6 +154,7 @@ def create_app(
     ) -> dict[str, Any]:
         load_study(study_id)
         await asyncio.to_thread(store.close_study, study_id, who.user)
+        open_studies.pop(study_id, None)
         return {"ok": True, "study": study_id, "status": "closed"}
 
     @app.post("/api/studies/{study_id}/requests")
@@ -160,7 +168,7 @@ def create_app(
         if status != "open":
             raise APIError(409, f"study {study_id!r} is {status}; it takes no more requests")
         body = parse_model(AnalysisRequest, await body_json(request), "request")
-        scheduler.validate(study, body)  # bad requests fail here, before any task leaves
+        params = scheduler.validate(study, body)  # bad requests fail here, before any task leaves
         request_id = uuid.uuid4().hex[:16]
         body_json_out = body.model_dump(mode="json")
         # Store calls run inline: each is a sub-millisecond transaction, and a thread hop per
@@ -171,7 +179,7 @@ def create_app(
             result: dict[str, Any] | None = None
             error: str | None = None
             try:
-                result = (await scheduler.run(study, body, who.user, request_id)).to_dict()
+                result = (await scheduler.run(study, body, who.user, request_id, params)).to_dict()
             except RequestFailed as exc:
                 error = str(exc)
                 result = {"analysis": body.analysis, "sites": [vars(s) for s in exc.sites]}

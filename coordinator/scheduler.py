@@ -100,8 +100,12 @@ class Scheduler:
         request: AnalysisRequest,
         researcher: str,
         request_id: str | None = None,
+        params: Any = None,
     ) -> AnalysisResult:
         """Run ``request`` in ``study`` and return its result object.
+
+        ``params`` are the parameters :meth:`validate` returned, when the caller validated
+        the request already (the HTTP API does, before it stores the request).
 
         Raises:
             ValidationError: the request is invalid (nothing was sent to any site).
@@ -110,7 +114,8 @@ class Scheduler:
         started = time.perf_counter()
         request_id = request_id or uuid.uuid4().hex[:16]
         analysis = get_analysis(request.analysis)
-        params = self.validate(study, request)
+        if params is None:
+            params = self.validate(study, request)
         mode = study.privacy.mode
         epsilon = request.epsilon or study.privacy.epsilon_per_request
         ctx = AnalysisContext(self.dictionary, mode, SDCThresholds())
