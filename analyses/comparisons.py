@@ -141,16 +141,12 @@ class TTestResult(AnalysisResult):
             self.summary.to_string(),
             f"t = {self.t:.4f}, dof = {self.dof:.2f}, p = {self.p:.4g}",
         ]
-        lines.extend(f"  {s.name}: {s.status}: {s.reason}" for s in self.sites if s.status != "ok")
-        lines.extend(f"  note: {note}" for note in self.notes)
+        lines.extend(self._footer())
         return "\n".join(lines)
 
     def plot(self, ax: Any = None) -> Any:
         """Each group's mean with its confidence interval."""
-        import matplotlib.pyplot as plt
-
-        if ax is None:
-            _, ax = plt.subplots()
+        ax = self._axes(ax)
         groups = list(self.groups.values())
         means = np.array([g["mean"] for g in groups])
         lower = means - np.array([g["ci_lower"] for g in groups])
@@ -359,16 +355,12 @@ class CorrelationResult(AnalysisResult):
             f"Pearson correlations, {self.n:.0f} complete cases",
             self.summary.round(4).to_string(),
         ]
-        lines.extend(f"  {s.name}: {s.status}: {s.reason}" for s in self.sites if s.status != "ok")
-        lines.extend(f"  note: {note}" for note in self.notes)
+        lines.extend(self._footer())
         return "\n".join(lines)
 
     def plot(self, ax: Any = None) -> Any:
         """Heatmap of the matrix, annotated."""
-        import matplotlib.pyplot as plt
-
-        if ax is None:
-            _, ax = plt.subplots()
+        ax = self._axes(ax)
         matrix = self.summary.to_numpy()
         image = ax.imshow(matrix, cmap="RdBu_r", vmin=-1, vmax=1)
         ax.figure.colorbar(image, ax=ax, label="r")

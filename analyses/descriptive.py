@@ -254,10 +254,7 @@ class HistogramResult(AnalysisResult):
         return frame
 
     def plot(self, ax: Any = None) -> Any:
-        import matplotlib.pyplot as plt
-
-        if ax is None:
-            _, ax = plt.subplots()
+        ax = self._axes(ax)
         edges = np.asarray(self.edges)
         groups = self.counts if isinstance(self.counts, dict) else {"all": self.counts}
         for label, counts in groups.items():

@@ -375,16 +375,12 @@ class QuantilesResult(AnalysisResult):
             f"quantiles of {self.variable} ({self.method}, {self.rounds} round(s))",
             self.summary.to_string(),
         ]
-        lines.extend(f"  {s.name}: {s.status}: {s.reason}" for s in self.sites if s.status != "ok")
-        lines.extend(f"  note: {note}" for note in self.notes)
+        lines.extend(self._footer())
         return "\n".join(lines)
 
     def plot(self, ax: Any = None) -> Any:
         """Each quantile as a point on the variable's axis (y: its probability), with bounds."""
-        import matplotlib.pyplot as plt
-
-        if ax is None:
-            _, ax = plt.subplots()
+        ax = self._axes(ax)
         probs = list(self.quantiles)
         values = np.array([self.quantiles[p] for p in probs])
         lower = values - np.array([self.intervals[p][0] for p in probs])

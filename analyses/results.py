@@ -105,20 +105,27 @@ class AnalysisResult:
         n = f"{self.n:.0f}" if self.privacy.mode != "dp" else f"~{self.n:.0f}"
         return f"<{type(self).__name__} {sites} sites, n={n}, {self.privacy.mode}>"
 
-    def __str__(self) -> str:
-        lines = [self._header(), self.summary.to_string()]
-        refused = [s for s in self.sites if s.status != "ok"]
-        for site in refused:
-            lines.append(f"  {site.name}: {site.status}: {site.reason}")
+    def _footer(self) -> list[str]:
+        """Lines for the sites that gave nothing and the result's notes."""
+        lines = [f"  {s.name}: {s.status}: {s.reason}" for s in self.sites if s.status != "ok"]
         lines.extend(f"  note: {note}" for note in self.notes)
-        return "\n".join(lines)
+        return lines
+
+    @staticmethod
+    def _axes(ax: Any) -> Any:
+        """``ax``, or a new matplotlib Axes when none is given."""
+        if ax is None:
+            import matplotlib.pyplot as plt
+
+            _, ax = plt.subplots()
+        return ax
+
+    def __str__(self) -> str:
+        return "\n".join([self._header(), self.summary.to_string(), *self._footer()])
 
     def plot(self, ax: Any = None) -> Any:
         """Draw the result; returns the matplotlib Axes."""
-        import matplotlib.pyplot as plt
-
-        if ax is None:
-            _, ax = plt.subplots()
+        ax = self._axes(ax)
         self.summary.plot(kind="bar", ax=ax, legend=False)
         ax.set_title(self._header())
         return ax

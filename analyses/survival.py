@@ -504,10 +504,7 @@ class KaplanMeierResult(AnalysisResult):
 
     def plot(self, ax: Any = None) -> Any:
         """Step curves with their confidence bands, one per group level."""
-        import matplotlib.pyplot as plt
-
-        if ax is None:
-            _, ax = plt.subplots()
+        ax = self._axes(ax)
         for level, curve in self.curves.items():
             if not curve["times"]:
                 continue
@@ -678,10 +675,7 @@ class LogrankResult(AnalysisResult):
 
     def plot(self, ax: Any = None) -> Any:
         """Observed and expected events per group level."""
-        import matplotlib.pyplot as plt
-
-        if ax is None:
-            _, ax = plt.subplots()
+        ax = self._axes(ax)
         self.summary.plot(kind="bar", ax=ax)
         ax.set_ylabel("events")
         ax.set_title(f"log-rank chi2={self.chi2:.2f}, dof={self.dof}, p={self.p:.3g}")
@@ -1032,10 +1026,7 @@ class CoxResult(AnalysisResult):
 
     def plot(self, ax: Any = None) -> Any:
         """Forest plot of the log hazard ratios with their confidence intervals."""
-        import matplotlib.pyplot as plt
-
-        if ax is None:
-            _, ax = plt.subplots()
+        ax = self._axes(ax)
         frame = self.summary.iloc[::-1]
         ypos = np.arange(len(frame))
         ax.errorbar(

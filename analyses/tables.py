@@ -161,16 +161,12 @@ class TableResult(AnalysisResult):
             lines.append(
                 f"{self.test}: chi2 = {self.chi2:.4f}, dof = {self.dof}, p = {self.p:.4g}{yates}"
             )
-        lines.extend(f"  {s.name}: {s.status}: {s.reason}" for s in self.sites if s.status != "ok")
-        lines.extend(f"  note: {note}" for note in self.notes)
+        lines.extend(self._footer())
         return "\n".join(lines)
 
     def plot(self, ax: Any = None) -> Any:
         """Heatmap of a two-way table; bars for a one-way table."""
-        import matplotlib.pyplot as plt
-
-        if ax is None:
-            _, ax = plt.subplots()
+        ax = self._axes(ax)
         table = np.asarray(self.table, dtype=np.float64)
         if self.cols is None:
             ax.bar(range(len(table)), table)
@@ -450,8 +446,7 @@ class MantelHaenszelResult(AnalysisResult):
                 f"test of equal odds ratios (Breslow-Day): chi2 = {self.equal_statistic:.4f}, "
                 f"dof = {self.equal_dof}, p = {self.equal_p:.4g}"
             )
-        lines.extend(f"  {s.name}: {s.status}: {s.reason}" for s in self.sites if s.status != "ok")
-        lines.extend(f"  note: {note}" for note in self.notes)
+        lines.extend(self._footer())
         return "\n".join(lines)
 
     def plot(self, ax: Any = None) -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import matplotlib
@@ -18,7 +17,7 @@ from analyses.registry import get_analysis
 from analyses.testing import federate
 from protocol.config import DataDictionary
 from protocol.errors import DisclosureError, ModelError, ValidationError
-from protocol.records import AggregateRecord, Release
+from tests import dp_noise
 
 matplotlib.use("Agg")
 
@@ -42,30 +41,8 @@ def release_dp(
     epsilon: float,
     rng: np.random.Generator,
 ) -> Any:
-    """What the site engine does in dp mode: discrete Laplace (integer) or Laplace noise of
-    scale sensitivity / (epsilon * share / total share) on every declared array."""
-    analysis = get_analysis(name)
-    params = analysis.parse_params(raw, DICTIONARY)
-    ctx = AnalysisContext(DICTIONARY, "dp")
-    spec = analysis.declare(params, ctx)
-    shares = sum(s.budget_share for s in spec.arrays.values())
-    records = {}
-    for site, frame in frames.items():
-        exact = analysis.local(frame, params, ctx)
-        noisy, releases = {}, {}
-        for key, s in spec.arrays.items():
-            eps = epsilon * s.budget_share / shares
-            scale = s.sensitivity / eps
-            if s.integer:
-                q = 1 - math.exp(-1 / scale)
-                noise = rng.geometric(q, s.shape) - rng.geometric(q, s.shape)
-                releases[key] = Release("discrete_laplace", scale, eps)
-            else:
-                noise = rng.laplace(0, scale, s.shape)
-                releases[key] = Release("laplace", scale, eps)
-            noisy[key] = exact[key] + noise
-        records[site] = AggregateRecord(spec, exact).with_values(noisy, releases)
-    return analysis.combine(records, params, ctx)
+    """The site engine's dp release, emulated with seeded noise (tests/dp_noise.py)."""
+    return dp_noise.release_dp(name, frames, raw, epsilon, rng, DICTIONARY)
 
 
 def two_groups(rng: np.random.Generator, n: int, shift: float = 5.0) -> pd.DataFrame:

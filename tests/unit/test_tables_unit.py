@@ -20,7 +20,8 @@ from analyses.tables import release_variance
 from analyses.testing import federate
 from protocol.config import DataDictionary
 from protocol.errors import ModelError, ValidationError
-from protocol.records import AggregateRecord, Release
+from protocol.records import Release
+from tests import dp_noise
 
 matplotlib.use("Agg")
 
@@ -59,22 +60,8 @@ def release_dp(
     epsilon: float,
     rng: np.random.Generator,
 ) -> Any:
-    """What the site engine does in dp mode (discrete Laplace on counts)."""
-    analysis = get_analysis(name)
-    params = analysis.parse_params(raw, DICTIONARY)
-    ctx = AnalysisContext(DICTIONARY, "dp")
-    spec = analysis.declare(params, ctx)
-    records = {}
-    for site, data in frames.items():
-        exact = analysis.local(data, params, ctx)
-        noisy, releases = {}, {}
-        for key, s in spec.arrays.items():
-            scale = s.sensitivity / epsilon
-            q = 1 - math.exp(-1 / scale)
-            noisy[key] = exact[key] + rng.geometric(q, s.shape) - rng.geometric(q, s.shape)
-            releases[key] = Release("discrete_laplace", scale, epsilon)
-        records[site] = AggregateRecord(spec, exact).with_values(noisy, releases)
-    return analysis.combine(records, params, ctx)
+    """The site engine's dp release, emulated with seeded noise (tests/dp_noise.py)."""
+    return dp_noise.release_dp(name, frames, raw, epsilon, rng, DICTIONARY)
 
 
 # ----------------------------------------------------------------------------- table
