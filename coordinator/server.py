@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import logging
 import signal
@@ -60,6 +61,9 @@ async def serve(
 ) -> None:
     """Run until SIGINT or SIGTERM; gRPC core's handshake refusals are logged in plain words."""
     dictionary = load_yaml(config.dictionary, DataDictionary)
+    # Analyses import scipy.stats lazily (site nodes never need it); the coordinator's combine
+    # halves do, so pay the import at start rather than in the first request.
+    importlib.import_module("scipy.stats")
     store = Store(config.store)
     registry = SiteRegistry(store, dictionary.digest())
     scheduler = Scheduler(registry, dictionary, config.task_timeout_seconds)
