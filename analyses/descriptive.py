@@ -141,8 +141,9 @@ class Mean(Analysis[MeanParams]):
         half = (high - low) / 2
         return RecordSpec(
             {
+                # Half the budget to the sum: it carries most of the mean's noise.
                 "n": ArraySpec((), kind="count", sensitivity=1.0, integer=True),
-                "sum": ArraySpec((), kind="sum", sensitivity=half),
+                "sum": ArraySpec((), kind="sum", sensitivity=half, budget_share=2.0),
                 "sumsq": ArraySpec((), kind="sum", sensitivity=half * half),
             }
         )
