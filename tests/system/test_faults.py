@@ -187,3 +187,34 @@ def test_a_coordinator_that_is_down_gives_one_clear_line(tmp_path: Path) -> None
         "error: the coordinator at http://127.0.0.1:9 is not reachable (connection refused); "
         "is `alliance coordinator serve` running?"
     ]
+
+
+def test_an_iterative_dp_analysis_spends_exactly_its_epsilon(
+    dp_federation: LocalFederation,
+) -> None:
+    before = _spent(dp_federation, "cleveland")
+    with dp_federation.researcher() as client:
+        result = client.run(
+            "s1",
+            {
+                "analysis": "glm",
+                "epsilon": 0.8,
+                "params": {
+                    "formula": "disease ~ age + sex",
+                    "family": "binomial",
+                    "dp_iterations": 4,
+                },
+            },
+        )
+    ok = [s for s in result["sites"] if s["status"] == "ok"]
+    assert ok, result["sites"]
+    # The request's epsilon is split evenly over the fixed rounds, each charged before release.
+    assert result["timings"]["rounds"] == 4
+    for site in ok:
+        assert site["epsilon"] == pytest.approx(0.8)
+    assert _spent(dp_federation, "cleveland") == pytest.approx(before + 0.8)
+    assert result["privacy"]["mode"] == "dp"
+    assert result["privacy"]["epsilon_per_site"] == pytest.approx(0.8)
+    for term in ("Intercept", "age", "sex[T.1]"):
+        coef = result["coefficients"][term]
+        assert coef["std_error"] > 0  # includes the noise
