@@ -6,21 +6,13 @@ data folder is present, DataSHIELD's CNSIM1/2/3.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 import pytest
 from scipy import stats
 
 import analyses  # noqa: F401  (registers every analysis)
 from analyses.testing import federate
-from protocol.config import DataDictionary, load_yaml
-from site_node.harmonize import conform
-
-REPO = Path(__file__).resolve().parents[2]
-CNSIM_DIR = REPO.parent / "shared" / "data" / "cnsim"
-CNSIM_DICTIONARY = REPO / "simulations" / "configs" / "cnsim_dictionary.yaml"
-
+from protocol.config import DataDictionary
 
 # ----------------------------------------------------------------------------- ttest
 
@@ -87,33 +79,6 @@ def test_heart_correlation_equals_pandas_on_complete_cases(
 
 
 # ----------------------------------------------------------------------------- CNSIM
-
-
-@pytest.fixture(scope="module")
-def cnsim() -> tuple[dict[str, pd.DataFrame], DataDictionary]:
-    if not CNSIM_DIR.is_dir():
-        pytest.skip(f"DataSHIELD's CNSIM data are not at {CNSIM_DIR} (shared data folder absent)")
-    if CNSIM_DICTIONARY.exists():
-        dictionary = load_yaml(CNSIM_DICTIONARY, DataDictionary)
-    else:
-        numeric = {"type": "numeric", "min": -10, "max": 80}
-        dictionary = DataDictionary.model_validate(
-            {
-                "variables": {
-                    "LAB_TSC": {"type": "numeric", "min": 0, "max": 20},
-                    "LAB_TRIG": numeric,
-                    "LAB_HDL": numeric,
-                    "PM_BMI_CONTINUOUS": numeric,
-                    "GENDER": {"type": "categorical", "levels": [0, 1]},
-                }
-            }
-        )
-    frames = {}
-    for i in (1, 2, 3):
-        raw = pd.read_csv(CNSIM_DIR / f"CNSIM{i}.csv", index_col=0)  # first column: row names
-        raw.columns = [c.strip() for c in raw.columns]  # header names carry trailing blanks
-        frames[f"cnsim{i}"] = conform(raw[list(dictionary.variables)], dictionary)[0]
-    return frames, dictionary
 
 
 def test_cnsim_ttest_lab_tsc_by_gender_equals_scipy(

@@ -8,7 +8,6 @@ terms as formulaic does (``sex[T.1]``).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,13 +20,8 @@ import analyses  # noqa: F401  (registers every analysis)
 from analyses.base import AnalysisContext
 from analyses.registry import get_analysis
 from analyses.testing import federate
-from protocol.config import DataDictionary, SDCThresholds, load_yaml
+from protocol.config import DataDictionary, SDCThresholds
 from protocol.errors import DisclosureError
-from site_node.harmonize import conform
-
-REPO = Path(__file__).resolve().parents[2]
-CNSIM_DIR = REPO.parent / "shared" / "data" / "cnsim"
-CNSIM_DICTIONARY = REPO / "simulations" / "configs" / "cnsim_dictionary.yaml"
 
 
 def with_levels(frame: pd.DataFrame, dictionary: DataDictionary, names: list[str]) -> pd.DataFrame:
@@ -135,24 +129,6 @@ def test_heart_sdc_refuses_small_sites_and_stays_exact_on_the_rest(
 
 
 # ----------------------------------------------------------------------------- CNSIM
-
-
-@pytest.fixture(scope="module")
-def cnsim() -> tuple[dict[str, pd.DataFrame], DataDictionary]:
-    paths = [CNSIM_DIR / f"CNSIM{i}.csv" for i in (1, 2, 3)]
-    if not all(p.exists() for p in paths):
-        pytest.skip(f"DataSHIELD's CNSIM data not found in {CNSIM_DIR} (GPL-3, not shipped)")
-    dictionary = load_yaml(CNSIM_DICTIONARY, DataDictionary)
-    frames = {}
-    for i, path in enumerate(paths, start=1):
-        raw = pd.read_csv(path, index_col=0)  # first column: row names
-        raw.columns = [c.strip() for c in raw.columns]  # header names carry trailing blanks
-        frame, report = conform(raw, dictionary)
-        # The dictionary's bounds must hold every record, or published results would shift.
-        assert not (report.below_min or report.above_max or report.unknown_levels)
-        assert not report.unknown_columns and not report.missing_columns
-        frames[f"study{i}"] = frame
-    return frames, dictionary
 
 
 def test_cnsim_logistic_matches_datashield_and_statsmodels(

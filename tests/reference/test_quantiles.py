@@ -7,20 +7,14 @@ mean 5.85192485623003).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 
 import analyses  # noqa: F401  (registers every analysis)
 from analyses.testing import federate
-from protocol.config import DataDictionary, load_yaml
-from site_node.harmonize import conform
+from protocol.config import DataDictionary
 
-REPO = Path(__file__).resolve().parents[2]
-CNSIM_DIR = REPO.parent / "shared" / "data" / "cnsim"
-CNSIM_DICTIONARY = REPO / "simulations" / "configs" / "cnsim_dictionary.yaml"
 PROBS = [0.01, 0.05, 0.1, 0.25, 1 / 3, 0.5, 0.75, 0.9, 0.95, 0.99]
 
 
@@ -96,27 +90,6 @@ def test_heart_quantiles_dp_path_without_noise_is_within_one_bin(
 
 
 # ----------------------------------------------------------------------------- CNSIM
-
-
-def cnsim_dictionary() -> DataDictionary:
-    if CNSIM_DICTIONARY.exists():
-        return load_yaml(CNSIM_DICTIONARY, DataDictionary)
-    return DataDictionary.model_validate(
-        {"variables": {"LAB_TSC": {"type": "numeric", "min": 0, "max": 20}}}
-    )
-
-
-@pytest.fixture(scope="module")
-def cnsim() -> tuple[dict[str, pd.DataFrame], DataDictionary]:
-    if not CNSIM_DIR.is_dir():
-        pytest.skip(f"DataSHIELD's CNSIM data are not at {CNSIM_DIR} (shared data folder absent)")
-    dictionary = cnsim_dictionary()
-    frames = {}
-    for i in (1, 2, 3):
-        raw = pd.read_csv(CNSIM_DIR / f"CNSIM{i}.csv", index_col=0)  # first column: row names
-        raw.columns = [c.strip() for c in raw.columns]  # header names carry trailing blanks
-        frames[f"cnsim{i}"] = conform(raw[list(dictionary.variables)], dictionary)[0]
-    return frames, dictionary
 
 
 def test_cnsim_lab_tsc_quantiles_equal_pooled_numpy(

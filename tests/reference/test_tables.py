@@ -6,7 +6,6 @@ data folder is present, DataSHIELD's CNSIM1/2/3.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,12 +16,7 @@ from statsmodels.stats.contingency_tables import StratifiedTable
 
 import analyses  # noqa: F401  (registers every analysis)
 from analyses.testing import federate
-from protocol.config import DataDictionary, load_yaml
-from site_node.harmonize import conform
-
-REPO = Path(__file__).resolve().parents[2]
-CNSIM_DIR = REPO.parent / "shared" / "data" / "cnsim"
-CNSIM_DICTIONARY = REPO / "simulations" / "configs" / "cnsim_dictionary.yaml"
+from protocol.config import DataDictionary
 
 
 def crosstab(frame: pd.DataFrame, rows: str, cols: str, dictionary: DataDictionary) -> np.ndarray:
@@ -147,31 +141,6 @@ def test_heart_mh_stratified_by_sex_equals_statsmodels(
 
 
 # ----------------------------------------------------------------------------- CNSIM
-
-
-@pytest.fixture(scope="module")
-def cnsim() -> tuple[dict[str, pd.DataFrame], DataDictionary]:
-    if not CNSIM_DIR.is_dir():
-        pytest.skip(f"DataSHIELD's CNSIM data are not at {CNSIM_DIR} (shared data folder absent)")
-    if CNSIM_DICTIONARY.exists():
-        dictionary = load_yaml(CNSIM_DICTIONARY, DataDictionary)
-    else:
-        dictionary = DataDictionary.model_validate(
-            {
-                "variables": {
-                    "MEDI_LPD": {"type": "binary"},
-                    "DIS_DIAB": {"type": "binary"},
-                    "GENDER": {"type": "categorical", "levels": [0, 1]},
-                    "PM_BMI_CATEGORICAL": {"type": "categorical", "levels": [1, 2, 3]},
-                }
-            }
-        )
-    frames = {}
-    for i in (1, 2, 3):
-        raw = pd.read_csv(CNSIM_DIR / f"CNSIM{i}.csv", index_col=0)  # first column: row names
-        raw.columns = [c.strip() for c in raw.columns]  # header names carry trailing blanks
-        frames[f"cnsim{i}"] = conform(raw[list(dictionary.variables)], dictionary)[0]
-    return frames, dictionary
 
 
 def test_cnsim_table_bmi_by_gender_equals_scipy(
