@@ -6,7 +6,7 @@ import asyncio
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 import yaml
@@ -146,23 +146,4 @@ def run_command(
     body = load_yaml(request, AnalysisRequest).model_dump(mode="json", exclude_none=True)
     with _client(url, token) as client:
         result = client.run(study, body)
-    typer.echo(json.dumps(result) if as_json else format_result(result))
-
-
-def format_result(result: dict[str, Any]) -> str:
-    """A plain-text rendering of a result's JSON contract."""
-    skip = {"sites", "privacy", "timings", "notes"}
-    lines = [f"{result['analysis']}: n = {result.get('n')}"]
-    for key, value in result.items():
-        if key not in skip and key not in ("analysis", "n"):
-            lines.append(f"  {key}: {json.dumps(value)}")
-    privacy = result.get("privacy", {})
-    lines.append(f"  privacy: {privacy.get('mode')} ({privacy.get('guarantee')})")
-    for site in result.get("sites", []):
-        extra = f": {site['reason']}" if site.get("reason") else ""
-        lines.append(
-            f"  site {site['name']}: {site['status']}, records {site.get('records')}, "
-            f"epsilon {site.get('epsilon', 0):.3g}{extra}"
-        )
-    lines.extend(f"  note: {note}" for note in result.get("notes", []))
-    return "\n".join(lines)
+    typer.echo(json.dumps(result.to_dict()) if as_json else str(result))

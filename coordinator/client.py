@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 
+from analyses.results import ResultView
 from protocol.errors import AllianceError, LinkError
 
 
@@ -107,14 +108,18 @@ class AllianceClient:
             json=request,
         )
 
-    def run(self, study_id: str, request: dict[str, Any]) -> dict[str, Any]:
-        """Submit, wait, and return the result (raises when the request failed)."""
+    def run(self, study_id: str, request: dict[str, Any]) -> ResultView:
+        """Submit, wait, and return the result (raises when the request failed).
+
+        The result reads as the JSON contract (``result["mean"]``) and has ``.summary``,
+        ``print()`` and ``.plot()`` like the in-process result objects.
+        """
         body = self.submit(study_id, request, wait=True)
         if body.get("status") != "done":
             raise APIRequestError(
                 200, body.get("error") or "the request failed", [body.get("error") or ""]
             )
-        return dict(body["result"])
+        return ResultView(body["result"])
 
     def request(self, request_id: str) -> dict[str, Any]:
         """A request's status and result."""

@@ -1,0 +1,77 @@
+"""Results received over the API read like the in-process result objects."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pandas as pd
+import pytest
+
+from analyses.results import ResultView
+from analyses.testing import federate
+
+CASES = [
+    ("count", {}),
+    ("mean", {"variable": "chol"}),
+    ("histogram", {"variable": "age", "edges": [20, 40, 60, 80]}),
+    ("quantiles", {"variable": "age", "probs": [0.25, 0.5]}),
+    ("table", {"rows": "cp", "cols": "disease"}),
+    ("mantel_haenszel", {"exposure": "exang", "outcome": "disease"}),
+    ("ttest", {"variable": "age", "group": "disease"}),
+    ("correlation", {"variables": ["age", "thalach"]}),
+    ("glm", {"formula": "disease ~ age + sex", "family": "binomial"}),
+]
+
+
+@pytest.mark.parametrize(("name", "params"), CASES, ids=[c[0] for c in CASES])
+def test_a_received_result_has_summary_print_and_plot(name, params, heart_frames, heart_dict):
+    local = federate(name, heart_frames, params, heart_dict)
+    view = ResultView(local.to_dict())
+    assert view.to_dict() == local.to_dict()
+    assert view["analysis"] == name
+    summary = view.summary
+    assert isinstance(summary, pd.DataFrame) and not summary.empty
+    assert str(view).startswith(f"<{name} result 4 sites, n=")
+    assert view.plot() is not None
+
+
+def test_glm_view_matches_the_object(heart_frames, heart_dict):
+    params = {"formula": "disease ~ age + sex", "family": "binomial"}
+    local = federate("glm", heart_frames, params, heart_dict)
+    view = ResultView(local.to_dict())
+    assert view.coef("age") == local.coef("age")
+    assert set(view.summary.index) == {"Intercept", "sex[T.1]", "age"}
+    assert (
+        view.summary.loc["age", "std_error"] == local.to_dict()["coefficients"]["age"]["std_error"]
+    )
+
+
+def test_kaplan_meier_view_is_a_curve(tmp_path):
+    import numpy as np
+
+    from protocol.config import DataDictionary
+
+    dictionary = DataDictionary.model_validate(
+        {
+            "variables": {
+                "time": {"type": "numeric", "min": 0, "max": 100},
+                "event": {"type": "binary"},
+            }
+        }
+    )
+    rng = np.random.default_rng(3)
+    frames = {
+        f"s{i}": pd.DataFrame(
+            {
+                "time": rng.integers(1, 90, 200).astype(float),
+                "event": rng.integers(0, 2, 200).astype(float),
+            }
+        )
+        for i in range(2)
+    }
+    local = federate("kaplan_meier", frames, {"time": "time", "event": "event"}, dictionary)
+    view = ResultView(local.to_dict())
+    assert list(view.summary["survival"]) == local.to_dict()["survival"]
+    assert view.plot() is not None
