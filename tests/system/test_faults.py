@@ -218,3 +218,38 @@ def test_an_iterative_dp_analysis_spends_exactly_its_epsilon(
     for term in ("Intercept", "age", "sex[T.1]"):
         coef = result["coefficients"][term]
         assert coef["std_error"] > 0  # includes the noise
+
+
+def test_a_site_that_crashes_mid_task_gets_the_task_again_when_it_returns(
+    tmp_path: Path,
+) -> None:
+    from protocol.config import StudyConfig
+    from simulations.federation import SiteSpec
+    from simulations.heart import heart_dictionary, heart_source
+
+    sites = [SiteSpec(n, heart_source(n), mode="off") for n in ("cleveland", "va")]
+    federation = LocalFederation(sites, heart_dictionary(), tmp_path, task_timeout=60.0)
+    try:
+        federation.start(
+            StudyConfig.model_validate({"id": "s1", "title": "crash", "privacy": {"mode": "off"}})
+        )
+        va = federation.site_procs["va"]
+        va.send_signal(signal.SIGSTOP)  # the task will arrive while va is frozen ...
+        with federation.researcher() as client:
+            accepted = client.submit("s1", {"analysis": "count"}, wait=False)
+            time.sleep(1.0)
+            va.send_signal(signal.SIGKILL)  # ... and va dies before answering it
+            va.wait(timeout=30)
+            federation.site_procs.pop("va")
+            federation.start_site(sites[1], "s1")  # restarted with its state folder intact
+            deadline = time.monotonic() + 60
+            while (body := client.request(accepted["request_id"]))["status"] == "running":
+                assert time.monotonic() < deadline, "the request hung"
+                time.sleep(0.2)
+        statuses = {s["name"]: s["status"] for s in body["result"]["sites"]}
+        assert statuses == {"cleveland": "ok", "va": "ok"}  # the same task id was sent again
+        assert body["result"]["count"] == 303 + 200
+        log = (federation.coordinator_dir / "coordinator.log").read_text()
+        assert "site va reconnected" in log or "site va connected" in log
+    finally:
+        federation.stop()
