@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -34,15 +35,8 @@ DICTIONARY = DataDictionary.model_validate(
 )
 
 
-def release_dp(
-    name: str,
-    frames: dict[str, pd.DataFrame],
-    raw: dict[str, Any],
-    epsilon: float,
-    rng: np.random.Generator,
-) -> Any:
-    """The site engine's dp release, emulated with seeded noise (tests/dp_noise.py)."""
-    return dp_noise.release_dp(name, frames, raw, epsilon, rng, DICTIONARY)
+#: The site engine's dp release, emulated with seeded noise (tests/dp_noise.py).
+release_dp = functools.partial(dp_noise.release_dp, dictionary=DICTIONARY)
 
 
 def two_groups(rng: np.random.Generator, n: int, shift: float = 5.0) -> pd.DataFrame:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from typing import Any
@@ -53,15 +54,8 @@ def expand(table: list[list[int]], rows: str, cols: str, levels: tuple[Any, Any]
     return frame(**{rows: [r for r, _ in out], cols: [c for _, c in out]})
 
 
-def release_dp(
-    name: str,
-    frames: dict[str, pd.DataFrame],
-    raw: dict[str, Any],
-    epsilon: float,
-    rng: np.random.Generator,
-) -> Any:
-    """The site engine's dp release, emulated with seeded noise (tests/dp_noise.py)."""
-    return dp_noise.release_dp(name, frames, raw, epsilon, rng, DICTIONARY)
+#: The site engine's dp release, emulated with seeded noise (tests/dp_noise.py).
+release_dp = functools.partial(dp_noise.release_dp, dictionary=DICTIONARY)
 
 
 # ----------------------------------------------------------------------------- table
