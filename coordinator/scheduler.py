@@ -4,7 +4,7 @@ Single-round analyses take one round; iterative ones (GLM, Cox, exact quantiles)
 ``NextRound`` from ``combine`` until they finish. A site that refuses, drops or times out is
 reported by name with its status and reason; the request goes on with the others. If the set
 of contributing sites changes after the first round of an iterative analysis, the iteration
-restarts once without that site, so every round pools the same sites.
+restarts without the sites that left, so every round pools the same sites.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ class Scheduler:
             "site_wait_seconds": 0.0,
             "max_site_compute_seconds": 0.0,
         }
-        restarted = False
+        restarts = 0
         state = analysis.initial_state(params, ctx)
         round_no = 0
         while True:
@@ -202,9 +202,10 @@ class Scheduler:
                 raise RequestFailed(
                     f"no site contributed ({reasons})", [s.contribution for s in sites.values()]
                 )
-            if round_no > 0 and len(records) < len(active) and not restarted:
-                # The pooled sums changed under the iteration: start again without that site.
-                restarted = True
+            if round_no > 0 and len(records) < len(active):
+                # The pooled sums changed under the iteration: start again without the site(s)
+                # that left. Each restart drops at least one site, so restarts are bounded.
+                restarts += 1
                 state, round_no = analysis.initial_state(params, ctx), 0
                 continue
             effective = modes[0]
@@ -233,9 +234,11 @@ class Scheduler:
                 epsilon_per_site=spent,
                 guarantee=_guarantee(effective, spent),
             )
-            if restarted:
+            if restarts:
                 result.notes.append(
-                    "a site left during the iteration; the fit was restarted without it"
+                    f"sites left during the iteration; it restarted {restarts} time(s) without "
+                    "them, so every round pooled the same sites (in dp mode the restarted rounds "
+                    "were charged too)"
                 )
             timings["total_seconds"] = time.perf_counter() - started
             result.timings = timings
