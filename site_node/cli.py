@@ -17,12 +17,14 @@ from site_node.runtime import SiteRuntime
 log = logging.getLogger("alliance.site")
 
 
-def load_site(config_path: Path, insecure: bool = False) -> tuple[SiteConfig, SiteRuntime]:
+def load_site(
+    config_path: Path, insecure: bool = False, record_start: bool = True
+) -> tuple[SiteConfig, SiteRuntime]:
     """Load a site's config and data, log the data check, and return the runtime."""
     config = load_yaml(config_path, SiteConfig)
     if insecure:
         config = config.model_copy(update={"tls": None, "insecure": True})
-    runtime = SiteRuntime.from_config(config)
+    runtime = SiteRuntime.from_config(config, record_start)
     for line in runtime.report.lines():
         log.info("data check: %s", line)
     if not config.policy.allowed_analyses or not config.policy.studies:
@@ -78,7 +80,7 @@ def site_serve(
 @site_app.command("check")
 def site_check(config: CONFIG) -> None:
     """Check the config, the data against the dictionary, and the audit log; change nothing."""
-    settings, runtime = load_site(config)
+    settings, runtime = load_site(config, record_start=False)
     try:
         for line in runtime.report.lines():
             typer.echo(f"data: {line}")

@@ -71,16 +71,21 @@ class SiteRuntime:
         self._filter_cache: OrderedDict[str, pd.DataFrame] = OrderedDict()
 
     @classmethod
-    def from_config(cls, config: SiteConfig) -> SiteRuntime:
-        """Load the dictionary and the data, and check the data against the dictionary."""
+    def from_config(cls, config: SiteConfig, record_start: bool = True) -> SiteRuntime:
+        """Load the dictionary and the data, and check the data against the dictionary.
+
+        ``record_start`` audits the start; ``alliance site check`` passes False, because a
+        check changes nothing, the audit log included.
+        """
         dictionary = load_yaml(config.dictionary, DataDictionary)
         raw = load(config.data)
         data, report = conform(raw, dictionary, config.data.rename, config.data.derive)
         runtime = cls(config, dictionary, data, report)
-        runtime.store.audit(
-            "site_started",
-            {"version": VERSION, "records": len(data), "dictionary": runtime._digest},
-        )
+        if record_start:
+            runtime.store.audit(
+                "site_started",
+                {"version": VERSION, "records": len(data), "dictionary": runtime._digest},
+            )
         return runtime
 
     def close(self) -> None:
