@@ -82,7 +82,8 @@ def _render(title: str, result: dict[str, Any]) -> None:
                 f"spent epsilon {site['epsilon']:.2f}"
             )
         else:
-            _out(f"  - {site['name']:<12} {site['status'].upper()}: {site['reason']}")
+            reason = str(site["reason"]).removeprefix(f"refused by {site['name']}: ")
+            _out(f"  - {site['name']:<12} {site['status'].upper()}: {reason}")
 
 
 def _ledger(db_path: Path) -> tuple[float, int, bool]:
@@ -153,6 +154,13 @@ def run_demo(keep: Path | None = None) -> None:
             )
         coordinator_ok = _coordinator_audit(federation.coordinator_dir / "coordinator.db")
         _out(f"  coordinator audit log: {'intact' if coordinator_ok else 'BROKEN'}")
+        _out(
+            "\nWhat happened: each hospital answered only what its own policy allows, added "
+            "noise\nbefore anything left, and charged its own ledger first. VA Long Beach's "
+            f"admin set a\nbudget of {BUDGETS['va']:g}, so VA refused the request that would "
+            "have passed it; the study\nwent on with the other three, and the refusal is in "
+            "VA's audit log and in the result."
+        )
         _out(f"\nDone in {time.monotonic() - started:.1f} s; every process has shut down.")
         if keep:
             _out(
