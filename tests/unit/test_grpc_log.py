@@ -6,6 +6,7 @@ import pytest
 
 from coordinator.grpc_log import describe_handshake_failure
 
+HANDSHAKE = "Handshake failed with error SSL_ERROR_SSL: error:"
 PREFIX = "I0000 00:00:1763840000.1 12795 ssl_transport_security.cc:2563] "
 
 
@@ -13,17 +14,17 @@ PREFIX = "I0000 00:00:1763840000.1 12795 ssl_transport_security.cc:2563] "
     ("core_line", "reason"),
     [
         (
-            "Handshake failed with error SSL_ERROR_SSL: error:1000007d:SSL routines:OPENSSL_internal"
+            HANDSHAKE + "1000007d:SSL routines:OPENSSL_internal"
             ":CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate",
             "its certificate was not issued by the alliance CA",
         ),
         (
-            "Handshake failed with error SSL_ERROR_SSL: error:100000c0:SSL routines:OPENSSL_internal"
+            HANDSHAKE + "100000c0:SSL routines:OPENSSL_internal"
             ":PEER_DID_NOT_RETURN_A_CERTIFICATE: Invalid certificate verification context",
             "it presented no certificate",
         ),
         (
-            "Handshake failed with error SSL_ERROR_SSL: error:100000f7:SSL routines:OPENSSL_internal"
+            HANDSHAKE + "100000f7:SSL routines:OPENSSL_internal"
             ":WRONG_VERSION_NUMBER: Invalid certificate verification context",
             "it did not speak TLS (a site configured with insecure: true?)",
         ),
