@@ -22,7 +22,7 @@ from analyses.registry import get_analysis
 from analyses.testing import federate
 from protocol.config import DataDictionary, SDCThresholds
 from protocol.errors import DisclosureError, ModelError, ValidationError
-from protocol.records import AggregateRecord, Release
+from tests import dp_noise
 
 matplotlib.use("Agg")
 
@@ -326,23 +326,12 @@ def federate_dp(
     for round_no in range(rounds):
         round_ctx = ctx("dp", round_no, state, dictionary)
         spec = GLM.declare(parsed, round_ctx)
-        shares = sum(a.budget_share for a in spec.arrays.values())
-        records = {}
-        for site, frame in frames.items():
-            exact = GLM.local(frame, parsed, round_ctx)
-            values, releases = {}, {}
-            for name, array in spec.arrays.items():
-                eps = epsilon / rounds * array.budget_share / shares
-                scale = array.sensitivity / eps
-                if array.integer:
-                    q = 1 - np.exp(-1 / scale)
-                    noise = rng.geometric(q, array.shape) - rng.geometric(q, array.shape)
-                    releases[name] = Release("discrete_laplace", scale, eps)
-                else:
-                    noise = rng.laplace(0.0, scale, array.shape)
-                    releases[name] = Release("laplace", scale, eps)
-                values[name] = exact[name] + noise
-            records[site] = AggregateRecord(spec, values, releases)
+        records = {
+            site: dp_noise.noisy_record(
+                spec, GLM.local(frame, parsed, round_ctx), epsilon / rounds, rng
+            )
+            for site, frame in frames.items()
+        }
         out = GLM.combine(records, parsed, round_ctx)
         if isinstance(out, NextRound):
             state = out.state
