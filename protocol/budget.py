@@ -85,3 +85,17 @@ class ZCDP:
 
     def __str__(self) -> str:
         return f"rho {self.rho:.4g}"
+
+
+def over_request_cap(study_id: str, requested: PureDP, cap: PureDP) -> str:
+    """The one message for a request above a study's epsilon per request.
+
+    The coordinator refuses such a request before any task leaves, and every site refuses the
+    task again with its approval's own cap, in the same words (a site prefixes its name).
+    """
+    return (
+        f"study {study_id} allows epsilon {cap.epsilon:.4g} per request at each site; this "
+        f"request asks for {requested.epsilon:.4g} (over by "
+        f"{requested.epsilon - cap.epsilon:.4g}). Lower `epsilon` in the request, or ask the "
+        "alliance lead to amend the study"
+    )
