@@ -29,6 +29,11 @@ from protocol.records import AggregateRecord, ArraySpec, RecordSpec
 
 FloatArray = npt.NDArray[np.float64]
 
+#: A pooled sum of squared deviations at most this fraction of the sum of squares it was taken
+#: from is a constant's rounding residue (of either sign, as machines sum in different orders),
+#: not a spread: the summation error of up to a million terms stays below it.
+_CONSTANT = 1e-10
+
 
 def _require_numeric(dictionary: DataDictionary, name: str) -> NumericVariable:
     var = dictionary.variable(name)
@@ -243,7 +248,9 @@ class TTest(Analysis[TTestParams]):
                     f"{params.variable} at all sites{noisy}; a t-test needs at least 2 per group"
                 )
         shifted_mean = total / n
-        variance = np.maximum((total_sq - total * shifted_mean) / (n - 1), 0.0)
+        spread = total_sq - total * shifted_mean
+        spread = np.where(spread <= _CONSTANT * np.abs(total_sq), 0.0, spread)
+        variance = np.maximum(spread / (n - 1), 0.0)
         sumsq_noise = math.sqrt(_pooled_variance(records, "sumsq"))
         if sumsq_noise > 0 and np.any(variance <= 0):
             raise ModelError(
@@ -530,7 +537,7 @@ def _correlations(n: float, total: FloatArray, cross: FloatArray, p: int) -> Flo
     products = products + np.triu(products, 1).T
     scatter = products - np.outer(total, total) / n
     diagonal = np.diag(scatter)
-    if n < 2 or not np.all(diagonal > 0):
+    if n < 2 or not np.all(diagonal > _CONSTANT * np.abs(np.diag(products))):
         return None
     matrix = scatter / np.sqrt(np.outer(diagonal, diagonal))
     matrix = np.clip(matrix, -1.0, 1.0)

@@ -30,9 +30,15 @@ Rounds.
   ``sex[T.1]``), to which the model is invariant; coefficients are reported on the original
   scale. Step halving guards against a fall of the likelihood; the fit stops when the largest
   Newton step on the scaled covariates is below ``tol``. No events, a singular design (named
-  terms) or a diverging fit (monotone likelihood) raise ``ModelError``. Every declared shape
-  follows from the parameters, the dictionary and the coordinator's state (grid size, m, p),
-  and stays under ``protocol.records.MAX_CELLS`` (checked on the parameters and on m).
+  terms: the information at b = 0 is singular) or a diverging fit (monotone likelihood) raise
+  ``ModelError``. Monotone likelihood is recognised as R's ``coxph`` reports it ("Loglik
+  converged before variable ..."): the log-likelihood stops rising while coefficients keep
+  moving outward by steps that do not shrink. That is decided while the score and information
+  along them are still orders of magnitude above their rounding (measured: about 1e6 times),
+  never from whether a nearly singular solve fails, so the outcome does not depend on the
+  machine's BLAS. Every declared shape follows from the parameters, the dictionary and the
+  coordinator's state (grid size, m, p), and stays under ``protocol.records.MAX_CELLS``
+  (checked on the parameters and on m).
 
 Disclosure control (``sdc``). A count per grid point is often 1 or 2 on a fine grid, which the
 site engine refuses (``kind="count"``, smallest non-zero cell ``min_cell``). So ``sdc`` runs a
@@ -126,6 +132,13 @@ _LADDER_FIRST = (1, 2, 3, 4, 5, 6, 8)
 _LADDER = (10, 12, 15, 20, 25, 30, 40, 50, 60, 80)
 #: Parametric bootstrap draws for the dp Cox noise estimate.
 _BOOTSTRAP_DRAWS = 200
+#: Monotone likelihood (``_check_monotone``): scaled coefficients beyond this together (a
+#: hazard ratio of e^5 across half the public range), each still moved outward by at least
+#: ``_RUNAWAY_STEP`` by a step that raised the partial log-likelihood by at most ``_PLATEAU`` of
+#: its size (R's coxph convergence eps), are running off to infinity.
+_RUNAWAY_BETA = 5.0
+_RUNAWAY_STEP = 0.1
+_PLATEAU = 1e-9
 
 
 # ============================================================================ shared helpers
@@ -1082,10 +1095,24 @@ def _shrink(beta: FloatArray, bound: float) -> FloatArray:
     return beta * (bound / norm) if norm > bound else beta
 
 
-def _newton_step(info: FloatArray, grad: FloatArray) -> FloatArray:
+def _newton_step(
+    info: FloatArray,
+    grad: FloatArray,
+    beta: FloatArray | None = None,
+    terms: Sequence[_Term] | None = None,
+) -> FloatArray:
+    """The Newton step I^-1 U; ModelError when I is singular (monotone likelihood when the
+    exact fit's ``beta`` has run off along ``terms``, as the information vanishes there)."""
     try:
         return np.asarray(np.linalg.solve(info, grad), dtype=np.float64)
     except np.linalg.LinAlgError:
+        # Whether solve raises, or returns a huge or a tiny step, on a nearly singular I is a
+        # matter of rounding; _check_monotone decides long before. This is the fallback.
+        running = [] if beta is None else np.flatnonzero(np.abs(beta) > _RUNAWAY_BETA).tolist()
+        if terms is not None and beta is not None and running:
+            raise ModelError(
+                _monotone_message(terms, beta, running, "the information matrix became singular")
+            ) from None
         raise ModelError(
             "cox: the information matrix is singular at the current estimate; a covariate may "
             "separate events from the risk set"
@@ -1327,22 +1354,15 @@ class Cox(Analysis[CoxParams]):
             back = np.asarray(state["prev_beta"])
             state.update(beta=((beta + back) / 2).tolist(), halvings=halvings, iteration=iteration)
             return NextRound(state)
-        step = _newton_step(info, grad)
+        _check_monotone(beta, grad, loglik, state, terms, iteration)
+        step = _newton_step(info, grad, beta, terms)
         if np.max(np.abs(step)) < params.tol:
             _check_finite_optimum(beta, info, terms, iteration)
             return self._result(
                 records, params, ctx, terms, beta, info, loglik, iteration, strata, None, True
             )
         if iteration >= params.max_iter:
-            order = np.argsort(-np.abs(beta))
-            worst = [terms[j].name for j in order if abs(beta[j]) > 5] or [terms[order[0]].name]
-            raise ModelError(
-                f"cox: no convergence in {params.max_iter} Newton-Raphson iterations (last step "
-                f"{np.max(np.abs(step)):.3g}, tol {params.tol:g}); the coefficients of "
-                f"{', '.join(worst)} keep growing, which suggests monotone likelihood (a "
-                "covariate separating events from the risk set). Drop or merge it, or raise "
-                "max_iter"
-            )
+            raise ModelError(_no_convergence_message(beta, step, terms, params))
         # A step of more than 5 on the scaled covariates (a hazard ratio of e^5 across half the
         # public range) is cut to 5: far from the optimum, Newton can overshoot into overflow.
         step *= min(1.0, 5.0 / float(np.max(np.abs(step))))
@@ -1575,13 +1595,81 @@ def _check_finite_optimum(
         se = np.full(beta.size, np.inf)
     bad = [j for j in range(beta.size) if abs(beta[j]) > 10 and abs(beta[j]) < se[j]]
     if bad:
-        names = ", ".join(terms[j].name for j in bad)
-        raise ModelError(
-            f"cox: the coefficient of {names} grows without bound (scaled estimate "
-            f"{beta[bad[0]]:.3g}, standard error {se[bad[0]]:.3g} after {iteration} iterations): "
-            "monotone likelihood, as a covariate separates events from the risk set. Drop or "
-            "merge it"
-        )
+        detail = f"standard error {se[bad[0]]:.3g} after {iteration} iterations"
+        raise ModelError(_monotone_message(terms, beta, bad, detail))
+
+
+def _check_monotone(
+    beta: FloatArray,
+    grad: FloatArray,
+    loglik: float,
+    state: Mapping[str, Any],
+    terms: Sequence[_Term],
+    iteration: int,
+) -> None:
+    """ModelError when coefficients run off to infinity (monotone likelihood), decided early.
+
+    Under monotone likelihood (in some direction of the covariates every event has the largest
+    value in its risk set) the partial likelihood rises toward a finite limit as the
+    coefficients go to infinity along that direction. Newton's step there stays about the same
+    size (one over the gap in x'v between an event and the rest of its risk set), while the
+    gain, the score and the information along it all shrink by a constant factor a step. Left
+    alone, they reach the rounding level of the sums, where whether the information is singular,
+    the step huge or below ``tol`` depends on how the machine rounds (BLAS kernels, threads).
+
+    So the decision is taken while those numbers are still far above rounding, by the signature
+    R's coxph reports as "Loglik converged before variable ...; coefficient may be infinite": the
+    last step raised the log-likelihood by at most ``_PLATEAU`` of its size (coxph's own
+    convergence criterion; the rounding of that difference is about 1e-16 of it), yet moved
+    some coefficients further outward by at least ``_RUNAWAY_STEP`` each, with the score still
+    pushing them outward, and together (sum of |b_j|, which bounds half the spread of their
+    x'b on the scaled design) they exceed ``_RUNAWAY_BETA``: one coefficient, or several when
+    a combination of covariates separates. At a finite optimum a step that gains so little is
+    tiny (Newton converges quadratically), so a well-posed fit never meets all of these. Uses
+    the ``prev_beta`` and ``prev_loglik`` of the previous full step, kept in the round state.
+    """
+    prev_loglik, prev_beta = state.get("prev_loglik"), state.get("prev_beta")
+    if prev_loglik is None or prev_beta is None:
+        return
+    if loglik - float(prev_loglik) > _PLATEAU * max(1.0, abs(loglik)):
+        return
+    outward = (beta - np.asarray(prev_beta, dtype=np.float64)) * np.sign(beta)
+    running = np.flatnonzero((outward >= _RUNAWAY_STEP) & (grad * beta > 0)).tolist()
+    if running and float(np.sum(np.abs(beta[running]))) > _RUNAWAY_BETA:
+        detail = f"the partial log-likelihood stopped rising after {iteration} iterations"
+        raise ModelError(_monotone_message(terms, beta, running, detail))
+
+
+def _monotone_message(
+    terms: Sequence[_Term], beta: FloatArray, running: Sequence[int], detail: str
+) -> str:
+    names = ", ".join(terms[j].name for j in running)
+    grows = "coefficient of {} grows" if len(running) == 1 else "coefficients of {} grow"
+    return (
+        f"cox: the {grows.format(names)} without bound (scaled estimate "
+        f"{beta[running[0]]:.3g}; {detail}): monotone likelihood, as a covariate separates "
+        "events from the risk set, so the estimate is infinite. Drop or merge it"
+    )
+
+
+def _no_convergence_message(
+    beta: FloatArray, step: FloatArray, terms: Sequence[_Term], params: CoxParams
+) -> str:
+    """Why the exact fit stopped at ``max_iter``, naming the coefficients beyond
+    ``_RUNAWAY_BETA`` (monotone likelihood not yet confirmed by the plateau) if any."""
+    order = np.argsort(-np.abs(beta))
+    worst = [terms[j].name for j in order if abs(beta[j]) > _RUNAWAY_BETA]
+    head = (
+        f"cox: no convergence in {params.max_iter} Newton-Raphson iterations (last step "
+        f"{np.max(np.abs(step)):.3g}, tol {params.tol:g})"
+    )
+    if not worst:
+        return f"{head}; raise max_iter, or check the covariates' coding and bounds"
+    return (
+        f"{head}; the coefficients of {', '.join(worst)} keep growing, which suggests monotone "
+        "likelihood (a covariate separating events from the risk set). Drop or merge it, or "
+        "raise max_iter"
+    )
 
 
 def _check_identifiable(info: FloatArray, terms: Sequence[_Term]) -> None:
