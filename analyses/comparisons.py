@@ -52,8 +52,8 @@ def _check_subset(n: float, ctx: AnalysisContext, what: str) -> None:
     """sdc: a site releases no statistic of a subset smaller than min_subset (DataSHIELD)."""
     if ctx.mode == "sdc" and 0 < n < ctx.sdc.min_subset:
         raise DisclosureError(
-            f"{what} has {n:.0f} record(s) here, fewer than the smallest subset allowed "
-            f"({ctx.sdc.min_subset}); its sums would disclose them"
+            f"{what} has fewer than {ctx.sdc.min_subset} records here (the smallest subset "
+            "this site releases a statistic of); its sums would disclose them"
         )
 
 
@@ -239,7 +239,7 @@ class TTest(Analysis[TTestParams]):
         for count, name in zip(n, names, strict=True):
             if count < 2:
                 raise ModelError(
-                    f"group {params.group} = {name} has {count:.0f} record(s) with "
+                    f"group {params.group} = {name} has fewer than 2 records with "
                     f"{params.variable} at all sites{noisy}; a t-test needs at least 2 per group"
                 )
         shifted_mean = total / n

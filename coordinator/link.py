@@ -200,10 +200,9 @@ class SiteLinkService(pb_grpc.SiteLinkServicer):
         session = SiteSession(hello.site_id, hello)
         await self.registry.attach(session)
         log.info(
-            "site %s connected (version %s, %d records, analyses: %s)",
+            "site %s connected (version %s, analyses: %s)",
             hello.site_id,
             hello.software_version,
-            hello.records,
             ", ".join(hello.allowed_analyses) or "none",
         )
         if self.registry.store is not None:
@@ -213,7 +212,6 @@ class SiteLinkService(pb_grpc.SiteLinkServicer):
                 "connected",
                 {
                     "version": hello.software_version,
-                    "records": hello.records,
                     "dictionary_digest": hello.dictionary_digest,
                 },
             )
