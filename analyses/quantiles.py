@@ -79,7 +79,6 @@ from pydantic import Field, field_validator
 from analyses.base import Analysis, AnalysisContext, Arrays, NextRound, Params, RoundState
 from analyses.registry import analysis
 from analyses.results import AnalysisResult
-from analyses.tables import release_variance
 from protocol.config import DataDictionary, NumericVariable
 from protocol.errors import DisclosureError, ModelError, ValidationError
 from protocol.records import AggregateRecord, ArraySpec, RecordSpec
@@ -668,7 +667,7 @@ class Quantiles(Analysis[QuantilesParams]):
         low, high = ctx.dictionary.bounds(params.variable)
         width = (high - low) / params.bins
         counts = np.sum([r["counts"] for r in records.values()], axis=0).reshape(params.bins)
-        cell_var = float(sum(release_variance(r.releases["counts"]) for r in records.values()))
+        cell_var = float(sum(r.releases["counts"].variance() for r in records.values()))
         total = float(counts.sum())
         if total <= 0:
             raise ModelError(

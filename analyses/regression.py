@@ -966,10 +966,7 @@ class GLM(Analysis[GLMParams]):
     ) -> GLMResult | NextRound:
         p = model.p
         upper = np.triu_indices(p)
-        scales = {
-            name: np.array([r.releases[name].scale for r in records.values()]) for name in pooled
-        }
-        cell_sd = float(np.sqrt(2 * np.sum(scales["xwx"] ** 2)))
+        cell_sd = math.sqrt(sum(r.releases["xwx"].variance() for r in records.values()))
         floor = cell_sd * math.sqrt(p)
         h_pd = _make_pd(h, floor)
         rounds = self.dp_rounds(params, ctx)
@@ -988,22 +985,20 @@ class GLM(Analysis[GLMParams]):
             deviance = max(rss, 0.0)
         else:
             deviance = max(float(pooled["deviance"]), 0.0)
-        # Parametric bootstrap of the final step over the sites' reported Laplace scales.
+        # Parametric bootstrap of the final step: redraw each site's noise as it was released.
         rng = np.random.default_rng(20260511)
         h_noise = np.zeros((_BOOTSTRAP, upper[0].size))
         v_noise = np.zeros((_BOOTSTRAP, p))
-        for s_h, s_v in zip(scales["xwx"], scales[vec_name], strict=True):
-            if s_h > 0:
-                h_noise += rng.laplace(0.0, s_h, h_noise.shape)
-            if s_v > 0:
-                v_noise += rng.laplace(0.0, s_v, v_noise.shape)
+        for record in records.values():
+            h_noise += record.releases["xwx"].redraw(rng, h_noise.shape)
+            v_noise += record.releases[vec_name].redraw(rng, v_noise.shape)
         full = np.zeros((_BOOTSTRAP, p, p))
         full[:, upper[0], upper[1]] = h_noise
         full[:, upper[1], upper[0]] = h_noise
         hb = _make_pd(h[None, :, :] + full, floor)
         draws = base + np.linalg.solve(hb, (vec + v_noise)[:, :, None])[:, :, 0]
         noise_cov = np.zeros((p, p))
-        if np.any(scales["xwx"] > 0) or np.any(scales[vec_name] > 0):
+        if any(r.releases[k].noisy for r in records.values() for k in ("xwx", vec_name)):
             noise_cov = np.atleast_2d(np.cov(draws, rowvar=False))
         return self._result(
             records, model, params, ctx, new, _inverse(h_pd), deviance, n_total,

@@ -162,21 +162,8 @@ class _Grid:
         return self.start + self.width * np.arange(self.size, dtype=np.float64)
 
 
-def _noise_variance(release: Release) -> float:
-    """Variance of the noise one released cell carries (0 when exact)."""
-    scale = float(release.scale)
-    if scale <= 0 or release.mechanism == "none":
-        return 0.0
-    if release.mechanism == "discrete_laplace":
-        q = math.exp(-1.0 / scale)
-        return 2.0 * q / (1.0 - q) ** 2
-    if release.mechanism == "gaussian":
-        return scale * scale
-    return 2.0 * scale * scale  # Laplace
-
-
 def _pooled_noise_variance(records: Mapping[str, AggregateRecord], name: str) -> float:
-    return float(sum(_noise_variance(r.releases[name]) for r in records.values()))
+    return float(sum(r.releases[name].variance() for r in records.values()))
 
 
 def _sum_arrays(records: Mapping[str, AggregateRecord], name: str) -> FloatArray:
@@ -1094,11 +1081,17 @@ _SUM_NAMES = ("s0", "s1", "s2")
 
 @dataclass
 class _Stratum:
-    """One stratum's sums (``pooled``, or a site's when stratified) and noise per cell."""
+    """One stratum's sums (``pooled``, or a site's when stratified) and the releases whose
+    noise they carry (one per contributing site)."""
 
     key: str
     sums: _CoxSums
-    variances: dict[str, float]
+    releases: dict[str, list[Release]]
+
+    @property
+    def variances(self) -> dict[str, float]:
+        """Noise variance of one cell of each sum."""
+        return {k: sum(r.variance() for r in rels) for k, rels in self.releases.items()}
 
 
 def _releases_hessian(ctx: AnalysisContext) -> bool:
@@ -1386,14 +1379,14 @@ class Cox(Analysis[CoxParams]):
         names = list(records[next(iter(records))].arrays)
         names.remove("n")
         arrays: dict[str, dict[str, FloatArray]] = {}
-        variances: dict[str, dict[str, float]] = {}
+        releases: dict[str, dict[str, list[Release]]] = {}
         if params.strata_by_site:
             for site, record in records.items():
                 arrays[site] = {k: np.asarray(record[k], dtype=np.float64) for k in names}
-                variances[site] = {k: _noise_variance(record.releases[k]) for k in names}
+                releases[site] = {k: [record.releases[k]] for k in names}
         else:
             arrays["pooled"] = {k: _sum_arrays(records, k) for k in names}
-            variances["pooled"] = {k: _pooled_noise_variance(records, k) for k in names}
+            releases["pooled"] = {k: [r.releases[k] for r in records.values()] for k in names}
         if not _releases_fixed(ctx):  # dp: event counts and sums of x came in the first round
             stored = ctx.memo["fixed"]
             missing = sorted(set(arrays) - set(stored))
@@ -1405,13 +1398,13 @@ class Cox(Analysis[CoxParams]):
             for key in arrays:
                 arrays[key]["d"] = np.asarray(stored[key]["d"], dtype=np.float64)
                 arrays[key]["xsum"] = np.asarray(stored[key]["xsum"], dtype=np.float64)
-                variances[key]["d"] = float(stored[key]["var_d"])
-                variances[key]["xsum"] = float(stored[key]["var_xsum"])
+                releases[key]["d"] = list(stored[key]["releases_d"])
+                releases[key]["xsum"] = list(stored[key]["releases_xsum"])
         strata = []
         for key, values in arrays.items():
             sums = _CoxSums.of(values)
             strata.append(
-                _Stratum(key, sums.cleaned() if ctx.mode == "dp" else sums, variances[key])
+                _Stratum(key, sums.cleaned() if ctx.mode == "dp" else sums, releases[key])
             )
         return strata
 
@@ -1506,8 +1499,8 @@ class Cox(Analysis[CoxParams]):
                 s.key: {
                     "d": s.sums.d.tolist(),
                     "xsum": s.sums.xsum.tolist(),
-                    "var_d": s.variances["d"],
-                    "var_xsum": s.variances["xsum"],
+                    "releases_d": s.releases["d"],
+                    "releases_xsum": s.releases["xsum"],
                 }
                 for s in strata
             }
@@ -1528,8 +1521,8 @@ class Cox(Analysis[CoxParams]):
         self, strata: Sequence[_Stratum], beta: FloatArray, first: FloatArray | None
     ) -> FloatArray:
         """Variance of each final coefficient due to the release noise (parametric bootstrap:
-        re-noise the released sums with their known variances and redo the last step; a robust
-        spread, as a noisy Hessian makes a few draws wild)."""
+        redraw each site's noise on the released sums with its own mechanism and scale and redo
+        the last step; a robust spread, as a noisy Hessian makes a few draws wild)."""
         if not any(v > 0 for stratum in strata for v in stratum.variances.values()):
             return np.zeros(beta.size)
         rng = np.random.default_rng(0)
@@ -1538,9 +1531,11 @@ class Cox(Analysis[CoxParams]):
             noisy = []
             for stratum in strata:
                 fresh = {}
-                for k, var in stratum.variances.items():
+                for k, rels in stratum.releases.items():
                     value = np.asarray(getattr(stratum.sums, k), dtype=np.float64)
-                    fresh[k] = value + rng.normal(0.0, math.sqrt(var), value.shape)
+                    fresh[k] = value + sum(
+                        (r.redraw(rng, value.shape) for r in rels), np.zeros(value.shape)
+                    )
                 noisy.append(_CoxSums.of(fresh).cleaned())
             _, grad, info = self._evaluate(noisy, beta)
             draws.append(beta + _newton_step(_dp_information(info, first), grad))
