@@ -16,14 +16,15 @@ from typing import Any
 import grpc
 
 from coordinator.store import Store
+from protocol.errors import AllianceError
+from protocol.version import VERSION
 from protocol.wire import alliance_pb2 as pb
 from protocol.wire import alliance_pb2_grpc as pb_grpc
 
-VERSION = "0.1.0"
 log = logging.getLogger("alliance.coordinator")
 
 
-class SiteUnavailable(Exception):
+class SiteUnavailable(AllianceError):
     """A site did not answer a task: it is not connected, dropped, or timed out."""
 
     def __init__(self, status: str, reason: str) -> None:

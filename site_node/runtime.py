@@ -27,6 +27,7 @@ from protocol.budget import PureDP
 from protocol.config import DataDictionary, SiteConfig, load_yaml
 from protocol.errors import AllianceError, InternalError, RefusedError, ValidationError
 from protocol.filters import RowFilter, parse_filter
+from protocol.version import VERSION
 from protocol.wire import alliance_pb2 as pb
 from protocol.wire.messages import record_to_proto
 from site_node.connectors import load
@@ -35,7 +36,6 @@ from site_node.ledger import SiteStore
 from site_node.policy import check_task
 from site_node.privacy import privatize
 
-VERSION = "0.1.0"
 #: Filtered frames kept for the later rounds of iterative analyses.
 FILTER_CACHE_SIZE = 8
 log = logging.getLogger("alliance.site")
