@@ -10,9 +10,9 @@ restarts without the sites that left, so every round pools the same sites.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 from analyses import AnalysisResult, get_analysis
@@ -30,7 +30,7 @@ from protocol.config import AnalysisRequest, DataDictionary, StudyConfig
 from protocol.errors import RecordError, ValidationError
 from protocol.filters import parse_filter
 from protocol.wire import alliance_pb2 as pb
-from protocol.wire.messages import record_from_proto
+from protocol.wire.messages import RefusalMessage, ReplyMessage, TaskMessage
 
 __all__ = ["RequestFailed", "Scheduler"]
 
@@ -94,16 +94,17 @@ class Scheduler:
         driver = RoundDriver(
             analysis, params, self.dictionary, mode, names, epsilon if mode == "dp" else None
         )
-        base = {
-            "study_id": study.id,
-            "purpose": study.purpose,
-            "analysis": request.analysis,
-            "params_json": json.dumps(request.params),
-            "filter": request.filter or "",
-            "privacy_mode": mode,
-            "researcher": researcher,
-            "request_id": request_id,
-        }
+        base = TaskMessage(
+            task_id="",
+            request_id=request_id,
+            study_id=study.id,
+            analysis=request.analysis,
+            researcher=researcher,
+            purpose=study.purpose,
+            params=request.params,
+            filter=request.filter or "",
+            privacy_mode=mode,
+        )
         while (step := driver.next_round()) is not None:
             answers = await self._dispatch(driver, step, base)
             driver.receive(answers)
@@ -117,45 +118,43 @@ class Scheduler:
         return result
 
     async def _dispatch(
-        self, driver: RoundDriver, step: RoundTask, base: dict[str, Any]
+        self, driver: RoundDriver, step: RoundTask, base: TaskMessage
     ) -> dict[str, SiteAnswer]:
         """Send one round's task to every active site and collect the answers."""
         # Numbered by rounds dispatched, not the round number: after a restart round 1 is asked
         # at other coefficients, and must not be answered from round 1's stored reply.
-        prefix = f"{base['request_id']}.{driver.rounds_run}"
-        task = {
-            **base,
-            "round": step.round,
-            "state_json": json.dumps(step.state),
-            "epsilon": step.epsilon.epsilon if step.epsilon is not None else 0.0,
-        }
+        prefix = f"{base.request_id}.{driver.rounds_run}"
+        task = replace(
+            base,
+            round=step.round,
+            state=step.state,
+            epsilon=step.epsilon.epsilon if step.epsilon is not None else 0.0,
+        )
         messages = await asyncio.gather(
-            *[self._ask(site, pb.Task(task_id=f"{prefix}.{site}", **task)) for site in step.sites]
+            *[self._ask(site, replace(task, task_id=f"{prefix}.{site}")) for site in step.sites]
         )
         return {
-            site: self._collect(driver, site, message)
+            site: self._collect(driver, message)
             for site, message in zip(step.sites, messages, strict=True)
         }
 
     @staticmethod
-    def _collect(
-        driver: RoundDriver, site: str, message: pb.SiteMessage | SiteUnavailable
-    ) -> SiteAnswer:
+    def _collect(driver: RoundDriver, message: pb.SiteMessage | SiteUnavailable) -> SiteAnswer:
         """One site's answer as the driver's type, its record rebuilt against our declaration."""
         if isinstance(message, SiteUnavailable):
             return SiteFailure(message.status, message.reason)
         if message.HasField("refusal"):
-            return SiteFailure("refused", message.refusal.reason, message.refusal.code)
-        reply = message.reply
+            refusal = RefusalMessage.from_proto(message.refusal)
+            return SiteFailure("refused", refusal.reason, refusal.code)
         try:
-            record = record_from_proto(reply.record, driver.spec(reply.privacy_mode or None))
+            reply = ReplyMessage.from_proto(message.reply, driver.spec)
         except RecordError as exc:
             reason = f"reply does not match the declared record: {exc}"
             return SiteFailure("error", reason, "record")
-        return SiteReply(record, reply.privacy_mode, reply.epsilon_spent)
+        return SiteReply(reply.record, reply.privacy_mode, reply.epsilon_spent)
 
-    async def _ask(self, site: str, task: pb.Task) -> pb.SiteMessage | SiteUnavailable:
+    async def _ask(self, site: str, task: TaskMessage) -> pb.SiteMessage | SiteUnavailable:
         try:
-            return await self.registry.run_task(site, task, self.task_timeout)
+            return await self.registry.run_task(site, task.to_proto().task, self.task_timeout)
         except SiteUnavailable as exc:
             return exc

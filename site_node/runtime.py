@@ -10,7 +10,6 @@ one at a time, so a second delivery, however close, gets the first one's stored 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import threading
@@ -18,7 +17,6 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import pandas as pd
 
@@ -29,7 +27,7 @@ from protocol.errors import AllianceError, InternalError, RefusedError, Validati
 from protocol.filters import RowFilter, parse_filter
 from protocol.version import VERSION
 from protocol.wire import alliance_pb2 as pb
-from protocol.wire.messages import record_to_proto
+from protocol.wire.messages import RefusalMessage, ReplyMessage, TaskMessage, record_to_proto
 from site_node.connectors import load
 from site_node.harmonize import DataReport, conform
 from site_node.ledger import SiteStore
@@ -51,7 +49,7 @@ class Outcome:
 
 
 def _refusal(task_id: str, code: str, reason: str) -> pb.SiteMessage:
-    return pb.SiteMessage(refusal=pb.Refusal(task_id=task_id, code=code, reason=reason))
+    return RefusalMessage(task_id, code, reason).to_proto()
 
 
 class SiteRuntime:
@@ -168,15 +166,10 @@ class SiteRuntime:
             log.exception("could not audit the refusal of task %s", task.task_id)
         return Outcome(_refusal(task.task_id, code, reason), "refused", reason)
 
-    def _run(self, task: pb.Task) -> Outcome:
+    def _run(self, wire: pb.Task) -> Outcome:
+        task = TaskMessage.from_proto(wire)
         analysis = get_analysis(task.analysis)
-        try:
-            raw_params: Any = json.loads(task.params_json or "{}")
-        except json.JSONDecodeError:
-            raise ValidationError("task parameters are not valid JSON") from None
-        if not isinstance(raw_params, dict):
-            raise ValidationError("task parameters must be a JSON object")
-        params = analysis.parse_params(raw_params, self.dictionary)
+        params = analysis.parse_params(task.params, self.dictionary)
         row_filter = (
             parse_filter(task.filter, set(self.dictionary.variables)) if task.filter else None
         )
@@ -189,9 +182,8 @@ class SiteRuntime:
             task.study_id,
             task.analysis,
             variables,
-            task.privacy_mode or "dp",
+            task.privacy_mode,
         )
-        request_id = task.request_id or task.task_id
         charge: PureDP | None = None
         budget = PureDP(approval.budget)
         cap = PureDP(approval.epsilon_per_request)
@@ -202,13 +194,9 @@ class SiteRuntime:
                     f"{task.epsilon!r}"
                 )
             charge = PureDP(task.epsilon)
-            self.store.precheck_charge(task.study_id, request_id, charge, budget, cap)
-        try:
-            raw_state: Any = json.loads(task.state_json) if task.state_json else {}
-        except json.JSONDecodeError:
-            raise ValidationError("task round state is not valid JSON") from None
+            self.store.precheck_charge(task.study_id, task.request_id, charge, budget, cap)
         base = AnalysisContext(self.dictionary, mode, self.config.policy.sdc, task.round)
-        state = analysis.parse_state(raw_state, params, base)
+        state = analysis.parse_state(task.state, params, base)
         ctx = AnalysisContext(self.dictionary, mode, self.config.policy.sdc, task.round, state)
         spec = analysis.declare(params, ctx)
         data = self._filtered(row_filter) if row_filter is not None else self.data
@@ -224,22 +212,21 @@ class SiteRuntime:
                 f"the release spent epsilon {record.epsilon!r}, above the task's {charge.epsilon!r}"
             )
         records_used = analysis.site_records(record)
-        proto_record = record_to_proto(record)
         receipt = hashlib.sha256(
-            task.task_id.encode() + proto_record.SerializeToString(deterministic=True)
+            task.task_id.encode() + record_to_proto(record).SerializeToString(deterministic=True)
         ).hexdigest()
-        reply = pb.Reply(
+        reply = ReplyMessage(
             task_id=task.task_id,
-            record=proto_record,
+            record=record,
             privacy_mode=mode,
             epsilon_spent=charge.epsilon if charge is not None else 0.0,
-            records_used=-1 if mode == "dp" or records_used is None else int(records_used),
+            records_used=None if mode == "dp" or records_used is None else int(records_used),
             receipt=receipt,
         )
-        payload = pb.SiteMessage(reply=reply).SerializeToString(deterministic=True)
+        payload = reply.to_proto().SerializeToString(deterministic=True)
         committed = self.store.commit_reply(
             task_id=task.task_id,
-            request_id=request_id,
+            request_id=task.request_id,
             study_id=task.study_id,
             researcher=task.researcher,
             analysis=task.analysis,
@@ -250,7 +237,7 @@ class SiteRuntime:
             receipt=receipt,
             detail={
                 "task": task.task_id,
-                "request": request_id,
+                "request": task.request_id,
                 "study": task.study_id,
                 "analysis": task.analysis,
                 "researcher": task.researcher,

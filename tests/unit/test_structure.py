@@ -80,7 +80,7 @@ def test_one_version_taken_from_the_package_metadata() -> None:
     from protocol.version import VERSION
 
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-    assert VERSION == declared
+    assert declared == VERSION
     sources = [p for p in ROOT.rglob("*.py") if ".venv" not in p.parts and "tests" not in p.parts]
     literal = [str(p.relative_to(ROOT)) for p in sources if f'"{declared}"' in p.read_text()]
     assert literal == []  # no second copy of the version string in the code
