@@ -3,9 +3,14 @@
 Both sides call :meth:`Analysis.declare` with the same parameters, dictionary, round state and
 privacy mode, so a reply is checked against a declaration the coordinator made itself. The site
 half (:meth:`Analysis.local`) returns *exact* aggregates; the site's privacy engine, not the
-analysis, decides what noise or disclosure control they get before they leave. An analysis whose
-private release is not additive noise on those aggregates (the exponential mechanism for
-quantiles, say) overrides :meth:`Analysis.local_private`.
+analysis, decides what noise or disclosure control they get before they leave.
+
+Round state has two parts. The *public* state is the only thing a task carries to the sites: it
+is declared by the analysis's :attr:`Analysis.state_model` (a pydantic model that forbids any
+other key and any non-finite number), bounded by :meth:`Analysis.check_state`, and validated by
+every site before it computes anything (:meth:`Analysis.parse_state`), since a hostile
+coordinator chooses it. The *memo* is the coordinator's own memory between rounds (earlier
+estimates, released sums kept for later rounds) and never leaves the coordinator.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from pydantic import BaseModel, ConfigDict
 
 from protocol.config import DataDictionary, SDCThresholds, format_validation_error
 from protocol.errors import ValidationError
-from protocol.records import AggregateRecord, RecordSpec, Release
+from protocol.records import AggregateRecord, RecordSpec
 
 P = TypeVar("P", bound=BaseModel)
 
@@ -36,6 +41,20 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class RoundState(BaseModel):
+    """Base of an analysis's public round state: every field a task may carry to a site.
+
+    Unknown keys and non-finite numbers are refused, so a site computes only on what the
+    analysis declared; bounds that depend on the parameters go in :meth:`Analysis.check_state`.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
+
+
+class NoState(RoundState):
+    """The public state of single-round analyses: nothing."""
+
+
 @dataclass(frozen=True)
 class AnalysisContext:
     """What both halves may know besides the parameters.
@@ -45,7 +64,10 @@ class AnalysisContext:
         mode: the privacy mode of this release (at a site: the effective, stricter mode).
         sdc: the disclosure-control thresholds in force (the site's own at a site).
         round: iterative analyses: the round number, from 0.
-        state: iterative analyses: the coordinator's state for this round (JSON-able).
+        state: iterative analyses: this round's public state (JSON-able), the same at every
+            site and validated there.
+        memo: iterative analyses: the coordinator's memory between rounds. Always empty at a
+            site: it never leaves the coordinator.
     """
 
     dictionary: DataDictionary
@@ -53,13 +75,21 @@ class AnalysisContext:
     sdc: SDCThresholds = field(default_factory=SDCThresholds)
     round: int = 0
     state: Mapping[str, Any] = field(default_factory=dict)
+    memo: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class NextRound:
-    """Returned by ``combine`` of an iterative analysis: run another round with ``state``."""
+    """Round state: returned by ``initial_state`` (round 0) and by ``combine`` to go on.
 
-    state: dict[str, Any]
+    Attributes:
+        state: the public state every site receives; only fields of the analysis's
+            ``state_model``.
+        memo: what the coordinator keeps for itself until the next ``combine``.
+    """
+
+    state: dict[str, Any] = field(default_factory=dict)
+    memo: dict[str, Any] = field(default_factory=dict)
 
 
 class Analysis(ABC, Generic[P]):
@@ -67,6 +97,8 @@ class Analysis(ABC, Generic[P]):
 
     name: ClassVar[str]
     params_model: ClassVar[type[BaseModel]]
+    #: The public round state this analysis may send to sites (none by default).
+    state_model: ClassVar[type[RoundState]] = NoState
 
     # ----------------------------------------------------------------- both sides
     def parse_params(self, raw: Mapping[str, Any], dictionary: DataDictionary) -> P:
@@ -98,9 +130,33 @@ class Analysis(ABC, Generic[P]):
         so the whole cost is known and charged per round before each release."""
         return 1
 
-    def initial_state(self, params: P, ctx: AnalysisContext) -> dict[str, Any]:
-        """Iterative analyses: the state of round 0. Single-round analyses need none."""
-        return {}
+    def initial_state(self, params: P, ctx: AnalysisContext) -> NextRound:
+        """Iterative analyses: the public state and memo of round 0. Single-round: none."""
+        return NextRound()
+
+    def check_state(self, state: Any, params: P, ctx: AnalysisContext) -> None:
+        """Bounds of the public state that depend on the parameters, the dictionary, the mode
+        or the round (a coefficient vector's length and size, a grid index's range). Raise
+        :class:`ValidationError` naming the field. ``state`` is a ``state_model`` instance."""
+
+    def parse_state(self, raw: Any, params: P, ctx: AnalysisContext) -> dict[str, Any]:
+        """The public state of a task, validated: declared fields only, finite, in bounds.
+
+        A site calls this on every task before computing anything; the coordinator calls it
+        on what it is about to send, so an analysis cannot put an undeclared key in a task.
+
+        Raises:
+            ValidationError: naming the field and what is allowed.
+        """
+        where = f"{self.name} round {ctx.round} state"
+        if not isinstance(raw, Mapping):
+            raise ValidationError(f"{where}: must be a JSON object, got {type(raw).__name__}")
+        try:
+            state = self.state_model.model_validate(dict(raw))
+        except pydantic.ValidationError as exc:
+            raise ValidationError(format_validation_error(where, exc)) from None
+        self.check_state(state, params, ctx)
+        return state.model_dump(exclude_none=True)
 
     # ----------------------------------------------------------------- site half
     @abstractmethod
@@ -111,20 +167,6 @@ class Analysis(ABC, Generic[P]):
         ``DisclosureError`` for analysis-specific disclosure rules (more model parameters than
         the site's records allow, say); generic small-cell rules are the site engine's job.
         """
-
-    def local_private(
-        self,
-        data: pd.DataFrame,
-        params: P,
-        ctx: AnalysisContext,
-        epsilon: float,
-    ) -> tuple[Arrays, dict[str, Release]] | None:
-        """Override for a dp release that is not additive noise on ``local``'s arrays.
-
-        Returns the released arrays and their release metadata, or ``None`` to let the site
-        engine add calibrated noise to ``local``'s arrays (the default).
-        """
-        return None
 
     # ----------------------------------------------------------------- coordinator half
     def site_records(self, record: AggregateRecord) -> float | None:

@@ -22,7 +22,7 @@ from analyses._lazy import stats
 from analyses.base import Analysis, AnalysisContext, Arrays, Params, rows_used
 from analyses.registry import analysis
 from analyses.results import AnalysisResult
-from analyses.tables import level_names, one_hot, release_variance, require_levels
+from analyses.tables import level_names, one_hot, require_levels
 from protocol.config import DataDictionary, NumericVariable
 from protocol.errors import DisclosureError, ModelError, ValidationError
 from protocol.records import AggregateRecord, ArraySpec, RecordSpec
@@ -50,15 +50,15 @@ def _pooled(records: Mapping[str, AggregateRecord], name: str) -> FloatArray:
 
 
 def _pooled_variance(records: Mapping[str, AggregateRecord], name: str) -> float:
-    return float(sum(release_variance(r.releases[name]) for r in records.values()))
+    return float(sum(r.releases[name].variance() for r in records.values()))
 
 
 def _check_subset(n: float, ctx: AnalysisContext, what: str) -> None:
     """sdc: a site releases no statistic of a subset smaller than min_subset (DataSHIELD)."""
     if ctx.mode == "sdc" and 0 < n < ctx.sdc.min_subset:
         raise DisclosureError(
-            f"{what} has {n:.0f} record(s) here, fewer than the smallest subset allowed "
-            f"({ctx.sdc.min_subset}); its sums would disclose them"
+            f"{what} has fewer than {ctx.sdc.min_subset} records here (the smallest subset "
+            "this site releases a statistic of); its sums would disclose them"
         )
 
 
@@ -244,7 +244,7 @@ class TTest(Analysis[TTestParams]):
         for count, name in zip(n, names, strict=True):
             if count < 2:
                 raise ModelError(
-                    f"group {params.group} = {name} has {count:.0f} record(s) with "
+                    f"group {params.group} = {name} has fewer than 2 records with "
                     f"{params.variable} at all sites{noisy}; a t-test needs at least 2 per group"
                 )
         shifted_mean = total / n
@@ -491,27 +491,14 @@ class Correlation(Analysis[CorrelationParams]):
         draws: int = 200,
     ) -> FloatArray | None:
         """Sd of each correlation under the released noise, by re-drawing it ``draws`` times."""
-        scales = {
-            name: [(r.releases[name].mechanism, r.releases[name].scale) for r in records.values()]
-            for name in ("n", "sum", "cross")
-        }
-        if not any(scale > 0 for pairs in scales.values() for _, scale in pairs):
+        if not any(r.releases[k].noisy for r in records.values() for k in ("n", "sum", "cross")):
             return None
         rng = np.random.default_rng(20240601)
 
         def noise(name: str, shape: tuple[int, ...]) -> FloatArray:
             out = np.zeros((draws, *shape))
-            for mechanism, scale in scales[name]:
-                if scale <= 0:
-                    continue
-                if mechanism == "discrete_laplace":
-                    q = 1 - math.exp(-1 / scale)
-                    size = (draws, *shape)
-                    out += rng.geometric(q, size) - rng.geometric(q, size)
-                elif mechanism == "gaussian":
-                    out += rng.normal(0, scale, (draws, *shape))
-                else:
-                    out += rng.laplace(0, scale, (draws, *shape))
+            for record in records.values():
+                out += record.releases[name].redraw(rng, (draws, *shape))
             return out
 
         dn, ds, dc = noise("n", ()), noise("sum", total.shape), noise("cross", cross.shape)

@@ -187,9 +187,9 @@ class Mean(Analysis[MeanParams]):
             result.variance = max(0.0, (total_sq - total * total / n) / (n - 1))
             result.std_error = float(np.sqrt(result.variance / n))
         releases = [r.releases for r in records.values()]
-        sum_noise_var = sum(2 * rel["sum"].scale ** 2 for rel in releases)
-        n_noise_var = sum(2 * rel["n"].scale ** 2 for rel in releases)
-        sumsq_noise_var = sum(2 * rel["sumsq"].scale ** 2 for rel in releases)
+        sum_noise_var = sum(rel["sum"].variance() for rel in releases)
+        n_noise_var = sum(rel["n"].variance() for rel in releases)
+        sumsq_noise_var = sum(rel["sumsq"].variance() for rel in releases)
         if sum_noise_var or n_noise_var:
             # Delta method for (centre + S/N): var ~ var(S)/N^2 + (S/N^2)^2 var(N).
             result.noise_sd = float(

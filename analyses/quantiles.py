@@ -76,10 +76,9 @@ import numpy.typing as npt
 import pandas as pd
 from pydantic import Field, field_validator
 
-from analyses.base import Analysis, AnalysisContext, Arrays, NextRound, Params
+from analyses.base import Analysis, AnalysisContext, Arrays, NextRound, Params, RoundState
 from analyses.registry import analysis
 from analyses.results import AnalysisResult
-from analyses.tables import release_variance
 from protocol.config import DataDictionary, NumericVariable
 from protocol.errors import DisclosureError, ModelError, ValidationError
 from protocol.records import AggregateRecord, ArraySpec, RecordSpec
@@ -398,6 +397,14 @@ class QuantilesResult(AnalysisResult):
 # ----------------------------------------------------------------------------- analysis
 
 
+class QuantilesState(RoundState):
+    """Public state of a quantiles search round: the intervals to count in, each
+    ``[lo, hi, level, points]`` on the public grid (checked by ``_brackets``). The pooled count
+    and the target ranks stay in the coordinator's memo. dp mode has no state."""
+
+    brackets: list[list[int | list[int]]] | None = None
+
+
 @analysis("quantiles")
 class Quantiles(Analysis[QuantilesParams]):
     """Pooled quantiles of a numeric variable (numpy's and pandas' default, linear).
@@ -407,9 +414,19 @@ class Quantiles(Analysis[QuantilesParams]):
     """
 
     params_model = QuantilesParams
+    state_model = QuantilesState
 
     def variables(self, params: QuantilesParams) -> set[str]:
         return {params.variable}
+
+    def check_state(
+        self, state: QuantilesState, params: QuantilesParams, ctx: AnalysisContext
+    ) -> None:
+        if ctx.mode == "dp":
+            if state.brackets is not None:
+                raise ValidationError("quantiles state: brackets: dp mode carries no state")
+            return
+        _brackets(state.model_dump(), params.candidates)
 
     def check_params(self, params: QuantilesParams, dictionary: DataDictionary) -> None:
         var = dictionary.variable(params.variable)
@@ -418,13 +435,13 @@ class Quantiles(Analysis[QuantilesParams]):
                 f"variable {params.variable!r} is {var.type}; quantiles need a numeric variable"
             )
 
-    def initial_state(self, params: QuantilesParams, ctx: AnalysisContext) -> dict[str, Any]:
+    def initial_state(self, params: QuantilesParams, ctx: AnalysisContext) -> NextRound:
         if ctx.mode == "dp":
-            return {}
+            return NextRound()
         levels = _levels(params)
         first, final, step = _multiples(0, GRID, levels)
         points = list(range(first, final + 1, step))
-        return {"n": None, "targets": [], "brackets": [[0, GRID, levels, points]]}
+        return NextRound({"brackets": [[0, GRID, levels, points]]})
 
     def declare(self, params: QuantilesParams, ctx: AnalysisContext) -> RecordSpec:
         if ctx.mode == "dp":
@@ -456,8 +473,8 @@ class Quantiles(Analysis[QuantilesParams]):
         smallest = max(ctx.sdc.min_subset, ctx.sdc.min_cell)
         if ctx.mode == "sdc" and 0 < n < smallest:
             raise DisclosureError(
-                f"{params.variable} has {n} value(s) here, fewer than the smallest subset "
-                f"allowed ({smallest}); quantile counts would disclose them"
+                f"{params.variable} has fewer than {smallest} values here (the smallest subset "
+                "this site releases counts of); quantile counts would disclose them"
             )
         site = _SiteBoundaries(
             values, _Grid(low, high), ctx.sdc.min_cell if ctx.mode == "sdc" else 0
@@ -503,20 +520,20 @@ class Quantiles(Analysis[QuantilesParams]):
     def _combine_search(
         self, records: Mapping[str, AggregateRecord], params: QuantilesParams, ctx: AnalysisContext
     ) -> QuantilesResult | NextRound:
-        state = ctx.state
+        state, memo = ctx.state, ctx.memo
         n = round(sum(float(r["n"]) for r in records.values()))
-        if state.get("n") is None:
+        if memo.get("n") is None:
             if n == 0:
                 raise ModelError(f"no site has a value of {params.variable}; no quantiles")
             ranks = sorted({r for p in params.probs for r in _ranks(n, p)[:2]})
             targets = [_new_target(r, n, _levels(params)) for r in ranks]
         else:
-            if n != state["n"]:
+            if n != memo["n"]:
                 raise ModelError(
-                    f"{params.variable} had {state['n']} values at the start of the search and "
+                    f"{params.variable} had {memo['n']} values at the start of the search and "
                     f"{n} in round {ctx.round}: a site left or its data changed; run it again"
                 )
-            targets = [dict(t) for t in state["targets"]]
+            targets = [dict(t) for t in memo["targets"]]
         for b, (lo, hi, level, points) in enumerate(_brackets(state, params.candidates)):
             group = [t for t in targets if t["status"] == "open" and (t["lo"], t["hi"]) == (lo, hi)]
             if group:
@@ -533,7 +550,7 @@ class Quantiles(Analysis[QuantilesParams]):
                 queries[(lo, hi)] = [lo, hi, *query]
         notes: list[str] = []
         if queries and ctx.round + 1 < MAX_ROUNDS:
-            return NextRound({"n": n, "targets": targets, "brackets": list(queries.values())})
+            return NextRound({"brackets": list(queries.values())}, {"n": n, "targets": targets})
         if queries:
             notes.append(f"the search stopped after {MAX_ROUNDS} rounds")
         for target in targets:
@@ -650,7 +667,7 @@ class Quantiles(Analysis[QuantilesParams]):
         low, high = ctx.dictionary.bounds(params.variable)
         width = (high - low) / params.bins
         counts = np.sum([r["counts"] for r in records.values()], axis=0).reshape(params.bins)
-        cell_var = float(sum(release_variance(r.releases["counts"]) for r in records.values()))
+        cell_var = float(sum(r.releases["counts"].variance() for r in records.values()))
         total = float(counts.sum())
         if total <= 0:
             raise ModelError(

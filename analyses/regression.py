@@ -141,7 +141,7 @@ from pydantic import Field
 from scipy import special
 
 from analyses._lazy import stats
-from analyses.base import Analysis, AnalysisContext, Arrays, NextRound, Params
+from analyses.base import Analysis, AnalysisContext, Arrays, NextRound, Params, RoundState
 from analyses.registry import analysis
 from analyses.results import AnalysisResult
 from protocol.config import BinaryVariable, DataDictionary, NumericVariable
@@ -164,6 +164,14 @@ _SEPARATION_BETA = 10.0
 _RCOND = 1e-11
 _MAX_HALVINGS = 20
 _LINKS = {"gaussian": "Identity", "binomial": "Logit", "poisson": "Log"}
+
+
+class GLMState(RoundState):
+    """What a ``glm`` task carries to the sites: the coefficients of this round (rounds >= 1),
+    on the standardised scale. Everything else (the previous step, the deviance history,
+    halvings, noisy record counts) stays in the coordinator's memo."""
+
+    beta: list[float] | None = None
 
 
 class GLMParams(Params):
@@ -780,6 +788,7 @@ class GLM(Analysis[GLMParams]):
     """Generalised linear model (gaussian, binomial, poisson; canonical links) by IRLS."""
 
     params_model = GLMParams
+    state_model = GLMState
 
     def variables(self, params: GLMParams) -> set[str]:
         formula = _parse_formula(params.formula)
@@ -802,6 +811,26 @@ class GLM(Analysis[GLMParams]):
 
     def dp_rounds(self, params: GLMParams, ctx: AnalysisContext) -> int:
         return 1 if params.family == "gaussian" else params.dp_iterations
+
+    def check_state(self, state: GLMState, params: GLMParams, ctx: AnalysisContext) -> None:
+        """Round 0 carries no coefficients; later rounds exactly p, finite, and in dp within
+        the public bound the sensitivities assume (|beta'_j| <= 30 on the standardised scale)."""
+        where = f"glm round {ctx.round} state: beta"
+        if ctx.round == 0:
+            if state.beta is not None:
+                raise ValidationError(f"{where}: round 0 carries no coefficients")
+            return
+        p = _model(params, ctx.dictionary).p
+        if state.beta is None or len(state.beta) != p:
+            given = "none" if state.beta is None else f"{len(state.beta)}"
+            raise ValidationError(f"{where}: needs {p} coefficients for this formula, got {given}")
+        if ctx.mode == "dp":
+            worst = max(abs(b) for b in state.beta)
+            if worst > _DP_BETA_LIMIT:
+                raise ValidationError(
+                    f"{where}: |{worst:g}| is above the dp bound {_DP_BETA_LIMIT:g} on the "
+                    "standardised scale, which the release's sensitivity assumes"
+                )
 
     def declare(self, params: GLMParams, ctx: AnalysisContext) -> RecordSpec:
         model = _model(params, ctx.dictionary)
@@ -832,9 +861,10 @@ class GLM(Analysis[GLMParams]):
         if ctx.mode == "sdc" and model.p > ctx.sdc.max_parameter_ratio * n:
             ratio = ctx.sdc.max_parameter_ratio
             raise DisclosureError(
-                f"glm {params.formula!r} has {model.p} parameters but this site has {n} complete "
-                f"records; disclosure control allows at most {ratio:g} x {n} = "
-                f"{ratio * n:.2f} parameters (at least {math.ceil(model.p / ratio)} records)"
+                f"glm {params.formula!r} has {model.p} parameters but this site has fewer than "
+                f"{math.ceil(model.p / ratio)} complete records, the least that disclosure "
+                f"control allows for {model.p} parameters (parameters at most {ratio:g} of the "
+                "records)"
             )
         return _local_arrays(design, model, ctx)
 
@@ -855,8 +885,7 @@ class GLM(Analysis[GLMParams]):
             rel.scale > 0 for r in records.values() for rel in r.releases.values()
         )
         n_total = float(pooled["n"])
-        state = dict(ctx.state)
-        n_history = [*state.get("n_history", []), n_total]
+        n_history = [*ctx.memo.get("n_history", []), n_total]
         h = _unpack(pooled["xwx"], p)
         if ctx.round == 0 and n_total <= p:
             raise ModelError(
@@ -869,7 +898,7 @@ class GLM(Analysis[GLMParams]):
             _check_rank(h, model, params, separation=False)
             beta = np.linalg.solve(h, pooled["xwz"])
             return NextRound(
-                {"beta": beta.tolist(), "iteration": 1, "halvings": 0, "n_history": n_history}
+                {"beta": beta.tolist()}, {"iteration": 1, "halvings": 0, "n_history": n_history}
             )
         return self._exact_round(records, pooled, h, model, params, ctx, n_total)
 
@@ -883,27 +912,27 @@ class GLM(Analysis[GLMParams]):
         ctx: AnalysisContext,
         n_total: float,
     ) -> GLMResult | NextRound:
-        state = dict(ctx.state)
+        memo = dict(ctx.memo)
         beta = _state_beta(ctx, model.p)
         deviance = float(pooled["deviance"])
-        prev_dev = state.get("prev_deviance")
+        prev_dev = memo.get("prev_deviance")
         if prev_dev is not None and (
             not math.isfinite(deviance) or deviance > prev_dev + 1e-10 * (abs(prev_dev) + 1)
         ):
-            if state["halvings"] >= _MAX_HALVINGS:
+            if memo["halvings"] >= _MAX_HALVINGS:
                 raise ModelError(
                     f"glm {params.formula!r}: the deviance does not decrease even after "
                     f"{_MAX_HALVINGS} step halvings (last {deviance:.6g}, before "
                     f"{prev_dev:.6g}); the model is not estimable from these data"
                 )
-            trial = (np.asarray(state["prev_beta"]) + beta) / 2
-            return NextRound({**state, "beta": trial.tolist(), "halvings": state["halvings"] + 1})
+            trial = (np.asarray(memo["prev_beta"]) + beta) / 2
+            return NextRound({"beta": trial.tolist()}, {**memo, "halvings": memo["halvings"] + 1})
         if model.family == "binomial" and deviance <= 1e-8 * max(n_total, 1.0):
             raise ModelError(_separation_message(params, model, beta, complete=True))
         _check_rank(h, model, params, separation=model.family != "gaussian", beta=beta)
         step = np.linalg.solve(h, pooled["score"])
         new = beta + step
-        iteration = int(state["iteration"]) + 1
+        iteration = int(memo["iteration"]) + 1
         change = float(np.abs(step).max()) / max(1.0, float(np.abs(beta).max()))
         if not math.isfinite(change):
             raise ModelError(f"glm {params.formula!r}: the IRLS step is not finite")
@@ -921,13 +950,8 @@ class GLM(Analysis[GLMParams]):
                 "simplify the model"
             )
         return NextRound(
-            {
-                **state,
-                "beta": new.tolist(),
-                "prev_beta": beta.tolist(),
-                "prev_deviance": deviance,
-                "iteration": iteration,
-            }
+            {"beta": new.tolist()},
+            {**memo, "prev_beta": beta.tolist(), "prev_deviance": deviance, "iteration": iteration},
         )
 
     def _dp_round(
@@ -942,10 +966,7 @@ class GLM(Analysis[GLMParams]):
     ) -> GLMResult | NextRound:
         p = model.p
         upper = np.triu_indices(p)
-        scales = {
-            name: np.array([r.releases[name].scale for r in records.values()]) for name in pooled
-        }
-        cell_sd = float(np.sqrt(2 * np.sum(scales["xwx"] ** 2)))
+        cell_sd = math.sqrt(sum(r.releases["xwx"].variance() for r in records.values()))
         floor = cell_sd * math.sqrt(p)
         h_pd = _make_pd(h, floor)
         rounds = self.dp_rounds(params, ctx)
@@ -957,29 +978,27 @@ class GLM(Analysis[GLMParams]):
         last = model.family == "gaussian" or ctx.round >= rounds - 1
         if not last:
             new = np.clip(new, -_DP_BETA_LIMIT, _DP_BETA_LIMIT)
-            return NextRound({"beta": new.tolist(), "n_history": n_history})
+            return NextRound({"beta": new.tolist()}, {"n_history": n_history})
         n_total = float(np.mean(n_history))
         if model.family == "gaussian":
             rss = float(pooled["yy"] - 2 * new @ vec + new @ h @ new)
             deviance = max(rss, 0.0)
         else:
             deviance = max(float(pooled["deviance"]), 0.0)
-        # Parametric bootstrap of the final step over the sites' reported Laplace scales.
+        # Parametric bootstrap of the final step: redraw each site's noise as it was released.
         rng = np.random.default_rng(20260511)
         h_noise = np.zeros((_BOOTSTRAP, upper[0].size))
         v_noise = np.zeros((_BOOTSTRAP, p))
-        for s_h, s_v in zip(scales["xwx"], scales[vec_name], strict=True):
-            if s_h > 0:
-                h_noise += rng.laplace(0.0, s_h, h_noise.shape)
-            if s_v > 0:
-                v_noise += rng.laplace(0.0, s_v, v_noise.shape)
+        for record in records.values():
+            h_noise += record.releases["xwx"].redraw(rng, h_noise.shape)
+            v_noise += record.releases[vec_name].redraw(rng, v_noise.shape)
         full = np.zeros((_BOOTSTRAP, p, p))
         full[:, upper[0], upper[1]] = h_noise
         full[:, upper[1], upper[0]] = h_noise
         hb = _make_pd(h[None, :, :] + full, floor)
         draws = base + np.linalg.solve(hb, (vec + v_noise)[:, :, None])[:, :, 0]
         noise_cov = np.zeros((p, p))
-        if np.any(scales["xwx"] > 0) or np.any(scales[vec_name] > 0):
+        if any(r.releases[k].noisy for r in records.values() for k in ("xwx", vec_name)):
             noise_cov = np.atleast_2d(np.cov(draws, rowvar=False))
         return self._result(
             records, model, params, ctx, new, _inverse(h_pd), deviance, n_total,

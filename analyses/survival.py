@@ -91,7 +91,7 @@ over the dictionary's time range (up to ``horizon`` if given), never finer than
   their known variances and redoing the last step, 200 draws, fixed seed, robust spread: pure
   post-processing), added to the standard errors and reported as ``noise_sd``. Accuracy,
   backed by the unit test: Breslow ties, two covariates, pooled n = 200,000 over 4 sites (about
-  half with events), 10 intervals, epsilon = 1: the noise sd is about 0.05 and 0.15 on the
+  half with events), 10 intervals, epsilon = 1: the noise sd is about 0.05 and 0.2 on the
   scale of each covariate's half range (sampling standard errors 0.008 and 0.016), and
   ``noise_sd`` is within a factor of 2 of the simulated spread. At n = 20,000 and epsilon = 1
   the noise swamps the estimate (sd above 1 on that scale; epsilon = 5 brings it to about
@@ -102,6 +102,7 @@ over the dictionary's time range (up to ``horizon`` if given), never finer than
 
 from __future__ import annotations
 
+import itertools
 import math
 from abc import abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
@@ -114,7 +115,15 @@ import pandas as pd
 from pydantic import Field, field_validator
 
 from analyses._lazy import stats
-from analyses.base import Analysis, AnalysisContext, Arrays, NextRound, Params, rows_used
+from analyses.base import (
+    Analysis,
+    AnalysisContext,
+    Arrays,
+    NextRound,
+    Params,
+    RoundState,
+    rows_used,
+)
 from analyses.registry import analysis
 from analyses.results import AnalysisResult
 from protocol.config import BinaryVariable, DataDictionary, NumericVariable
@@ -166,21 +175,8 @@ class _Grid:
         return self.start + self.width * np.arange(self.size, dtype=np.float64)
 
 
-def _noise_variance(release: Release) -> float:
-    """Variance of the noise one released cell carries (0 when exact)."""
-    scale = float(release.scale)
-    if scale <= 0 or release.mechanism == "none":
-        return 0.0
-    if release.mechanism == "discrete_laplace":
-        q = math.exp(-1.0 / scale)
-        return 2.0 * q / (1.0 - q) ** 2
-    if release.mechanism == "gaussian":
-        return scale * scale
-    return 2.0 * scale * scale  # Laplace
-
-
 def _pooled_noise_variance(records: Mapping[str, AggregateRecord], name: str) -> float:
-    return float(sum(_noise_variance(r.releases[name]) for r in records.values()))
+    return float(sum(r.releases[name].variance() for r in records.values()))
 
 
 def _sum_arrays(records: Mapping[str, AggregateRecord], name: str) -> FloatArray:
@@ -246,6 +242,31 @@ def _grid_for(params: _SurvivalParams, ctx: AnalysisContext) -> _Grid:
     else:
         width = float(ctx.state.get("width", params.time_resolution))
     return _Grid.spanning(low, high, width)
+
+
+class _GridState(RoundState):
+    """The public state of the survival analyses' rounds: the phase, and in exact modes the
+    grid width the sdc probe chose (one of the public candidate widths)."""
+
+    phase: Literal["probe", "counts", "newton"]
+    width: float | None = None
+
+
+def _check_grid_state(
+    state: _GridState, params: _SurvivalParams, ctx: AnalysisContext, where: str
+) -> None:
+    if ctx.mode == "dp" and state.width is not None:
+        raise ValidationError(f"{where}: width: dp uses its public grid; no width is sent")
+    if ctx.mode == "dp" and state.phase == "probe":
+        raise ValidationError(f"{where}: phase: dp has no probe round")
+    if state.width is not None:
+        widths = _sdc_widths(params, ctx.dictionary)
+        if not any(math.isclose(state.width, w, rel_tol=1e-12) for w in widths):
+            raise ValidationError(
+                f"{where}: width: {state.width!r} is not one of the public candidate widths "
+                f"({widths[0]:g}, {widths[1] if len(widths) > 1 else widths[0]:g}, ... "
+                f"{widths[-1]:g})"
+            )
 
 
 def _sdc_widths(params: _SurvivalParams, dictionary: DataDictionary) -> list[float]:
@@ -338,8 +359,19 @@ class _CountingParams(_SurvivalParams):
 CP = TypeVar("CP", bound=_CountingParams)
 
 
+class _CountingState(_GridState):
+    """Public state of ``kaplan_meier`` and ``logrank``: the probe, then the counts."""
+
+    phase: Literal["probe", "counts"]
+
+
 class _Counting(Analysis[CP], Generic[CP]):
     """Shared rounds of ``kaplan_meier`` and ``logrank``: per-grid event and censoring counts."""
+
+    state_model = _CountingState
+
+    def check_state(self, state: _CountingState, params: CP, ctx: AnalysisContext) -> None:
+        _check_grid_state(state, params, ctx, f"{self.name} round {ctx.round} state")
 
     def variables(self, params: CP) -> set[str]:
         return {params.time, params.event} | ({params.group} if params.group else set())
@@ -356,8 +388,8 @@ class _Counting(Analysis[CP], Generic[CP]):
                 )
         _check_survival_params(params, dictionary, 2 * len(self._levels(params, dictionary)))
 
-    def initial_state(self, params: CP, ctx: AnalysisContext) -> dict[str, Any]:
-        return {"phase": "probe"} if ctx.mode == "sdc" else {"phase": "counts"}
+    def initial_state(self, params: CP, ctx: AnalysisContext) -> NextRound:
+        return NextRound({"phase": "probe" if ctx.mode == "sdc" else "counts"})
 
     def declare(self, params: CP, ctx: AnalysisContext) -> RecordSpec:
         if ctx.state.get("phase") == "probe":
@@ -1062,11 +1094,17 @@ _SUM_NAMES = ("s0", "s1", "s2")
 
 @dataclass
 class _Stratum:
-    """One stratum's sums (``pooled``, or a site's when stratified) and noise per cell."""
+    """One stratum's sums (``pooled``, or a site's when stratified) and the releases whose
+    noise they carry (one per contributing site)."""
 
     key: str
     sums: _CoxSums
-    variances: dict[str, float]
+    releases: dict[str, list[Release]]
+
+    @property
+    def variances(self) -> dict[str, float]:
+        """Noise variance of one cell of each sum."""
+        return {k: sum(r.variance() for r in rels) for k, rels in self.releases.items()}
 
 
 def _releases_hessian(ctx: AnalysisContext) -> bool:
@@ -1087,6 +1125,12 @@ def _max_eta(beta: FloatArray, terms: Sequence[_Term]) -> float:
         else:
             best[term.variable] = max(best.get(term.variable, 0.0), float(coef))
     return total + sum(best.values())
+
+
+def _weight_bound(beta: Sequence[float], terms: Sequence[_Term]) -> float:
+    """The largest exp(x'b) over the scaled design's box (finite: states above e^700 are
+    refused by ``Cox.check_state``)."""
+    return math.exp(min(_max_eta(np.asarray(beta, dtype=np.float64), terms), _MAX_ETA))
 
 
 def _shrink(beta: FloatArray, bound: float) -> FloatArray:
@@ -1128,11 +1172,67 @@ def _releases_fixed(ctx: AnalysisContext) -> bool:
 _EFRON_NAMES = ("e0", "e1", "e2")
 
 
+class CoxState(_GridState):
+    """Public state of a ``cox`` round: the phase, the sdc width, and in the Newton rounds the
+    pooled event points (grid indices) and the coefficients on the scaled covariates. The
+    released sums kept from earlier rounds and the step history stay in the coordinator's
+    memo."""
+
+    event_idx: list[int] | None = None
+    beta: list[float] | None = None
+
+
+#: The largest x'b a site accepts: e^700 is finite, e^710 is not.
+_MAX_ETA = 700.0
+
+
 @analysis("cox")
 class Cox(Analysis[CoxParams]):
     """Exact federated Cox regression by Newton-Raphson over pooled risk-set sums."""
 
     params_model = CoxParams
+    state_model = CoxState
+
+    def check_state(self, state: CoxState, params: CoxParams, ctx: AnalysisContext) -> None:
+        """Phase and width as for every survival analysis; in the Newton rounds, event points
+        strictly increasing within the grid, exactly p coefficients whose largest x'b keeps
+        e^(x'b) finite, and in dp a coefficient norm within ``dp_coef_bound`` (the bound the
+        release's sensitivity assumes)."""
+        where = f"cox round {ctx.round} state"
+        _check_grid_state(state, params, ctx, where)
+        if ctx.mode == "dp" and state.phase != "newton":
+            raise ValidationError(f"{where}: phase: dp runs Newton rounds only")
+        if state.phase != "newton":
+            if state.event_idx is not None or state.beta is not None:
+                raise ValidationError(f"{where}: event_idx and beta belong to Newton rounds only")
+            return
+        grid = _grid_for(params, ctx)
+        idx = state.event_idx
+        if not idx or idx[0] < 0 or idx[-1] >= grid.size:
+            raise ValidationError(
+                f"{where}: event_idx: needs 1 or more grid indices in 0..{grid.size - 1}"
+            )
+        if any(b <= a for a, b in itertools.pairwise(idx)):
+            raise ValidationError(f"{where}: event_idx: indices must be strictly increasing")
+        terms = _design(ctx.dictionary, params.covariates)
+        p = len(terms)
+        if len(idx) * (2 + 2 * p + p * (p + 1)) > MAX_CELLS:
+            raise ValidationError(f"{where}: event_idx: {len(idx)} event points are too many")
+        if state.beta is None or len(state.beta) != p:
+            given = "none" if state.beta is None else str(len(state.beta))
+            raise ValidationError(f"{where}: beta: needs {p} coefficients, got {given}")
+        beta = np.asarray(state.beta, dtype=np.float64)
+        if _max_eta(beta, terms) > _MAX_ETA:
+            raise ValidationError(
+                f"{where}: beta: the largest x'b over the scaled design is "
+                f"{_max_eta(beta, terms):.4g}, above {_MAX_ETA:g} (e^x'b would overflow)"
+            )
+        norm = float(np.abs(beta).sum())
+        if ctx.mode == "dp" and norm > params.dp_coef_bound * (1 + 1e-9):
+            raise ValidationError(
+                f"{where}: beta: sum |b_j| = {norm:.4g} is above dp_coef_bound "
+                f"{params.dp_coef_bound:g}, which the release's sensitivity assumes"
+            )
 
     def variables(self, params: CoxParams) -> set[str]:
         return {params.time, params.event, *params.covariates}
@@ -1149,14 +1249,16 @@ class Cox(Analysis[CoxParams]):
 
     # ------------------------------------------------------------------ rounds and shapes
 
-    def initial_state(self, params: CoxParams, ctx: AnalysisContext) -> dict[str, Any]:
+    def initial_state(self, params: CoxParams, ctx: AnalysisContext) -> NextRound:
         if ctx.mode == "sdc":
-            return {"phase": "probe"}
+            return NextRound({"phase": "probe"})
         if ctx.mode != "dp":
-            return {"phase": "counts"}
+            return NextRound({"phase": "counts"})
         grid = _grid_for(params, ctx)
         p = len(_design(ctx.dictionary, params.covariates))
-        return {"phase": "newton", "event_idx": list(range(grid.size)), "beta": [0.0] * p}
+        return NextRound(
+            {"phase": "newton", "event_idx": list(range(grid.size)), "beta": [0.0] * p}
+        )
 
     def dp_rounds(self, params: CoxParams, ctx: AnalysisContext) -> int:
         return params.dp_iterations
@@ -1175,8 +1277,8 @@ class Cox(Analysis[CoxParams]):
         terms = _design(ctx.dictionary, params.covariates)
         p = len(terms)
         q = p * (p + 1) // 2
-        # max exp(x'b); only dp uses it, where dp_coef_bound keeps it small.
-        bound = math.exp(min(_max_eta(np.asarray(ctx.state["beta"], dtype=np.float64), terms), 700))
+        # max exp(x'b) over the scaled design's box; the site refuses states that exceed e^700.
+        bound = _weight_bound(ctx.state["beta"], terms)
         arrays = {
             "n": ArraySpec((), kind="count", sensitivity=1.0, integer=True, budget_share=0.1),
             "s0": ArraySpec((m,), kind="sum", sensitivity=bound),
@@ -1232,6 +1334,19 @@ class Cox(Analysis[CoxParams]):
                 f"{math.ceil(p / ctx.sdc.max_parameter_ratio)} records at this site (parameters "
                 f"at most {ctx.sdc.max_parameter_ratio} of the records); it has fewer"
             )
+        if ctx.mode == "sdc":
+            # The risk-set sums are sums over grid cells: release them only on a grid whose
+            # every cell of this site's holds 0 or at least min_cell records, whatever width a
+            # coordinator sends (an honest one sends the width the probe chose).
+            cells = np.bincount(
+                (~events).astype(np.int64) * grid.size + grid.index(times), minlength=2 * grid.size
+            )
+            if not _cells_safe(cells.astype(np.float64), ctx.sdc.min_cell):
+                raise DisclosureError(
+                    f"on a time grid of width {grid.width:g} some of this site's event or "
+                    f"censoring counts are below {ctx.sdc.min_cell}, so its risk-set sums would "
+                    "disclose fewer than that many records; a coarser grid is needed"
+                )
         out = _risk_sums(
             times,
             events,
@@ -1241,6 +1356,9 @@ class Cox(Analysis[CoxParams]):
             ctx.state["beta"],
             efron=params.ties == "efron",
             hessian=_releases_hessian(ctx),
+            weight_bound=_weight_bound(
+                ctx.state["beta"], _design(ctx.dictionary, params.covariates)
+            ),
         )
         if not _releases_fixed(ctx):
             del out["d"], out["xsum"]
@@ -1278,7 +1396,7 @@ class Cox(Analysis[CoxParams]):
             }
             if "width" in ctx.state:
                 state["width"] = ctx.state["width"]
-            return NextRound(state)
+            return NextRound(state, {})
         return self._newton(records, params, ctx)
 
     def _strata(
@@ -1288,16 +1406,16 @@ class Cox(Analysis[CoxParams]):
         names = list(records[next(iter(records))].arrays)
         names.remove("n")
         arrays: dict[str, dict[str, FloatArray]] = {}
-        variances: dict[str, dict[str, float]] = {}
+        releases: dict[str, dict[str, list[Release]]] = {}
         if params.strata_by_site:
             for site, record in records.items():
                 arrays[site] = {k: np.asarray(record[k], dtype=np.float64) for k in names}
-                variances[site] = {k: _noise_variance(record.releases[k]) for k in names}
+                releases[site] = {k: [record.releases[k]] for k in names}
         else:
             arrays["pooled"] = {k: _sum_arrays(records, k) for k in names}
-            variances["pooled"] = {k: _pooled_noise_variance(records, k) for k in names}
+            releases["pooled"] = {k: [r.releases[k] for r in records.values()] for k in names}
         if not _releases_fixed(ctx):  # dp: event counts and sums of x came in the first round
-            stored = ctx.state["fixed"]
+            stored = ctx.memo["fixed"]
             missing = sorted(set(arrays) - set(stored))
             if missing:
                 raise ModelError(
@@ -1307,13 +1425,13 @@ class Cox(Analysis[CoxParams]):
             for key in arrays:
                 arrays[key]["d"] = np.asarray(stored[key]["d"], dtype=np.float64)
                 arrays[key]["xsum"] = np.asarray(stored[key]["xsum"], dtype=np.float64)
-                variances[key]["d"] = float(stored[key]["var_d"])
-                variances[key]["xsum"] = float(stored[key]["var_xsum"])
+                releases[key]["d"] = list(stored[key]["releases_d"])
+                releases[key]["xsum"] = list(stored[key]["releases_xsum"])
         strata = []
         for key, values in arrays.items():
             sums = _CoxSums.of(values)
             strata.append(
-                _Stratum(key, sums.cleaned() if ctx.mode == "dp" else sums, variances[key])
+                _Stratum(key, sums.cleaned() if ctx.mode == "dp" else sums, releases[key])
             )
         return strata
 
@@ -1333,9 +1451,9 @@ class Cox(Analysis[CoxParams]):
         self, records: Mapping[str, AggregateRecord], params: CoxParams, ctx: AnalysisContext
     ) -> Any:
         terms = _design(ctx.dictionary, params.covariates)
-        state = dict(ctx.state)
+        state, memo = dict(ctx.state), dict(ctx.memo)
         beta = np.asarray(state["beta"], dtype=np.float64)
-        iteration = int(state.get("iteration", 0)) + 1
+        iteration = int(memo.get("iteration", 0)) + 1
         strata = self._strata(records, params, ctx)
         loglik, grad, info = self._evaluate([s.sums for s in strata], beta)
         if ctx.mode == "dp":
@@ -1344,17 +1462,18 @@ class Cox(Analysis[CoxParams]):
             raise InternalError("cox: an exact round came without the Hessian's sums")
         if iteration == 1:
             _check_identifiable(info, terms)
-        prev = state.get("prev_loglik")
+        prev = memo.get("prev_loglik")
         if prev is None and not math.isfinite(loglik):
             raise ModelError("cox: the partial likelihood is not finite at the starting values")
         if not math.isfinite(loglik) or (prev is not None and loglik < prev - 1e-10 * abs(prev)):
-            halvings = int(state.get("halvings", 0)) + 1
+            halvings = int(memo.get("halvings", 0)) + 1
             if halvings > 40:
                 raise ModelError("cox: step halving failed to increase the partial likelihood")
-            back = np.asarray(state["prev_beta"])
-            state.update(beta=((beta + back) / 2).tolist(), halvings=halvings, iteration=iteration)
-            return NextRound(state)
-        _check_monotone(beta, grad, loglik, state, terms, iteration)
+            back = np.asarray(memo["prev_beta"])
+            state["beta"] = ((beta + back) / 2).tolist()
+            memo.update(halvings=halvings, iteration=iteration)
+            return NextRound(state, memo)
+        _check_monotone(beta, grad, loglik, memo, terms, iteration)
         step = _newton_step(info, grad, beta, terms)
         if np.max(np.abs(step)) < params.tol:
             _check_finite_optimum(beta, info, terms, iteration)
@@ -1366,14 +1485,17 @@ class Cox(Analysis[CoxParams]):
         # A step of more than 5 on the scaled covariates (a hazard ratio of e^5 across half the
         # public range) is cut to 5: far from the optimum, Newton can overshoot into overflow.
         step *= min(1.0, 5.0 / float(np.max(np.abs(step))))
-        state.update(
-            beta=(beta + step).tolist(),
-            prev_beta=beta.tolist(),
-            prev_loglik=loglik,
-            iteration=iteration,
-            halvings=0,
-        )
-        return NextRound(state)
+        if _max_eta(beta + step, terms) > _MAX_ETA:
+            # e^(x'b) would overflow at the sites: only a diverging (monotone) fit gets here.
+            runaway = terms[int(np.argmax(np.abs(beta + step)))].name
+            raise ModelError(
+                f"cox: the coefficient of {runaway} keeps growing (the largest x'b over the "
+                f"design passes {_MAX_ETA:g} after {iteration} iterations): monotone "
+                "likelihood, as a covariate separates events from the risk set. Drop or merge it"
+            )
+        state["beta"] = (beta + step).tolist()
+        memo.update(prev_beta=beta.tolist(), prev_loglik=loglik, iteration=iteration, halvings=0)
+        return NextRound(state, memo)
 
     def _newton_dp(
         self,
@@ -1387,27 +1509,26 @@ class Cox(Analysis[CoxParams]):
         info: FloatArray | None,
     ) -> Any:
         """A dp round: a fixed number of them, every step with the first round's Hessian."""
-        state = dict(ctx.state)
+        state, memo = dict(ctx.state), dict(ctx.memo)
         beta = np.asarray(state["beta"], dtype=np.float64)
-        first = None if ctx.round == 0 else np.asarray(state["hessian"], dtype=np.float64)
+        first = None if ctx.round == 0 else np.asarray(memo["hessian"], dtype=np.float64)
         info = _dp_information(info, first)
         step = _newton_step(info, grad)
         if ctx.round == 0:  # keep the once-released event counts, sums of x and Hessian
-            state["fixed"] = {
+            memo["fixed"] = {
                 s.key: {
                     "d": s.sums.d.tolist(),
                     "xsum": s.sums.xsum.tolist(),
-                    "var_d": s.variances["d"],
-                    "var_xsum": s.variances["xsum"],
+                    "releases_d": s.releases["d"],
+                    "releases_xsum": s.releases["xsum"],
                 }
                 for s in strata
             }
-            state["hessian"] = info.tolist()
+            memo["hessian"] = info.tolist()
         if ctx.round + 1 < params.dp_iterations:
-            state.update(
-                beta=_shrink(beta + step, params.dp_coef_bound).tolist(), iteration=ctx.round + 1
-            )
-            return NextRound(state)
+            state["beta"] = _shrink(beta + step, params.dp_coef_bound).tolist()
+            memo["iteration"] = ctx.round + 1
+            return NextRound(state, memo)
         noise = self._bootstrap_noise(strata, beta, first)
         final = _shrink(beta + step, params.dp_coef_bound)
         return self._result(
@@ -1420,8 +1541,8 @@ class Cox(Analysis[CoxParams]):
         self, strata: Sequence[_Stratum], beta: FloatArray, first: FloatArray | None
     ) -> FloatArray:
         """Variance of each final coefficient due to the release noise (parametric bootstrap:
-        re-noise the released sums with their known variances and redo the last step; a robust
-        spread, as a noisy Hessian makes a few draws wild)."""
+        redraw each site's noise on the released sums with its own mechanism and scale and redo
+        the last step; a robust spread, as a noisy Hessian makes a few draws wild)."""
         if not any(v > 0 for stratum in strata for v in stratum.variances.values()):
             return np.zeros(beta.size)
         rng = np.random.default_rng(0)
@@ -1430,9 +1551,11 @@ class Cox(Analysis[CoxParams]):
             noisy = []
             for stratum in strata:
                 fresh = {}
-                for k, var in stratum.variances.items():
+                for k, rels in stratum.releases.items():
                     value = np.asarray(getattr(stratum.sums, k), dtype=np.float64)
-                    fresh[k] = value + rng.normal(0.0, math.sqrt(var), value.shape)
+                    fresh[k] = value + sum(
+                        (r.redraw(rng, value.shape) for r in rels), np.zeros(value.shape)
+                    )
                 noisy.append(_CoxSums.of(fresh).cleaned())
             _, grad, info = self._evaluate(noisy, beta)
             draws.append(beta + _newton_step(_dp_information(info, first), grad))
@@ -1532,6 +1655,7 @@ def _risk_sums(
     beta: Sequence[float],
     efron: bool,
     hessian: bool,
+    weight_bound: float = math.inf,
 ) -> Arrays:
     """One site's sums per interval between consecutive pooled event times (see the module doc).
 
@@ -1548,7 +1672,9 @@ def _risk_sums(
     point = grid.index(times)
     interval = interval_of[point]
     keep = interval >= 0  # rows before the first event time are in no risk set
-    w = np.exp(x @ np.asarray(beta, dtype=np.float64))
+    # |x_j| <= 1 bounds x'b by the box maximum; the clip keeps every weight within the bound
+    # the declared sensitivity assumes even if that ever failed.
+    w = np.minimum(np.exp(x @ np.asarray(beta, dtype=np.float64)), weight_bound)
 
     def sums(idx: IntArray, weights: FloatArray) -> FloatArray:
         return np.bincount(idx, weights=weights, minlength=m).astype(np.float64, copy=False)
@@ -1603,7 +1729,7 @@ def _check_monotone(
     beta: FloatArray,
     grad: FloatArray,
     loglik: float,
-    state: Mapping[str, Any],
+    memo: Mapping[str, Any],
     terms: Sequence[_Term],
     iteration: int,
 ) -> None:
@@ -1626,9 +1752,10 @@ def _check_monotone(
     x'b on the scaled design) they exceed ``_RUNAWAY_BETA``: one coefficient, or several when
     a combination of covariates separates. At a finite optimum a step that gains so little is
     tiny (Newton converges quadratically), so a well-posed fit never meets all of these. Uses
-    the ``prev_beta`` and ``prev_loglik`` of the previous full step, kept in the round state.
+    the ``prev_beta`` and ``prev_loglik`` of the previous full step, kept in the coordinator's
+    memo.
     """
-    prev_loglik, prev_beta = state.get("prev_loglik"), state.get("prev_beta")
+    prev_loglik, prev_beta = memo.get("prev_loglik"), memo.get("prev_beta")
     if prev_loglik is None or prev_beta is None:
         return
     if loglik - float(prev_loglik) > _PLATEAU * max(1.0, abs(loglik)):

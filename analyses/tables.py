@@ -30,29 +30,12 @@ from analyses.registry import analysis
 from analyses.results import AnalysisResult
 from protocol.config import DataDictionary, NumericVariable
 from protocol.errors import ModelError, ValidationError
-from protocol.records import AggregateRecord, ArraySpec, RecordSpec, Release
+from protocol.records import AggregateRecord, ArraySpec, RecordSpec
 
 FloatArray = npt.NDArray[np.float64]
 
 
 # ----------------------------------------------------------------------------- shared helpers
-
-
-def release_variance(release: Release) -> float:
-    """Variance of the noise one released cell carries, from its mechanism and scale.
-
-    Discrete Laplace of scale b (P(k) proportional to exp(-|k| / b)) has variance
-    ``2 q / (1 - q)^2`` with ``q = exp(-1 / b)``; Laplace has ``2 b^2``; Gaussian ``b^2``.
-    """
-    scale = float(release.scale)
-    if scale <= 0 or release.mechanism in ("none", "exponential"):
-        return 0.0
-    if release.mechanism == "discrete_laplace":
-        q = math.exp(-1.0 / scale)
-        return 2.0 * q / (1.0 - q) ** 2
-    if release.mechanism == "gaussian":
-        return scale * scale
-    return 2.0 * scale * scale
 
 
 def level_names(dictionary: DataDictionary, name: str) -> list[str]:
@@ -87,7 +70,7 @@ def _values(data: pd.DataFrame, name: str) -> FloatArray:
 
 def _noise_notes(records: Mapping[str, AggregateRecord], name: str) -> tuple[float, bool]:
     """Summed noise variance of one pooled cell, and whether any site added noise."""
-    variances = [release_variance(r.releases[name]) for r in records.values()]
+    variances = [r.releases[name].variance() for r in records.values()]
     return float(sum(variances)), any(v > 0 for v in variances)
 
 
@@ -592,14 +575,14 @@ class MantelHaenszel(Analysis[MantelHaenszelParams]):
         if params.stratum is None:
             names = list(records)
             tables = np.array([r["tables"] for r in records.values()]).reshape(-1, 2, 2)
-            var = np.array([release_variance(r.releases["tables"]) for r in records.values()])
+            var = np.array([r.releases["tables"].variance() for r in records.values()])
             return names, tables, np.broadcast_to(var[:, None, None], tables.shape).copy()
         shape = self._shape(params, dictionary)
         tables = np.zeros(shape)
         variance = 0.0
         for record in records.values():
             tables = tables + record["tables"]
-            variance += release_variance(record.releases["tables"])
+            variance += record.releases["tables"].variance()
         names = level_names(dictionary, params.stratum)
         return names, tables, np.full(shape, variance)
 

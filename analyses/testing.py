@@ -1,25 +1,40 @@
-"""An in-process federation for unit tests of analysis maths: no network, no noise.
+"""An in-process federation for tests and benchmarks: the real round driver, no network.
 
-It runs the same declare / local / record / combine loop as the coordinator and site nodes,
-including the rounds of iterative analyses, but releases exact aggregates (modes ``off`` and
-``sdc`` without the site engine's thresholds). System tests drive the real processes instead.
+:func:`federate` runs the same :class:`~analyses.driver.RoundDriver` as the coordinator's
+scheduler, and each site's half on an in-memory frame. By default sites release their exact
+aggregates (modes ``off`` and ``sdc`` without the site engine's thresholds); pass ``release`` to
+emulate the site engine (``tests/dp_noise.py`` has the seeded dp emulation). The public round
+state goes through ``parse_state`` exactly as at a real site. System tests drive real processes
+instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pandas as pd
 
-from analyses.base import AnalysisContext, NextRound
+from analyses.base import AnalysisContext, Arrays
+from analyses.driver import RoundDriver, RoundTask, SiteAnswer, SiteReply
 from analyses.registry import get_analysis
-from analyses.results import AnalysisResult, PrivacySummary, SiteContribution
+from protocol.budget import PureDP
 from protocol.config import DataDictionary, SDCThresholds
-from protocol.errors import InternalError
-from protocol.records import AggregateRecord
+from protocol.records import AggregateRecord, RecordSpec
 
-MAX_ROUNDS = 200
+#: How a site turns its exact arrays into the record it releases (site, spec, arrays, context,
+#: epsilon of this round or None).
+Release = Callable[[str, RecordSpec, Arrays, AnalysisContext, PureDP | None], AggregateRecord]
+#: Called after every round with the round, its declared spec and the sites' answers.
+RoundHook = Callable[[RoundTask, RecordSpec, Mapping[str, SiteAnswer]], None]
+
+
+def exact_release(
+    site: str, spec: RecordSpec, arrays: Arrays, ctx: AnalysisContext, epsilon: PureDP | None
+) -> AggregateRecord:
+    """Release the exact arrays (no noise, no thresholds)."""
+    return AggregateRecord(spec, arrays)
 
 
 def federate(
@@ -28,28 +43,58 @@ def federate(
     params: Mapping[str, Any],
     dictionary: DataDictionary,
     mode: str = "off",
+    *,
+    epsilon: float | None = None,
+    release: Release = exact_release,
+    sdc: SDCThresholds | None = None,
+    on_round: RoundHook | None = None,
+    profile: list[dict[str, Any]] | None = None,
 ) -> Any:
-    """Run analysis ``name`` over in-memory site frames and return its result object."""
+    """Run analysis ``name`` over in-memory site frames and return its result object.
+
+    Args:
+        name: the registered analysis.
+        frames: each site's conformed records.
+        params: the analysis parameters (validated as at the coordinator).
+        dictionary: the data dictionary.
+        mode: the privacy mode every site applies.
+        epsilon: the request's epsilon per site (dp mode), split over ``dp_rounds`` rounds.
+        release: how a site releases its arrays (default: exactly).
+        sdc: disclosure-control thresholds (default: DataSHIELD's).
+        on_round: called after every round (tests inspect tasks and records with it).
+        profile: if given, gets one entry per round: each site's seconds in ``local``
+            (``"sites"``) and the coordinator's seconds in ``combine`` (``"combine"``).
+    """
     analysis = get_analysis(name)
     parsed = analysis.parse_params(params, dictionary)
-    ctx = AnalysisContext(dictionary=dictionary, mode=mode, sdc=SDCThresholds())
-    state = analysis.initial_state(parsed, ctx)
-    for round_no in range(MAX_ROUNDS):
-        ctx = AnalysisContext(dictionary, mode, SDCThresholds(), round_no, state)
+    thresholds = sdc or SDCThresholds()
+    driver = RoundDriver(
+        analysis,
+        parsed,
+        dictionary,
+        mode,
+        list(frames),
+        PureDP(epsilon) if epsilon is not None else None,
+        thresholds,
+    )
+    while (step := driver.next_round()) is not None:
+        base = AnalysisContext(dictionary, mode, thresholds, step.round)
+        state = analysis.parse_state(step.state, parsed, base)  # as a real site does
+        ctx = AnalysisContext(dictionary, mode, thresholds, step.round, state)
         spec = analysis.declare(parsed, ctx)
-        records = {
-            site: AggregateRecord(spec, analysis.local(frame, parsed, ctx))
-            for site, frame in frames.items()
-        }
-        out = analysis.combine(records, parsed, ctx)
-        if isinstance(out, NextRound):
-            state = out.state
-            continue
-        if isinstance(out, AnalysisResult):
-            out.sites = [
-                SiteContribution(s, "ok", analysis.site_records(r), 0.0, mode)
-                for s, r in records.items()
-            ]
-            out.privacy = PrivacySummary(mode=mode)
-        return out
-    raise InternalError(f"analysis {name!r} did not finish in {MAX_ROUNDS} rounds")
+        answers: dict[str, SiteAnswer] = {}
+        seconds: dict[str, float] = {}
+        for site in step.sites:
+            started = time.perf_counter()
+            arrays = analysis.local(frames[site], parsed, ctx)
+            seconds[site] = time.perf_counter() - started
+            record = release(site, spec, arrays, ctx, step.epsilon)
+            charged = step.epsilon.epsilon if step.epsilon is not None else 0.0
+            answers[site] = SiteReply(record, mode, charged)
+        if on_round is not None:
+            on_round(step, spec, answers)
+        started = time.perf_counter()
+        driver.receive(answers)
+        if profile is not None:
+            profile.append({"sites": seconds, "combine": time.perf_counter() - started})
+    return driver.result()

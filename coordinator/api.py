@@ -23,6 +23,7 @@ from coordinator.scheduler import RequestFailed, Scheduler
 from coordinator.store import Store
 from protocol.config import AnalysisRequest, StudyConfig, parse_model
 from protocol.errors import AllianceError, ConfigError, ValidationError
+from protocol.version import VERSION
 
 log = logging.getLogger("alliance.coordinator")
 
@@ -46,7 +47,7 @@ def create_app(
     store: Store, registry: SiteRegistry, scheduler: Scheduler, tokens: TokenBook
 ) -> FastAPI:
     """The FastAPI application over a store, a site registry and a scheduler."""
-    app = FastAPI(title="Alliance coordinator", version="0.1.0")
+    app = FastAPI(title="Alliance coordinator", version=VERSION)
     running: dict[str, asyncio.Task[dict[str, Any]]] = {}
     open_studies: dict[str, StudyConfig] = {}
 

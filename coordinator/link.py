@@ -16,14 +16,15 @@ from typing import Any
 import grpc
 
 from coordinator.store import Store
+from protocol.errors import AllianceError
+from protocol.version import VERSION
 from protocol.wire import alliance_pb2 as pb
 from protocol.wire import alliance_pb2_grpc as pb_grpc
 
-VERSION = "0.1.0"
 log = logging.getLogger("alliance.coordinator")
 
 
-class SiteUnavailable(Exception):
+class SiteUnavailable(AllianceError):
     """A site did not answer a task: it is not connected, dropped, or timed out."""
 
     def __init__(self, status: str, reason: str) -> None:
@@ -200,10 +201,9 @@ class SiteLinkService(pb_grpc.SiteLinkServicer):
         session = SiteSession(hello.site_id, hello)
         await self.registry.attach(session)
         log.info(
-            "site %s connected (version %s, %d records, analyses: %s)",
+            "site %s connected (version %s, analyses: %s)",
             hello.site_id,
             hello.software_version,
-            hello.records,
             ", ".join(hello.allowed_analyses) or "none",
         )
         if self.registry.store is not None:
@@ -213,7 +213,6 @@ class SiteLinkService(pb_grpc.SiteLinkServicer):
                 "connected",
                 {
                     "version": hello.software_version,
-                    "records": hello.records,
                     "dictionary_digest": hello.dictionary_digest,
                 },
             )

@@ -10,57 +10,29 @@ restarts without the sites that left, so every round pools the same sites.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any
 
-from analyses import AnalysisContext, AnalysisResult, NextRound, get_analysis
-from analyses.results import PrivacySummary, SiteContribution
-from coordinator.link import SiteRegistry, SiteUnavailable
-from protocol.config import (
-    AnalysisRequest,
-    DataDictionary,
-    SDCThresholds,
-    StudyConfig,
-    stricter_mode,
+from analyses import AnalysisResult, get_analysis
+from analyses.driver import (
+    RequestFailed,
+    RoundDriver,
+    RoundTask,
+    SiteAnswer,
+    SiteFailure,
+    SiteReply,
 )
-from protocol.errors import AllianceError, RecordError, ValidationError
+from coordinator.link import SiteRegistry, SiteUnavailable
+from protocol.budget import PureDP
+from protocol.config import AnalysisRequest, DataDictionary, StudyConfig
+from protocol.errors import RecordError, ValidationError
 from protocol.filters import parse_filter
-from protocol.records import AggregateRecord
 from protocol.wire import alliance_pb2 as pb
-from protocol.wire.messages import record_from_proto
+from protocol.wire.messages import RefusalMessage, ReplyMessage, TaskMessage
 
-MAX_ROUNDS = 200
-
-
-class RequestFailed(AllianceError):
-    """No result could be formed; ``sites`` says what each site did."""
-
-    def __init__(self, message: str, sites: list[SiteContribution]) -> None:
-        super().__init__(message)
-        self.sites = sites
-
-
-@dataclass
-class _SiteState:
-    contribution: SiteContribution
-    active: bool = True
-
-
-def _guarantee(mode: str, epsilon: float) -> str:
-    if mode == "dp":
-        return (
-            f"epsilon-DP per patient row at each site, epsilon <= {epsilon:.4g} for this "
-            "result (add/remove one row; the dictionary's public bounds; OpenDP Laplace)"
-        )
-    if mode == "sdc":
-        return (
-            "statistical disclosure control (exact releases, small cells refused); no "
-            "formal differential-privacy guarantee"
-        )
-    return "none: exact releases (dummy data or one institution only)"
+__all__ = ["RequestFailed", "Scheduler"]
 
 
 class Scheduler:
@@ -117,135 +89,72 @@ class Scheduler:
         if params is None:
             params = self.validate(study, request)
         mode = study.privacy.mode
-        epsilon = request.epsilon or study.privacy.epsilon_per_request
-        ctx = AnalysisContext(self.dictionary, mode, SDCThresholds())
-        rounds_budgeted = analysis.dp_rounds(params, ctx) if mode == "dp" else 1
-        epsilon_round = epsilon / rounds_budgeted if mode == "dp" else 0.0
+        epsilon = PureDP(request.epsilon or study.privacy.epsilon_per_request)
         names = study.sites or self.registry.connected()
-        if not names:
-            raise RequestFailed("no site is connected to the coordinator", [])
-        sites = {n: _SiteState(SiteContribution(n, "ok")) for n in names}
-        timings: dict[str, float] = {
-            "rounds": 0,
-            "site_wait_seconds": 0.0,
-            "max_site_compute_seconds": 0.0,
+        driver = RoundDriver(
+            analysis, params, self.dictionary, mode, names, epsilon if mode == "dp" else None
+        )
+        base = TaskMessage(
+            task_id="",
+            request_id=request_id,
+            study_id=study.id,
+            analysis=request.analysis,
+            researcher=researcher,
+            purpose=study.purpose,
+            params=request.params,
+            filter=request.filter or "",
+            privacy_mode=mode,
+        )
+        while (step := driver.next_round()) is not None:
+            answers = await self._dispatch(driver, step, base)
+            driver.receive(answers)
+        result = driver.result()
+        # Researchers see the coordinator's wall time only: a site's own compute time is exact
+        # and depends on its data.
+        result.timings = {
+            "rounds": driver.rounds_run,
+            "total_seconds": time.perf_counter() - started,
         }
-        restarts = 0
-        state = analysis.initial_state(params, ctx)
-        round_no = 0
-        while True:
-            if round_no >= MAX_ROUNDS:
-                raise RequestFailed(
-                    f"analysis did not finish in {MAX_ROUNDS} rounds",
-                    [s.contribution for s in sites.values()],
-                )
-            active = [n for n, s in sites.items() if s.active]
-            ctx = AnalysisContext(self.dictionary, mode, SDCThresholds(), round_no, state)
-            task_base: dict[str, Any] = {
-                "study_id": study.id,
-                "purpose": study.purpose,
-                "analysis": request.analysis,
-                "params_json": json.dumps(request.params),
-                "filter": request.filter or "",
-                "privacy_mode": mode,
-                "epsilon": epsilon_round,
-                "researcher": researcher,
-                "round": round_no,
-                "state_json": json.dumps(state),
-                "request_id": request_id,
-            }
-            waited = time.perf_counter()
-            answers = await asyncio.gather(
-                *[
-                    self._ask(site, pb.Task(task_id=f"{request_id}.{round_no}.{site}", **task_base))
-                    for site in active
-                ]
-            )
-            timings["rounds"] += 1
-            timings["site_wait_seconds"] += time.perf_counter() - waited
-            records: dict[str, AggregateRecord] = {}
-            modes: list[str] = []
-            for site, answer in zip(active, answers, strict=True):
-                entry = sites[site].contribution
-                if isinstance(answer, SiteUnavailable):
-                    entry.status, entry.reason = answer.status, answer.reason
-                    sites[site].active = False
-                    continue
-                if answer.HasField("refusal"):
-                    entry.status, entry.reason = "refused", answer.refusal.reason
-                    entry.code = answer.refusal.code
-                    sites[site].active = False
-                    continue
-                reply = answer.reply
-                site_ctx = AnalysisContext(
-                    self.dictionary, reply.privacy_mode or mode, SDCThresholds(), round_no, state
-                )
-                try:
-                    record = record_from_proto(reply.record, analysis.declare(params, site_ctx))
-                except RecordError as exc:
-                    entry.status, entry.code = "error", "record"
-                    entry.reason = f"reply does not match the declared record: {exc}"
-                    sites[site].active = False
-                    continue
-                records[site] = record
-                entry.epsilon += reply.epsilon_spent
-                entry.mode = reply.privacy_mode
-                entry.records = analysis.site_records(record)
-                modes.append(reply.privacy_mode)
-                timings["max_site_compute_seconds"] = max(
-                    timings["max_site_compute_seconds"], reply.compute_seconds
-                )
-            if not records:
-                reasons = "; ".join(
-                    f"{s.contribution.name}: {s.contribution.reason}" for s in sites.values()
-                )
-                raise RequestFailed(
-                    f"no site contributed ({reasons})", [s.contribution for s in sites.values()]
-                )
-            if round_no > 0 and len(records) < len(active):
-                # The pooled sums changed under the iteration: start again without the site(s)
-                # that left. Each restart drops at least one site, so restarts are bounded.
-                restarts += 1
-                state, round_no = analysis.initial_state(params, ctx), 0
-                continue
-            effective = modes[0]
-            for m in modes[1:]:
-                effective = stricter_mode(effective, m)
-            combine_ctx = AnalysisContext(
-                self.dictionary, effective, SDCThresholds(), round_no, state
-            )
-            outcome = analysis.combine(records, params, combine_ctx)
-            if isinstance(outcome, NextRound):
-                state = outcome.state
-                round_no += 1
-                continue
-            result: AnalysisResult = outcome
-            result.sites = [s.contribution for s in sites.values()]
-            for entry in result.sites:
-                if entry.status != "ok":
-                    entry.records = None
-            spent = max((s.epsilon for s in result.sites), default=0.0)
-            mechanisms = sorted(
-                {rel.mechanism for r in records.values() for rel in r.releases.values()} - {"none"}
-            )
-            result.privacy = PrivacySummary(
-                mode=effective,
-                mechanism=", ".join(mechanisms) or "none",
-                epsilon_per_site=spent,
-                guarantee=_guarantee(effective, spent),
-            )
-            if restarts:
-                result.notes.append(
-                    f"sites left during the iteration; it restarted {restarts} time(s) without "
-                    "them, so every round pooled the same sites (in dp mode the restarted rounds "
-                    "were charged too)"
-                )
-            timings["total_seconds"] = time.perf_counter() - started
-            result.timings = timings
-            return result
+        return result
 
-    async def _ask(self, site: str, task: pb.Task) -> pb.SiteMessage | SiteUnavailable:
+    async def _dispatch(
+        self, driver: RoundDriver, step: RoundTask, base: TaskMessage
+    ) -> dict[str, SiteAnswer]:
+        """Send one round's task to every active site and collect the answers."""
+        # Numbered by rounds dispatched, not the round number: after a restart round 1 is asked
+        # at other coefficients, and must not be answered from round 1's stored reply.
+        prefix = f"{base.request_id}.{driver.rounds_run}"
+        task = replace(
+            base,
+            round=step.round,
+            state=step.state,
+            epsilon=step.epsilon.epsilon if step.epsilon is not None else 0.0,
+        )
+        messages = await asyncio.gather(
+            *[self._ask(site, replace(task, task_id=f"{prefix}.{site}")) for site in step.sites]
+        )
+        return {
+            site: self._collect(driver, message)
+            for site, message in zip(step.sites, messages, strict=True)
+        }
+
+    @staticmethod
+    def _collect(driver: RoundDriver, message: pb.SiteMessage | SiteUnavailable) -> SiteAnswer:
+        """One site's answer as the driver's type, its record rebuilt against our declaration."""
+        if isinstance(message, SiteUnavailable):
+            return SiteFailure(message.status, message.reason)
+        if message.HasField("refusal"):
+            refusal = RefusalMessage.from_proto(message.refusal)
+            return SiteFailure("refused", refusal.reason, refusal.code)
         try:
-            return await self.registry.run_task(site, task, self.task_timeout)
+            reply = ReplyMessage.from_proto(message.reply, driver.spec)
+        except RecordError as exc:
+            reason = f"reply does not match the declared record: {exc}"
+            return SiteFailure("error", reason, "record")
+        return SiteReply(reply.record, reply.privacy_mode, reply.epsilon_spent)
+
+    async def _ask(self, site: str, task: TaskMessage) -> pb.SiteMessage | SiteUnavailable:
+        try:
+            return await self.registry.run_task(site, task.to_proto().task, self.task_timeout)
         except SiteUnavailable as exc:
             return exc

@@ -3,6 +3,13 @@
 ``PureDP(epsilon)`` is epsilon-differential privacy per patient row at one site, under the
 add/remove-one-row neighbouring relation. ``ZCDP(rho)`` is rho-zero-concentrated DP under the
 same relation. Budgets of different types never mix silently: convert first.
+
+Arithmetic on ``PureDP`` is exact. An epsilon means the decimal number a person wrote (the
+float's shortest decimal form, so ``0.1 + 0.2`` is exactly ``0.3``), and the site's ledger keeps
+whole nano-epsilon units (:data:`UNITS_PER_EPSILON`): a charge is rounded *up* to the next unit
+and a budget or cap *down*, so rounding can only ever refuse a hair more, never spend more.
+:func:`check_budget` is the one predicate every budget decision uses, at the coordinator and at
+the site, before the work and inside the ledger's transaction alike.
 """
 
 from __future__ import annotations
@@ -10,10 +17,13 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from decimal import Decimal
+from fractions import Fraction
 
 from protocol.errors import BudgetError
 
-_EPS_TOLERANCE = 1e-12
+#: The ledger's unit: one nano-epsilon. Every value with up to 9 decimals is held exactly.
+UNITS_PER_EPSILON = 10**9
 
 
 def _check_non_negative(name: str, value: float) -> float:
@@ -25,7 +35,17 @@ def _check_non_negative(name: str, value: float) -> float:
     return value
 
 
-@dataclass(frozen=True, order=True)
+def _exact(value: float) -> Fraction:
+    """The decimal a float stands for (its shortest round-trip form), as an exact fraction."""
+    return Fraction(Decimal(repr(value)))
+
+
+def format_epsilon(value: float) -> str:
+    """An epsilon for people: up to 12 significant digits, so 1.200000000001 shows as such."""
+    return f"{value:.12g}"
+
+
+@dataclass(frozen=True)
 class PureDP:
     """Pure differential privacy: a loss of ``epsilon`` per patient row at one site."""
 
@@ -34,33 +54,109 @@ class PureDP:
     def __post_init__(self) -> None:
         object.__setattr__(self, "epsilon", _check_non_negative("epsilon", self.epsilon))
 
-    def __add__(self, other: PureDP) -> PureDP:
+    @classmethod
+    def from_units(cls, units: int) -> PureDP:
+        """The budget of ``units`` nano-epsilon (the ledger's integer unit)."""
+        if isinstance(units, bool) or not isinstance(units, int) or units < 0:
+            raise BudgetError(f"ledger units must be an integer >= 0, got {units!r}")
+        return cls(float(Fraction(units, UNITS_PER_EPSILON)))
+
+    @property
+    def exact(self) -> Fraction:
+        """The epsilon as an exact fraction (the decimal it was written as)."""
+        return _exact(self.epsilon)
+
+    def charge_units(self) -> int:
+        """Nano-epsilon units to charge for spending this: rounded up, never under."""
+        return math.ceil(self.exact * UNITS_PER_EPSILON)
+
+    def limit_units(self) -> int:
+        """Nano-epsilon units this allows as a budget or cap: rounded down, never over."""
+        return math.floor(self.exact * UNITS_PER_EPSILON)
+
+    def _other(self, other: object, verb: str) -> PureDP:
         if not isinstance(other, PureDP):
-            raise TypeError(f"cannot add {type(other).__name__} to PureDP; convert first")
-        return PureDP(self.epsilon + other.epsilon)
+            joiner = {"add": "to", "subtract": "from"}.get(verb, "with")
+            raise TypeError(f"cannot {verb} {type(other).__name__} {joiner} PureDP; convert first")
+        return other
+
+    def __add__(self, other: PureDP) -> PureDP:
+        other = self._other(other, "add")
+        return PureDP(float(self.exact + other.exact))
 
     def __sub__(self, other: PureDP) -> PureDP:
-        if not isinstance(other, PureDP):
-            raise TypeError(f"cannot subtract {type(other).__name__} from PureDP; convert first")
-        return PureDP(max(0.0, self.epsilon - other.epsilon))
+        other = self._other(other, "subtract")
+        return PureDP(float(max(Fraction(0), self.exact - other.exact)))
 
     def __mul__(self, factor: float) -> PureDP:
+        if isinstance(factor, PureDP) or not isinstance(factor, numbers.Real):
+            return NotImplemented
         return PureDP(self.epsilon * float(factor))
 
+    def __lt__(self, other: PureDP) -> bool:
+        return self.exact < self._other(other, "compare").exact
+
+    def __le__(self, other: PureDP) -> bool:
+        return self.exact <= self._other(other, "compare").exact
+
+    def __gt__(self, other: PureDP) -> bool:
+        return self.exact > self._other(other, "compare").exact
+
+    def __ge__(self, other: PureDP) -> bool:
+        return self.exact >= self._other(other, "compare").exact
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PureDP) and self.exact == other.exact
+
+    def __hash__(self) -> int:
+        return hash(self.exact)
+
     def split(self, parts: int) -> PureDP:
-        """The budget of one of ``parts`` equal shares (sequential composition)."""
+        """One of ``parts`` equal shares (sequential composition), rounded down to a ledger
+        unit, so the shares never add up to more than the whole."""
         if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
             raise BudgetError(f"cannot split a budget into {parts} parts; use 1 or more")
-        return PureDP(self.epsilon / parts)
+        return PureDP.from_units(self.limit_units() // parts)
 
     def covers(self, other: PureDP) -> bool:
-        """Whether this budget is at least ``other`` (up to float rounding)."""
+        """Whether spending ``other`` fits within this, in whole ledger units."""
         if not isinstance(other, PureDP):
             raise TypeError(f"cannot compare {type(other).__name__} with PureDP; convert first")
-        return self.epsilon + _EPS_TOLERANCE >= other.epsilon
+        return other.charge_units() <= self.limit_units()
 
     def __str__(self) -> str:
         return f"epsilon {self.epsilon:.4g}"
+
+
+@dataclass(frozen=True)
+class BudgetCheck:
+    """The outcome of :func:`check_budget`: whether ``requested`` fits, and the figures."""
+
+    limit: PureDP
+    spent: PureDP
+    requested: PureDP
+    allowed: bool
+
+    @property
+    def remaining(self) -> PureDP:
+        """What is left of the limit."""
+        return self.limit - self.spent
+
+    @property
+    def short(self) -> PureDP:
+        """How much more than what is left the request needs (0 when it fits)."""
+        return self.requested - self.remaining
+
+
+def check_budget(limit: PureDP, spent_units: int, requested: PureDP) -> BudgetCheck:
+    """The one budget predicate: does ``requested`` fit in ``limit`` after ``spent_units``?
+
+    Exact integer arithmetic on ledger units: the charge rounded up, the limit rounded down.
+    """
+    if isinstance(spent_units, bool) or not isinstance(spent_units, int) or spent_units < 0:
+        raise BudgetError(f"ledger units must be an integer >= 0, got {spent_units!r}")
+    allowed = spent_units + requested.charge_units() <= limit.limit_units()
+    return BudgetCheck(limit, PureDP.from_units(spent_units), requested, allowed)
 
 
 @dataclass(frozen=True, order=True)
@@ -94,8 +190,8 @@ def over_request_cap(study_id: str, requested: PureDP, cap: PureDP) -> str:
     task again with its approval's own cap, in the same words (a site prefixes its name).
     """
     return (
-        f"study {study_id} allows epsilon {cap.epsilon:.4g} per request at each site; this "
-        f"request asks for {requested.epsilon:.4g} (over by "
-        f"{requested.epsilon - cap.epsilon:.4g}). Lower `epsilon` in the request, or ask the "
-        "alliance lead to amend the study"
+        f"study {study_id} allows epsilon {format_epsilon(cap.epsilon)} per request at each "
+        f"site; this request asks for {format_epsilon(requested.epsilon)} (over by "
+        f"{format_epsilon((requested - cap).epsilon)}). Lower `epsilon` in the request, or ask "
+        "the alliance lead to amend the study"
     )

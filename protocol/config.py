@@ -198,6 +198,11 @@ class StudyApproval(_Model):
     id: str = Field(pattern=_NAME)
     mode: PrivacyMode = "dp"
     budget: float = Field(default=3.0, ge=0, description="epsilon this site allows the study")
+    epsilon_per_request: float = Field(
+        default=0.5,
+        gt=0,
+        description="the most epsilon one request may spend here, summed over its rounds",
+    )
     analyses: list[str] | None = Field(default=None, description="None: the site allow-list")
     expires: dt.date | None = None
 

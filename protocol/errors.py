@@ -51,23 +51,12 @@ class DisclosureError(RefusedError):
         super().__init__(reason, code="disclosure")
 
 
-class BudgetExceededError(RefusedError):
-    """A differentially private release would overspend the site's ledger."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason, code="budget")
-
-
 class ModelError(AllianceError):
     """A model cannot be fitted (singular design, separation, no convergence)."""
 
 
 class LinkError(AllianceError):
     """The site link failed: the coordinator is down, a certificate is wrong, a site dropped."""
-
-
-class AuditError(AllianceError):
-    """An audit log failed verification: a broken chain, an edited or missing entry."""
 
 
 class InternalError(AllianceError):

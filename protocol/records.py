@@ -21,8 +21,8 @@ import numpy.typing as npt
 
 from protocol.errors import RecordError
 
-Mechanism = Literal["none", "laplace", "discrete_laplace", "gaussian", "exponential"]
-MECHANISMS: tuple[str, ...] = ("none", "laplace", "discrete_laplace", "gaussian", "exponential")
+#: Additive noise mechanisms a release may carry ("none": exact).
+MECHANISMS: tuple[str, ...] = ("none", "laplace", "discrete_laplace", "gaussian")
 
 #: No declared array may hold more cells than this; aggregates are small by nature.
 MAX_CELLS = 1_000_000
@@ -97,7 +97,12 @@ class RecordSpec:
 
 @dataclass(frozen=True)
 class Release:
-    """Privacy metadata of one released array."""
+    """Privacy metadata of one released array, and the one noise model every analysis uses.
+
+    Each cell of the array carries independent noise of ``mechanism`` at ``scale``: Laplace
+    with density proportional to exp(-|x| / scale), discrete Laplace with P(k) proportional to
+    exp(-|k| / scale) on the integers, Gaussian with standard deviation ``scale``.
+    """
 
     mechanism: str = "none"
     scale: float = 0.0
@@ -108,6 +113,37 @@ class Release:
             raise RecordError(
                 f"mechanism {self.mechanism!r} is not one of: {', '.join(MECHANISMS)}"
             )
+        if not (math.isfinite(self.scale) and self.scale >= 0):
+            raise RecordError(f"noise scale must be finite and >= 0, got {self.scale!r}")
+
+    @property
+    def noisy(self) -> bool:
+        """Whether the cells carry noise at all."""
+        return self.mechanism != "none" and self.scale > 0
+
+    def variance(self) -> float:
+        """Variance of the noise in one cell: Laplace 2 b^2; discrete Laplace 2 q / (1 - q)^2
+        with q = exp(-1 / b); Gaussian b^2; 0 when exact."""
+        if not self.noisy:
+            return 0.0
+        if self.mechanism == "discrete_laplace":
+            q = math.exp(-1.0 / self.scale)
+            return 2.0 * q / (1.0 - q) ** 2
+        if self.mechanism == "gaussian":
+            return self.scale * self.scale
+        return 2.0 * self.scale * self.scale
+
+    def redraw(self, rng: np.random.Generator, shape: tuple[int, ...]) -> npt.NDArray[np.float64]:
+        """Fresh noise of this mechanism and scale (a parametric bootstrap's draws)."""
+        if not self.noisy:
+            return np.zeros(shape)
+        if self.mechanism == "discrete_laplace":
+            p = 1.0 - math.exp(-1.0 / self.scale)  # a difference of two geometrics
+            diff = rng.geometric(p, shape) - rng.geometric(p, shape)
+            return np.asarray(diff, dtype=np.float64)
+        if self.mechanism == "gaussian":
+            return rng.normal(0.0, self.scale, shape)
+        return rng.laplace(0.0, self.scale, shape)
 
 
 def _as_numeric_array(name: str, value: object) -> npt.NDArray[np.float64]:

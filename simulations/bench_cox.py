@@ -27,10 +27,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analyses.base import AnalysisContext, NextRound
-from analyses.registry import get_analysis
-from protocol.config import DataDictionary, SDCThresholds
-from protocol.records import AggregateRecord
+from analyses.testing import federate
+from protocol.config import DataDictionary
 
 TRUE_LOG_HR = {
     "age": 0.03,
@@ -103,30 +101,12 @@ def run_timed(
     params: dict[str, Any],
     dictionary: DataDictionary,
 ) -> tuple[Any, list[list[float]], float]:
-    """The in-process federation loop, timing each site's ``local`` per round and ``combine``."""
-    analysis = get_analysis(name)
-    parsed = analysis.parse_params(params, dictionary)
-    ctx = AnalysisContext(dictionary, "off", SDCThresholds())
-    state = analysis.initial_state(parsed, ctx)
-    site_times: list[list[float]] = []
-    combine_time = 0.0
-    for round_no in range(200):
-        ctx = AnalysisContext(dictionary, "off", SDCThresholds(), round_no, state)
-        spec = analysis.declare(parsed, ctx)
-        records, times = {}, []
-        for site, frame in frames.items():
-            start = time.perf_counter()
-            arrays = analysis.local(frame, parsed, ctx)
-            times.append(time.perf_counter() - start)
-            records[site] = AggregateRecord(spec, arrays)
-        site_times.append(times)
-        start = time.perf_counter()
-        out = analysis.combine(records, parsed, ctx)
-        combine_time += time.perf_counter() - start
-        if not isinstance(out, NextRound):
-            return out, site_times, combine_time
-        state = out.state
-    raise RuntimeError("the federation did not finish in 200 rounds")
+    """The in-process federation (the real round driver), timing each site's ``local`` per
+    round and ``combine``."""
+    profile: list[dict[str, Any]] = []
+    result = federate(name, frames, params, dictionary, "off", profile=profile)
+    site_times = [list(entry["sites"].values()) for entry in profile]
+    return result, site_times, sum(entry["combine"] for entry in profile)
 
 
 def pooled_design(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:

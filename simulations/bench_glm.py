@@ -23,10 +23,8 @@ import numpy as np
 import pandas as pd
 
 import analyses  # noqa: F401  (registers every analysis)
-from analyses.base import AnalysisContext, NextRound
-from analyses.registry import get_analysis
-from protocol.config import DataDictionary, SDCThresholds
-from protocol.records import AggregateRecord
+from analyses.testing import federate
+from protocol.config import DataDictionary
 
 NUMERIC = [f"x{i}" for i in range(1, 9)]
 FORMULA = "y ~ " + " + ".join([*NUMERIC, "sex", "grp"])
@@ -59,39 +57,19 @@ def make_site(rows: int, rng: np.random.Generator) -> pd.DataFrame:
 
 
 def run_federated(frames: dict[str, pd.DataFrame], params: dict[str, Any]) -> dict[str, Any]:
-    """The in-process federation with per-round, per-site timings."""
-    glm = get_analysis("glm")
-    dic = dictionary()
-    parsed = glm.parse_params(params, dic)
-    state: dict[str, Any] = {}
-    sequential = parallel = combine_time = 0.0
-    first_round = 0.0
-    for round_no in range(200):
-        ctx = AnalysisContext(dic, "off", SDCThresholds(), round_no, state)
-        spec = glm.declare(parsed, ctx)
-        records, times = {}, []
-        for site, frame in frames.items():
-            start = time.perf_counter()
-            records[site] = AggregateRecord(spec, glm.local(frame, parsed, ctx))
-            times.append(time.perf_counter() - start)
-        sequential += sum(times)
-        parallel += max(times)
-        if round_no == 0:
-            first_round = max(times)
-        start = time.perf_counter()
-        out = glm.combine(records, parsed, ctx)
-        combine_time += time.perf_counter() - start
-        if not isinstance(out, NextRound):
-            return {
-                "result": out,
-                "rounds": round_no + 1,
-                "sequential": sequential + combine_time,
-                "parallel": parallel + combine_time,
-                "combine": combine_time,
-                "first_round": first_round,
-            }
-        state = out.state
-    raise RuntimeError("no result in 200 rounds")
+    """The in-process federation (the real round driver) with per-round, per-site timings."""
+    profile: list[dict[str, Any]] = []
+    result = federate("glm", frames, params, dictionary(), "off", profile=profile)
+    per_round = [list(entry["sites"].values()) for entry in profile]
+    combine_time = sum(entry["combine"] for entry in profile)
+    return {
+        "result": result,
+        "rounds": len(profile),
+        "sequential": sum(sum(t) for t in per_round) + combine_time,
+        "parallel": sum(max(t) for t in per_round) + combine_time,
+        "combine": combine_time,
+        "first_round": max(per_round[0]),
+    }
 
 
 def make_sites(sites: int, rows: int, seed: int) -> dict[str, pd.DataFrame]:

@@ -50,7 +50,9 @@ def _out(text: str = "") -> None:
 
 
 def _site_spec(name: str) -> SiteSpec:
-    return SiteSpec(name, heart_source(name), mode="dp", budget=BUDGETS[name])
+    return SiteSpec(
+        name, heart_source(name), mode="dp", budget=BUDGETS[name], epsilon_per_request=EPSILON
+    )
 
 
 def _render(title: str, result: dict[str, Any]) -> None:

@@ -39,6 +39,7 @@ class SiteSpec:
     data: DataSource
     mode: str = "dp"
     budget: float = 3.0
+    epsilon_per_request: float = 0.5  # the most one request may spend at this site
     allowed_analyses: list[str] | None = None  # None: every registered analysis
     denied_variables: list[str] = field(default_factory=list)
 
@@ -153,7 +154,14 @@ class LocalFederation:
             "policy": {
                 "allowed_analyses": allowed,
                 "denied_variables": site.denied_variables,
-                "studies": [{"id": study_id, "mode": site.mode, "budget": site.budget}],
+                "studies": [
+                    {
+                        "id": study_id,
+                        "mode": site.mode,
+                        "budget": site.budget,
+                        "epsilon_per_request": site.epsilon_per_request,
+                    }
+                ],
             },
         }
         if self.tls:

@@ -27,7 +27,11 @@ def simulate_requests(
     budget: float = 3.0,
 ) -> int:
     """Run every request in order in one study; return how many failed."""
-    specs = [SiteSpec(name, data, mode=study.privacy.mode, budget=budget) for name, data in sites]
+    cap = study.privacy.epsilon_per_request
+    specs = [
+        SiteSpec(name, data, mode=study.privacy.mode, budget=budget, epsilon_per_request=cap)
+        for name, data in sites
+    ]
     federation = LocalFederation(specs, dictionary, keep, tls=tls)
     failed = 0
     try:

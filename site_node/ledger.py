@@ -3,6 +3,11 @@
 One transaction writes a reply, its ledger charge and its audit entry together, *before* the
 reply leaves the site (fail closed): a crash either loses all three (and nothing was sent) or
 keeps all three (and a repeated task id gets the stored reply, charged nothing twice).
+
+The ledger keeps charges in whole nano-epsilon units (``protocol.budget``), and every budget
+decision, before the work and again inside the commit, goes through the one exact predicate
+``protocol.budget.check_budget``: the study's budget at this site, and this approval's cap on
+what one request may spend, summed over the request's tasks (rounds).
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from protocol.audit import AuditEntry, VerifyReport, verify_chain
-from protocol.budget import PureDP
+from protocol.budget import PureDP, check_budget, format_epsilon, over_request_cap
+from protocol.errors import RefusedError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
@@ -27,7 +33,8 @@ CREATE TABLE IF NOT EXISTS audit (
 CREATE TABLE IF NOT EXISTS ledger (
     id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, study_id TEXT NOT NULL,
     researcher TEXT NOT NULL, task_id TEXT NOT NULL UNIQUE, analysis TEXT NOT NULL,
-    epsilon REAL NOT NULL CHECK (epsilon >= 0)
+    epsilon REAL NOT NULL CHECK (epsilon >= 0),
+    units INTEGER NOT NULL CHECK (units >= 0), request_id TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS replies (
     task_id TEXT PRIMARY KEY, time TEXT NOT NULL, study_id TEXT NOT NULL,
@@ -37,9 +44,11 @@ CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS ledger_no_update BEFORE UPDATE ON ledger
-    BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS ledger_no_delete BEFORE DELETE ON ledger
+    BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
+"""
+LEDGER_NO_UPDATE = """
+CREATE TRIGGER IF NOT EXISTS ledger_no_update BEFORE UPDATE ON ledger
     BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
 """
 
@@ -59,6 +68,7 @@ class LedgerRow:
     task_id: str
     analysis: str
     epsilon: float
+    request_id: str = ""
 
 
 class SiteStore:
@@ -73,6 +83,26 @@ class SiteStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a charge must survive a power cut
         self._db.executescript(SCHEMA)
+        self._migrate_ledger()
+        self._db.executescript(LEDGER_NO_UPDATE)
+
+    def _migrate_ledger(self) -> None:
+        """Give a ledger written before integer units its units and request ids, keeping every
+        charge (rounded up to a unit, as new charges are) and auditing the migration."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(ledger)")}
+        if "units" in columns:
+            return
+        with self._transaction() as db:
+            db.execute("DROP TRIGGER IF EXISTS ledger_no_update")
+            db.execute("ALTER TABLE ledger ADD COLUMN units INTEGER NOT NULL DEFAULT 0")
+            db.execute("ALTER TABLE ledger ADD COLUMN request_id TEXT NOT NULL DEFAULT ''")
+            rows = db.execute("SELECT id, task_id, epsilon FROM ledger").fetchall()
+            for row_id, task_id, epsilon in rows:
+                db.execute(
+                    "UPDATE ledger SET units = ?, request_id = ? WHERE id = ?",
+                    (PureDP(float(epsilon)).charge_units(), task_id, row_id),
+                )
+            self._append_audit(db, "ledger_migrated", {"charges": len(rows), "unit": "1e-9"})
 
     def close(self) -> None:
         """Close the file."""
@@ -133,16 +163,71 @@ class SiteStore:
 
     # ------------------------------------------------------------------ ledger
     def spent(self, study_id: str) -> PureDP:
-        """Epsilon already charged to ``study_id`` at this site."""
+        """Epsilon already charged to ``study_id`` at this site (exact ledger units)."""
         with self._lock:
-            (total,) = self._db.execute(
-                "SELECT COALESCE(SUM(epsilon), 0) FROM ledger WHERE study_id = ?", (study_id,)
-            ).fetchone()
-        return PureDP(float(total))
+            return PureDP.from_units(self._spent_units(self._db, study_id))
+
+    @staticmethod
+    def _spent_units(db: sqlite3.Connection, study_id: str, request_id: str | None = None) -> int:
+        query = "SELECT COALESCE(SUM(units), 0) FROM ledger WHERE study_id = ?"
+        args: tuple[str, ...] = (study_id,)
+        if request_id is not None:
+            query += " AND request_id = ?"
+            args += (request_id,)
+        (total,) = db.execute(query, args).fetchone()
+        return int(total)
+
+    def _check_charge(
+        self,
+        db: sqlite3.Connection,
+        study_id: str,
+        request_id: str,
+        charge: PureDP,
+        budget: PureDP,
+        cap: PureDP | None,
+    ) -> None:
+        """Refuse ``charge`` unless it fits the study's budget and the per-request cap."""
+        check = check_budget(budget, self._spent_units(db, study_id), charge)
+        if not check.allowed:
+            raise RefusedError(
+                f"refused by {self.actor}: study {study_id} has epsilon "
+                f"{format_epsilon(check.remaining.epsilon)} left at this site; this request "
+                f"needs {format_epsilon(charge.epsilon)} (short by "
+                f"{format_epsilon(check.short.epsilon)}). Ask the site admin for more budget, "
+                "or lower `epsilon` in the request",
+                code="budget",
+            )
+        if cap is None:
+            return
+        used = self._spent_units(db, study_id, request_id)
+        if not check_budget(cap, used, charge).allowed:
+            asked = PureDP.from_units(used) + charge
+            raise RefusedError(
+                f"refused by {self.actor}: {over_request_cap(study_id, asked, cap)}",
+                code="budget",
+            )
+
+    def precheck_charge(
+        self,
+        study_id: str,
+        request_id: str,
+        charge: PureDP,
+        budget: PureDP,
+        cap: PureDP | None,
+    ) -> None:
+        """The commit's own budget check, run before any work so a refusal costs nothing.
+
+        Raises:
+            RefusedError: code ``budget``, saying requested, remaining and the difference.
+        """
+        with self._lock:
+            self._check_charge(self._db, study_id, request_id, charge, budget, cap)
 
     def ledger(self, study_id: str | None = None) -> list[LedgerRow]:
         """Ledger rows, oldest first (optionally for one study)."""
-        query = "SELECT time, study_id, researcher, task_id, analysis, epsilon FROM ledger"
+        query = (
+            "SELECT time, study_id, researcher, task_id, analysis, epsilon, request_id FROM ledger"
+        )
         args: tuple[str, ...] = ()
         if study_id is not None:
             query += " WHERE study_id = ?"
@@ -164,38 +249,56 @@ class SiteStore:
         self,
         *,
         task_id: str,
+        request_id: str,
         study_id: str,
         researcher: str,
         analysis: str,
-        epsilon: float,
+        charge: PureDP | None,
         budget: PureDP | None,
+        cap: PureDP | None,
         payload: bytes,
         receipt: str,
         detail: dict[str, Any],
-    ) -> bool:
-        """Charge, store and audit a reply in one transaction; False if the budget ran out.
+    ) -> bytes:
+        """Charge, store and audit a reply in one transaction; return what may leave the site.
 
-        The budget is checked again inside the transaction, so two tasks racing for the last
-        of a study's budget cannot both be charged.
+        The budget is checked again inside the transaction with the same predicate as
+        :meth:`precheck_charge`, so two tasks racing for the last of a study's budget cannot
+        both be charged. A task id committed before gets its stored payload back, never the
+        new one: one task id, one answer.
+
+        Raises:
+            RefusedError: code ``budget`` when the charge no longer fits; nothing is written.
         """
         with self._transaction() as db:
-            if db.execute("SELECT 1 FROM replies WHERE task_id = ?", (task_id,)).fetchone():
-                return True  # already committed by an earlier delivery of the same task
-            if budget is not None and epsilon > 0:
-                (total,) = db.execute(
-                    "SELECT COALESCE(SUM(epsilon), 0) FROM ledger WHERE study_id = ?", (study_id,)
-                ).fetchone()
-                if not budget.covers(PureDP(float(total) + epsilon)):
-                    return False
-            if epsilon > 0:
+            row = db.execute("SELECT payload FROM replies WHERE task_id = ?", (task_id,)).fetchone()
+            if row is not None:
+                return bytes(row[0])
+            if charge is not None and charge.epsilon > 0:
+                if budget is None:
+                    raise RefusedError(
+                        f"refused by {self.actor}: a charge without a budget; this is probably "
+                        "a bug",
+                        code="error",
+                    )
+                self._check_charge(db, study_id, request_id, charge, budget, cap)
                 db.execute(
-                    "INSERT INTO ledger (time, study_id, researcher, task_id, analysis, epsilon) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (now(), study_id, researcher, task_id, analysis, epsilon),
+                    "INSERT INTO ledger (time, study_id, researcher, task_id, analysis, epsilon, "
+                    "units, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        now(),
+                        study_id,
+                        researcher,
+                        task_id,
+                        analysis,
+                        charge.epsilon,
+                        charge.charge_units(),
+                        request_id,
+                    ),
                 )
             db.execute(
                 "INSERT INTO replies VALUES (?, ?, ?, ?, ?)",
                 (task_id, now(), study_id, payload, receipt),
             )
             self._append_audit(db, "reply", detail)
-        return True
+        return payload

@@ -6,7 +6,8 @@
   (declared from the dictionary's public bounds). By sequential composition the task's release
   is epsilon-DP per patient row at this site. Assumes: one row per patient, bounds that are
   public and enforced (values outside are set missing on load and clamped by the analysis).
-* ``sdc``: exact releases; any count cell in 1 .. min_cell - 1 refuses the whole release.
+* ``sdc``: exact releases; any count cell in 1 .. min_cell - 1 refuses the whole release, and
+  the refusal says "fewer than min_cell", never the count, the cell or how many cells.
 * ``off``: exact releases, no thresholds (only when the site's policy names it for the study).
 """
 
@@ -78,10 +79,12 @@ def _release(
         d_in = target
         mechanism_scale = 1.0
     meas, spent = _measurement(integer, mechanism_scale, d_in)
-    if spent > target * (1 + 1e-9):  # OpenDP's float rounding slack: widen once and re-check
-        mechanism_scale *= spent / target * (1 + 1e-9)
+    for _ in range(4):  # OpenDP rounds its privacy map up: widen until it certifies the target
+        if spent <= target:
+            break
+        mechanism_scale *= spent / target * (1 + 1e-12)
         meas, spent = _measurement(integer, mechanism_scale, d_in)
-    if spent > target * (1 + 1e-6):
+    if spent > target:
         raise InternalError(f"OpenDP certifies epsilon {spent} above the budget {target}")
     noisy = np.asarray(meas(data), dtype=np.float64)
     widen = mechanism_scale / (scale if integer else 1.0)
@@ -121,17 +124,18 @@ def privatize(
             if arr_spec.kind != "count":
                 continue
             cells = exact[name]
-            small = (cells > 0) & (cells < sdc.min_cell)
-            if small.any():
+            if np.any((cells > 0) & (cells < sdc.min_cell)):
                 raise DisclosureError(
-                    f"{int(small.sum())} of {cells.size} cells of '{name}' hold between 1 and "
-                    f"{sdc.min_cell - 1} records; this site releases no count below "
-                    f"{sdc.min_cell}. Coarsen the bins or levels, or widen the filter"
+                    f"'{name}' would hold a count of fewer than {sdc.min_cell} records, and "
+                    f"this site releases no non-zero count below {sdc.min_cell}. Coarsen the "
+                    "bins or levels, or widen the filter"
                 )
         return exact
     if mode != "dp":
         raise InternalError(f"privacy mode {mode!r} reached the engine")
-    total_share = sum(s.budget_share for s in spec.arrays.values())
+    # A hair under the task's epsilon, so float rounding in the shares can never make the
+    # certified total exceed what the ledger charges.
+    total_share = sum(s.budget_share for s in spec.arrays.values()) * (1 + 1e-12)
     values: Arrays = {}
     releases: dict[str, Release] = {}
     floats: list[tuple[str, np.ndarray, float, float]] = []

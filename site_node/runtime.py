@@ -1,38 +1,39 @@
 """The trust boundary: turn one task into one reply or one typed refusal.
 
-Order of work: a repeated task id gets its stored reply; then policy (default deny), parameter
-and filter validation, the budget pre-check, the analysis's site half, the privacy engine, and
-finally one transaction that charges the ledger, stores the reply and audits it. Only then does
-the reply leave.
+Order of work: a repeated task id gets its stored reply; then policy (default deny), parameter,
+filter and round-state validation, the budget pre-check, the analysis's site half, the privacy
+engine, and finally one transaction that charges the ledger, stores the reply and audits it.
+Only a reply that transaction committed leaves the site. Deliveries of one task id are handled
+one at a time, so a second delivery, however close, gets the first one's stored reply.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import time
+import math
+import threading
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import pandas as pd
 
 from analyses import AnalysisContext, get_analysis
 from protocol.budget import PureDP
 from protocol.config import DataDictionary, SiteConfig, load_yaml
-from protocol.errors import AllianceError, RefusedError, ValidationError
+from protocol.errors import AllianceError, InternalError, RefusedError, ValidationError
 from protocol.filters import RowFilter, parse_filter
-from protocol.records import AggregateRecord
+from protocol.version import VERSION
 from protocol.wire import alliance_pb2 as pb
-from protocol.wire.messages import record_to_proto
+from protocol.wire.messages import RefusalMessage, ReplyMessage, TaskMessage, record_to_proto
 from site_node.connectors import load
 from site_node.harmonize import DataReport, conform
 from site_node.ledger import SiteStore
 from site_node.policy import check_task
 from site_node.privacy import privatize
 
-VERSION = "0.1.0"
 #: Filtered frames kept for the later rounds of iterative analyses.
 FILTER_CACHE_SIZE = 8
 log = logging.getLogger("alliance.site")
@@ -48,7 +49,7 @@ class Outcome:
 
 
 def _refusal(task_id: str, code: str, reason: str) -> pb.SiteMessage:
-    return pb.SiteMessage(refusal=pb.Refusal(task_id=task_id, code=code, reason=reason))
+    return RefusalMessage(task_id, code, reason).to_proto()
 
 
 class SiteRuntime:
@@ -69,6 +70,8 @@ class SiteRuntime:
         self.store = SiteStore(config.state_dir / "site.db", actor=config.name)
         self._digest = dictionary.digest()
         self._filter_cache: OrderedDict[str, pd.DataFrame] = OrderedDict()
+        self._task_locks: dict[str, tuple[threading.Lock, int]] = {}
+        self._task_locks_guard = threading.Lock()
 
     @classmethod
     def from_config(cls, config: SiteConfig, record_start: bool = True) -> SiteRuntime:
@@ -84,7 +87,8 @@ class SiteRuntime:
         if record_start:
             runtime.store.audit(
                 "site_started",
-                {"version": VERSION, "records": len(data), "dictionary": runtime._digest},
+                # No record count: audit logs may be shown to other parties (cross-checks).
+                {"version": VERSION, "dictionary": runtime._digest},
             )
         return runtime
 
@@ -99,17 +103,41 @@ class SiteRuntime:
             software_version=VERSION,
             allowed_analyses=list(self.config.policy.allowed_analyses),
             dictionary_digest=self._digest,
-            records=len(self.data),
         )
 
     # ------------------------------------------------------------------ tasks
+    @contextmanager
+    def _one_delivery_at_a_time(self, task_id: str) -> Iterator[None]:
+        """Serialise deliveries of one task id (answering threads may run several tasks)."""
+        with self._task_locks_guard:
+            lock, users = self._task_locks.get(task_id, (threading.Lock(), 0))
+            self._task_locks[task_id] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._task_locks_guard:
+                lock, users = self._task_locks[task_id]
+                if users == 1:
+                    del self._task_locks[task_id]
+                else:
+                    self._task_locks[task_id] = (lock, users - 1)
+
     def handle(self, task: pb.Task) -> Outcome:
         """Answer one task with a reply or a typed refusal; never raise."""
+        with self._one_delivery_at_a_time(task.task_id):
+            return self._handle(task)
+
+    @staticmethod
+    def _replayed(payload: bytes) -> Outcome:
+        message = pb.SiteMessage.FromString(payload)
+        message.reply.replayed = True
+        return Outcome(message, "replayed")
+
+    def _handle(self, task: pb.Task) -> Outcome:
         stored = self.store.stored_reply(task.task_id)
         if stored is not None:
-            message = pb.SiteMessage.FromString(stored)
-            message.reply.replayed = True
-            return Outcome(message, "replayed")
+            return self._replayed(stored)
         try:
             return self._run(task)
         except RefusedError as exc:
@@ -138,16 +166,10 @@ class SiteRuntime:
             log.exception("could not audit the refusal of task %s", task.task_id)
         return Outcome(_refusal(task.task_id, code, reason), "refused", reason)
 
-    def _run(self, task: pb.Task) -> Outcome:
-        started = time.perf_counter()
+    def _run(self, wire: pb.Task) -> Outcome:
+        task = TaskMessage.from_proto(wire)
         analysis = get_analysis(task.analysis)
-        try:
-            raw_params: Any = json.loads(task.params_json or "{}")
-        except json.JSONDecodeError:
-            raise ValidationError("task parameters are not valid JSON") from None
-        if not isinstance(raw_params, dict):
-            raise ValidationError("task parameters must be a JSON object")
-        params = analysis.parse_params(raw_params, self.dictionary)
+        params = analysis.parse_params(task.params, self.dictionary)
         row_filter = (
             parse_filter(task.filter, set(self.dictionary.variables)) if task.filter else None
         )
@@ -160,65 +182,73 @@ class SiteRuntime:
             task.study_id,
             task.analysis,
             variables,
-            task.privacy_mode or "dp",
+            task.privacy_mode,
         )
-        epsilon = task.epsilon if mode == "dp" else 0.0
+        charge: PureDP | None = None
         budget = PureDP(approval.budget)
+        cap = PureDP(approval.epsilon_per_request)
         if mode == "dp":
-            if epsilon <= 0:
-                raise ValidationError(f"a dp task needs an epsilon above 0, got {epsilon}")
-            self._check_budget(task.study_id, budget, PureDP(epsilon))
-        data = self._filtered(row_filter) if row_filter is not None else self.data
-        state = json.loads(task.state_json) if task.state_json else {}
+            if not (math.isfinite(task.epsilon) and task.epsilon > 0):
+                raise ValidationError(
+                    f"a dp task needs an epsilon that is a finite number above 0, got "
+                    f"{task.epsilon!r}"
+                )
+            charge = PureDP(task.epsilon)
+            self.store.precheck_charge(task.study_id, task.request_id, charge, budget, cap)
+        base = AnalysisContext(self.dictionary, mode, self.config.policy.sdc, task.round)
+        state = analysis.parse_state(task.state, params, base)
         ctx = AnalysisContext(self.dictionary, mode, self.config.policy.sdc, task.round, state)
         spec = analysis.declare(params, ctx)
-        record: AggregateRecord | None = None
-        if mode == "dp":
-            private = analysis.local_private(data, params, ctx, epsilon)
-            if private is not None:
-                record = AggregateRecord(spec, private[0], private[1])
-        if record is None:
-            record = privatize(
-                spec, analysis.local(data, params, ctx), mode, epsilon, self.config.policy.sdc
+        data = self._filtered(row_filter) if row_filter is not None else self.data
+        record = privatize(
+            spec,
+            analysis.local(data, params, ctx),
+            mode,
+            charge.epsilon if charge is not None else 0.0,
+            self.config.policy.sdc,
+        )
+        if charge is not None and record.epsilon > charge.epsilon:
+            raise InternalError(
+                f"the release spent epsilon {record.epsilon!r}, above the task's {charge.epsilon!r}"
             )
-        spent = record.epsilon if mode == "dp" else 0.0
         records_used = analysis.site_records(record)
-        proto_record = record_to_proto(record)
         receipt = hashlib.sha256(
-            task.task_id.encode() + proto_record.SerializeToString(deterministic=True)
+            task.task_id.encode() + record_to_proto(record).SerializeToString(deterministic=True)
         ).hexdigest()
-        reply = pb.Reply(
+        reply = ReplyMessage(
             task_id=task.task_id,
-            record=proto_record,
+            record=record,
             privacy_mode=mode,
-            epsilon_spent=spent,
-            records_used=-1 if mode == "dp" or records_used is None else int(records_used),
-            compute_seconds=time.perf_counter() - started,
+            epsilon_spent=charge.epsilon if charge is not None else 0.0,
+            records_used=None if mode == "dp" or records_used is None else int(records_used),
             receipt=receipt,
         )
-        message = pb.SiteMessage(reply=reply)
+        payload = reply.to_proto().SerializeToString(deterministic=True)
         committed = self.store.commit_reply(
             task_id=task.task_id,
+            request_id=task.request_id,
             study_id=task.study_id,
             researcher=task.researcher,
             analysis=task.analysis,
-            epsilon=spent,
+            charge=charge,
             budget=budget if mode == "dp" else None,
-            payload=message.SerializeToString(deterministic=True),
+            cap=cap if mode == "dp" else None,
+            payload=payload,
             receipt=receipt,
             detail={
                 "task": task.task_id,
+                "request": task.request_id,
                 "study": task.study_id,
                 "analysis": task.analysis,
                 "researcher": task.researcher,
                 "mode": mode,
-                "epsilon": spent,
+                "epsilon": reply.epsilon_spent,
                 "receipt": receipt,
             },
         )
-        if not committed:  # lost a race for the last of the budget
-            self._check_budget(task.study_id, budget, PureDP(spent))
-        return Outcome(message, "reply")
+        if committed != payload:  # another delivery of this task id committed first
+            return self._replayed(committed)
+        return Outcome(pb.SiteMessage.FromString(committed), "reply")
 
     def _filtered(self, row_filter: RowFilter) -> pd.DataFrame:
         """The rows a filter keeps, as the same frame object every round of an analysis.
@@ -236,16 +266,3 @@ class SiteRuntime:
         else:
             self._filter_cache.move_to_end(row_filter.text)
         return frame
-
-    def _check_budget(self, study_id: str, budget: PureDP, requested: PureDP) -> None:
-        spent = self.store.spent(study_id)
-        remaining = budget - spent
-        if not remaining.covers(requested):
-            short = requested.epsilon - remaining.epsilon
-            raise RefusedError(
-                f"refused by {self.name}: study {study_id} has epsilon {remaining.epsilon:.4g} "
-                f"left at this site; this request needs {requested.epsilon:.4g} (short by "
-                f"{short:.4g}). Ask the site admin for more budget, or lower `epsilon` in the "
-                "request",
-                code="budget",
-            )

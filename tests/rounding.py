@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analyses.base import AnalysisContext, NextRound
-from analyses.registry import get_analysis
-from protocol.config import DataDictionary, SDCThresholds
-from protocol.records import AggregateRecord
+from analyses.base import AnalysisContext, Arrays
+from analyses.testing import federate
+from protocol.budget import PureDP
+from protocol.config import DataDictionary
+from protocol.records import AggregateRecord, RecordSpec
 
 #: Relative size of the perturbation: about 5 units in the last place of a double.
 ROUNDING = 1e-15
@@ -36,27 +37,15 @@ def federate_perturbed(
 ) -> Any:
     """``analyses.testing.federate`` (mode ``off``) with each site's non-integer arrays
     perturbed by ``rel`` (relative, Gaussian, from ``rng``); ``rng=None`` perturbs nothing."""
-    analysis = get_analysis(name)
-    parsed = analysis.parse_params(params, dictionary)
-    state = analysis.initial_state(parsed, AnalysisContext(dictionary, "off", SDCThresholds()))
-    for round_no in range(200):
-        ctx = AnalysisContext(dictionary, "off", SDCThresholds(), round_no, state)
-        spec = analysis.declare(parsed, ctx)
-        records = {}
-        for site, frame in frames.items():
-            arrays = {
-                k: np.asarray(v, dtype=np.float64)
-                for k, v in analysis.local(frame, parsed, ctx).items()
-            }
-            if rng is not None:
-                for key, array_spec in spec.arrays.items():
-                    if not array_spec.integer and array_spec.kind != "count":
-                        value = arrays[key]
-                        arrays[key] = value * (1 + rel * rng.standard_normal(value.shape))
-            records[site] = AggregateRecord(spec, arrays)
-        out = analysis.combine(records, parsed, ctx)
-        if isinstance(out, NextRound):
-            state = out.state
-            continue
-        return out
-    raise AssertionError(f"{name} did not finish in 200 rounds")
+
+    def perturbed(
+        site: str, spec: RecordSpec, arrays: Arrays, ctx: AnalysisContext, eps: PureDP | None
+    ) -> AggregateRecord:
+        out = {k: np.asarray(v, dtype=np.float64) for k, v in arrays.items()}
+        if rng is not None:
+            for key, array_spec in spec.arrays.items():
+                if not array_spec.integer and array_spec.kind != "count":
+                    out[key] = out[key] * (1 + rel * rng.standard_normal(out[key].shape))
+        return AggregateRecord(spec, out)
+
+    return federate(name, frames, params, dictionary, "off", release=perturbed)

@@ -272,9 +272,7 @@ class Store:
         }
         if hello:
             values.update(
-                version=hello.get("version"),
-                records=hello.get("records"),
-                dictionary_digest=hello.get("dictionary_digest"),
+                version=hello.get("version"), dictionary_digest=hello.get("dictionary_digest")
             )
         with self._transaction() as conn:
             exists = conn.execute(

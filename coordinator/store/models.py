@@ -57,7 +57,6 @@ sites = Table(
     Column("name", String(64), primary_key=True),
     Column("status", String(16), nullable=False),  # connected, disconnected
     Column("version", String(32)),
-    Column("records", Integer),
     Column("dictionary_digest", String(64)),
     Column("first_seen", String(40), nullable=False),
     Column("last_seen", String(40), nullable=False),

@@ -7,18 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Hello(_message.Message):
-    __slots__ = ("site_id", "software_version", "allowed_analyses", "dictionary_digest", "records")
+    __slots__ = ("site_id", "software_version", "allowed_analyses", "dictionary_digest")
     SITE_ID_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_ANALYSES_FIELD_NUMBER: _ClassVar[int]
     DICTIONARY_DIGEST_FIELD_NUMBER: _ClassVar[int]
-    RECORDS_FIELD_NUMBER: _ClassVar[int]
     site_id: str
     software_version: str
     allowed_analyses: _containers.RepeatedScalarFieldContainer[str]
     dictionary_digest: str
-    records: int
-    def __init__(self, site_id: _Optional[str] = ..., software_version: _Optional[str] = ..., allowed_analyses: _Optional[_Iterable[str]] = ..., dictionary_digest: _Optional[str] = ..., records: _Optional[int] = ...) -> None: ...
+    def __init__(self, site_id: _Optional[str] = ..., software_version: _Optional[str] = ..., allowed_analyses: _Optional[_Iterable[str]] = ..., dictionary_digest: _Optional[str] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("accepted", "reason", "coordinator", "software_version")
@@ -85,13 +83,12 @@ class AggregateRecord(_message.Message):
     def __init__(self, arrays: _Optional[_Iterable[_Union[NamedArray, _Mapping]]] = ...) -> None: ...
 
 class Reply(_message.Message):
-    __slots__ = ("task_id", "record", "privacy_mode", "epsilon_spent", "records_used", "compute_seconds", "replayed", "receipt")
+    __slots__ = ("task_id", "record", "privacy_mode", "epsilon_spent", "records_used", "replayed", "receipt")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     RECORD_FIELD_NUMBER: _ClassVar[int]
     PRIVACY_MODE_FIELD_NUMBER: _ClassVar[int]
     EPSILON_SPENT_FIELD_NUMBER: _ClassVar[int]
     RECORDS_USED_FIELD_NUMBER: _ClassVar[int]
-    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     RECEIPT_FIELD_NUMBER: _ClassVar[int]
     task_id: str
@@ -99,10 +96,9 @@ class Reply(_message.Message):
     privacy_mode: str
     epsilon_spent: float
     records_used: int
-    compute_seconds: float
     replayed: bool
     receipt: str
-    def __init__(self, task_id: _Optional[str] = ..., record: _Optional[_Union[AggregateRecord, _Mapping]] = ..., privacy_mode: _Optional[str] = ..., epsilon_spent: _Optional[float] = ..., records_used: _Optional[int] = ..., compute_seconds: _Optional[float] = ..., replayed: _Optional[bool] = ..., receipt: _Optional[str] = ...) -> None: ...
+    def __init__(self, task_id: _Optional[str] = ..., record: _Optional[_Union[AggregateRecord, _Mapping]] = ..., privacy_mode: _Optional[str] = ..., epsilon_spent: _Optional[float] = ..., records_used: _Optional[int] = ..., replayed: _Optional[bool] = ..., receipt: _Optional[str] = ...) -> None: ...
 
 class Refusal(_message.Message):
     __slots__ = ("task_id", "code", "reason")

@@ -15,9 +15,14 @@ pytestmark = pytest.mark.system
 
 
 def heart_federation(
-    tmp: Path, mode: str, budget: float = 3.0, **kwargs: object
+    tmp: Path, mode: str, budget: float = 3.0, epsilon: float = 0.5, **kwargs: object
 ) -> LocalFederation:
-    sites = [SiteSpec(name, heart_source(name), mode=mode, budget=budget) for name in SITES]
+    """Four heart hospitals whose policies approve study s1 in ``mode`` with ``budget`` and at
+    most ``epsilon`` per request."""
+    sites = [
+        SiteSpec(name, heart_source(name), mode=mode, budget=budget, epsilon_per_request=epsilon)
+        for name in SITES
+    ]
     return LocalFederation(sites, heart_dictionary(), tmp, **kwargs)  # type: ignore[arg-type]
 
 

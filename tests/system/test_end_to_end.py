@@ -88,3 +88,21 @@ def test_invalid_request_is_refused_before_any_task_leaves(
             client.run("s1", {"analysis": "median"})
         with pytest.raises(APIRequestError, match="filter"):
             client.run("s1", {"analysis": "count", "filter": "age > (lambda: 1)()"})
+
+
+def test_exact_site_sizes_are_not_published(off_federation: LocalFederation) -> None:
+    # Before the fix, Hello.records (each site's exact number of rows) reached the coordinator's
+    # store, its log and GET /api/sites, which researchers can read.
+    from coordinator.client import AllianceClient
+    from simulations.heart import heart_sites
+
+    sizes = {name: len(frame) for name, frame in heart_sites().items()}
+    with AllianceClient(off_federation.url, off_federation.lead_token) as lead:
+        listed = lead.sites()
+    assert {s["name"] for s in listed} == set(sizes)
+    assert all("records" not in s for s in listed)
+    log = (off_federation.coordinator_dir / "coordinator.log").read_text()
+    assert "records" not in log
+    for name, size in sizes.items():
+        lines = [line for line in log.splitlines() if f"site {name} connected" in line]
+        assert lines and all(str(size) not in line for line in lines)

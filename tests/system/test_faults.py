@@ -34,10 +34,10 @@ def wait_for_log(path: Path, text: str, timeout: float = 30.0) -> str:
 @pytest.fixture(scope="module")
 def dp_federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
     federation = heart_federation(
-        tmp_path_factory.mktemp("faults"), "dp", budget=100.0, task_timeout=4.0
+        tmp_path_factory.mktemp("faults"), "dp", budget=100.0, epsilon=1.0, task_timeout=4.0
     )
     try:
-        federation.start(study("dp", budget=100.0))
+        federation.start(study("dp", epsilon=1.0, budget=100.0))
         yield federation
     finally:
         federation.stop()
@@ -78,7 +78,7 @@ def test_a_killed_site_is_reported_and_comes_back(dp_federation: LocalFederation
         dp_federation.wait_for_sites(["va"])
         again = client.run("s1", {"analysis": "count"})
     assert next(s for s in again["sites"] if s["name"] == "va")["status"] == "ok"
-    assert _spent(dp_federation, "va") == pytest.approx(spent_before + 0.5)
+    assert _spent(dp_federation, "va") == pytest.approx(spent_before + 1.0)  # the study's epsilon
 
 
 def _spent(federation: LocalFederation, site: str) -> float:

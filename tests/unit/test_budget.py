@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from protocol.budget import ZCDP, PureDP
+from protocol.budget import ZCDP, PureDP, check_budget, over_request_cap
 from protocol.errors import BudgetError
 
 BAD_VALUES = [-0.1, float("nan"), float("inf"), -float("inf")]
@@ -50,8 +50,9 @@ def test_pure_dp_arithmetic() -> None:
     assert PureDP(0.5) * 3 == PureDP(1.5)
     # Sequential composition: the parts add back up to the whole.
     part = PureDP(1.0).split(3)
-    assert part.epsilon == pytest.approx(1 / 3, rel=1e-15)
-    assert (part + part + part).covers(PureDP(1.0))
+    assert part == PureDP(0.333333333)  # rounded down to a ledger unit (a nano-epsilon)
+    assert PureDP(1.0).covers(part + part + part)
+    assert PureDP(0.5).split(4) == PureDP(0.125)
 
 
 def test_subtraction_floors_at_zero() -> None:
@@ -132,3 +133,40 @@ def test_other_mixing_raises_type_error() -> None:
 def test_covers_across_types_raises_type_error() -> None:
     with pytest.raises(TypeError):
         PureDP(1.0).covers(ZCDP(0.5))  # type: ignore[arg-type]
+
+
+def test_arithmetic_is_exact_on_the_decimals_people_write() -> None:
+    # 0.1 + 0.2 is 0.30000000000000004 in floats; a budget means the decimal.
+    assert PureDP(0.1) + PureDP(0.2) == PureDP(0.3)
+    assert PureDP(1.8) - PureDP(0.1) - PureDP(0.5) == PureDP(1.2)
+    assert not PureDP(1.2).covers(PureDP(1.200000000001))
+    assert PureDP(1.2).covers(PureDP(1.2))
+
+
+def test_charges_round_up_and_limits_round_down_to_ledger_units() -> None:
+    third = PureDP(1 / 3)  # 0.3333333333333333
+    assert third.charge_units() == 333_333_334
+    assert third.limit_units() == 333_333_333
+    assert PureDP(0.5).charge_units() == PureDP(0.5).limit_units() == 500_000_000
+    assert PureDP.from_units(166_666_666) == PureDP(0.166666666)
+    with pytest.raises(BudgetError, match="ledger units must be an integer >= 0"):
+        PureDP.from_units(-1)
+
+
+def test_check_budget_is_one_exact_predicate() -> None:
+    spent = PureDP(0.1).charge_units() + PureDP(0.5).charge_units()
+    refused = check_budget(PureDP(1.8), spent, PureDP(1.200000000001))
+    assert not refused.allowed
+    assert refused.remaining == PureDP(1.2)
+    assert refused.short == PureDP(1e-12)
+    fits = check_budget(PureDP(1.8), spent, PureDP(1.2))
+    assert fits.allowed and fits.spent == PureDP(0.6)
+    # Three equal shares of a split never exceed the whole.
+    share = PureDP(0.5).split(3)
+    assert check_budget(PureDP(0.5), 2 * share.charge_units(), share).allowed
+
+
+def test_over_request_cap_message_says_cap_request_and_difference() -> None:
+    text = over_request_cap("s1", PureDP(3.0), PureDP(0.5))
+    assert text.startswith("study s1 allows epsilon 0.5 per request at each site; this request")
+    assert "asks for 3 (over by 2.5)" in text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import matplotlib
@@ -13,10 +14,11 @@ import pytest
 
 import analyses  # noqa: F401  (registers every analysis)
 from analyses.base import AnalysisContext, NextRound
+from analyses.driver import RoundTask, SiteAnswer, SiteReply
 from analyses.quantiles import DEPTH, GRID, _Grid, _SiteBoundaries
 from analyses.registry import get_analysis
 from analyses.testing import federate
-from protocol.config import DataDictionary, SDCThresholds
+from protocol.config import DataDictionary
 from protocol.errors import DisclosureError, ModelError, ValidationError
 from protocol.records import AggregateRecord
 from tests import dp_noise
@@ -79,13 +81,15 @@ def test_site_rejects_a_malformed_round_state() -> None:
         ctx = AnalysisContext(DICTIONARY, "off", state=state)
         with pytest.raises(ValidationError, match="quantiles"):
             analysis.local(frame, params, ctx)
+        with pytest.raises(ValidationError, match="quantiles"):  # what a site checks first
+            analysis.parse_state(state, params, ctx)
 
 
 def test_declared_shapes_depend_on_the_state_not_the_data() -> None:
     analysis = get_analysis("quantiles")
     params = analysis.parse_params({"variable": "x", "probs": [0.5]}, DICTIONARY)
     ctx = AnalysisContext(DICTIONARY, "off")
-    state = analysis.initial_state(params, ctx)
+    state = analysis.initial_state(params, ctx).state
     ctx = AnalysisContext(DICTIONARY, "off", state=state)
     spec = analysis.declare(params, ctx)
     for values in ([], [1.0], list(np.linspace(-9, 9, 500))):
@@ -133,13 +137,14 @@ def test_data_changing_between_rounds_is_a_model_error() -> None:
     params = analysis.parse_params({"variable": "x", "probs": [0.5]}, DICTIONARY)
     frames = frames_of(np.linspace(-5, 5, 50), np.linspace(-3, 3, 30))
     ctx = AnalysisContext(DICTIONARY, "off")
-    ctx = AnalysisContext(DICTIONARY, "off", state=analysis.initial_state(params, ctx))
+    ctx = AnalysisContext(DICTIONARY, "off", state=analysis.initial_state(params, ctx).state)
     spec = analysis.declare(params, ctx)
     first = {s: AggregateRecord(spec, analysis.local(f, params, ctx)) for s, f in frames.items()}
     step = analysis.combine(first, params, ctx)
     assert isinstance(step, NextRound)
     json.dumps(step.state)  # the state travels as JSON
-    ctx = AnalysisContext(DICTIONARY, "off", round=1, state=step.state)
+    assert set(step.state) == {"brackets"}  # the ranks and the pooled n stay in the memo
+    ctx = AnalysisContext(DICTIONARY, "off", round=1, state=step.state, memo=step.memo)
     spec = analysis.declare(params, ctx)
     frames["site1"] = frames["site1"].iloc[:10]
     second = {s: AggregateRecord(spec, analysis.local(f, params, ctx)) for s, f in frames.items()}
@@ -188,24 +193,20 @@ def test_sdc_admitted_points_never_cut_a_small_cell_whatever_is_asked(seed: int)
 def test_sdc_search_releases_only_safe_cells_and_bounds_the_quantile() -> None:
     rng = np.random.default_rng(7)
     sites = [np.sort(rng.normal(0, 2, n).round(1)) for n in (25, 60, 300)]
-    analysis = get_analysis("quantiles")
     probs = [0.05, 0.5, 0.95]
-    params = analysis.parse_params({"variable": "x", "probs": probs}, DICTIONARY)
-    state = analysis.initial_state(params, AnalysisContext(DICTIONARY, "sdc"))
     released: list[set[int]] = [set(), set(), set()]
-    for round_no in range(64):
-        ctx = AnalysisContext(DICTIONARY, "sdc", SDCThresholds(), round_no, state)
-        spec = analysis.declare(params, ctx)
-        records = {}
-        for i, values in enumerate(sites):
-            arrays = analysis.local(pd.DataFrame({"x": values}), params, ctx)
-            records[f"s{i}"] = AggregateRecord(spec, arrays)
-            for b, (lo, hi, _, points) in enumerate(state["brackets"]):
-                released[i] |= {lo, hi} | {k for j, k in enumerate(points) if arrays["known"][b, j]}
-        out = analysis.combine(records, params, ctx)
-        if not isinstance(out, NextRound):
-            break
-        state = out.state
+
+    def watch(step: RoundTask, spec: Any, answers: Mapping[str, SiteAnswer]) -> None:
+        for i in range(len(sites)):
+            answer = answers[f"s{i}"]
+            assert isinstance(answer, SiteReply)
+            known = answer.record["known"]
+            for b, (lo, hi, _, points) in enumerate(step.state["brackets"]):
+                released[i] |= {lo, hi} | {k for j, k in enumerate(points) if known[b, j]}
+
+    frames = {f"s{i}": pd.DataFrame({"x": values}) for i, values in enumerate(sites)}
+    out = federate("quantiles", frames, {"variable": "x", "probs": probs}, DICTIONARY, "sdc",
+                   on_round=watch)  # fmt: skip
     for values, points in zip(sites, released, strict=True):
         assert released_cells_are_safe(values, points, 3)
     expected = np.quantile(np.concatenate(sites), probs)
@@ -231,7 +232,7 @@ def test_sdc_values_tied_three_times_per_site_resolve_exactly() -> None:
 
 def test_sdc_site_with_too_few_values_refuses() -> None:
     frames = frames_of([1.0, 2.0], np.linspace(-5, 5, 40))
-    with pytest.raises(DisclosureError, match="fewer than the smallest subset"):
+    with pytest.raises(DisclosureError, match="x has fewer than 3 values here"):
         federate("quantiles", frames, {"variable": "x"}, DICTIONARY, mode="sdc")
 
 

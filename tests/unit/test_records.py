@@ -199,3 +199,33 @@ def test_record_spec_needs_array_specs() -> None:
 def test_release_mechanism_must_be_known() -> None:
     with pytest.raises(RecordError, match="mechanism 'rounding' is not one of: none, laplace"):
         Release("rounding")
+
+
+@pytest.mark.parametrize(
+    ("mechanism", "scale", "closed_form"),
+    [
+        ("laplace", 2.5, 2 * 2.5**2),
+        # discrete Laplace: q = exp(-1/b), variance 2q / (1 - q)^2
+        ("discrete_laplace", 3.0, 2 * np.exp(-1 / 3) / (1 - np.exp(-1 / 3)) ** 2),
+        ("gaussian", 1.7, 1.7**2),
+        ("none", 0.0, 0.0),
+    ],
+)
+def test_one_noise_model_variance_and_redraw_agree(
+    mechanism: str, scale: float, closed_form: float
+) -> None:
+    release = Release(mechanism, scale, 0.1)
+    assert release.variance() == pytest.approx(closed_form, rel=1e-12)
+    draws = release.redraw(np.random.default_rng(11), (200_000,))
+    assert draws.shape == (200_000,)
+    # 200,000 draws estimate a variance within about 1% (Laplace's kurtosis is 6).
+    assert np.var(draws) == pytest.approx(closed_form, rel=0.03, abs=1e-12)
+    if mechanism == "discrete_laplace":
+        assert np.array_equal(draws, np.rint(draws))
+
+
+def test_a_release_refuses_an_unknown_mechanism_or_a_bad_scale() -> None:
+    with pytest.raises(RecordError, match="mechanism 'exponential' is not one of"):
+        Release("exponential", 1.0, 0.1)
+    with pytest.raises(RecordError, match="noise scale must be finite and >= 0"):
+        Release("laplace", float("inf"), 0.1)

@@ -64,11 +64,12 @@ def test_studies_requests_results_and_audit_round_trip(store: Store) -> None:
         "sites": [{"name": "a", "status": "ok", "epsilon": 0.5}],
     }
     store.finish_request("r1", result, None)
-    store.site_seen("a", "connected", {"version": "0.1.0", "records": 3})
+    store.site_seen("a", "connected", {"version": "0.1.0", "dictionary_digest": "abc"})
     got = store.request("r1")
     assert got is not None and got["status"] == "done" and got["result"] == result
     assert [s["id"] for s in store.studies()] == ["s1"]
-    assert store.sites()[0]["records"] == 3
+    assert store.sites()[0]["version"] == "0.1.0"
+    assert "records" not in store.sites()[0]  # no site's exact size is kept
     actions = [e.action for e in store.audit_entries()]
     assert actions == ["study_created", "request_submitted", "request_finished", "site_connected"]
     assert store.verify_audit().ok

@@ -72,3 +72,15 @@ def test_generated_grpc_stubs_are_fresh(tmp_path: Path) -> None:
         fresh = (tmp_path / "protocol" / "wire" / name).read_text()
         committed = (ROOT / "protocol" / "wire" / name).read_text()
         assert fresh == committed, f"protocol/wire/{name} is stale: run `make proto`"
+
+
+def test_one_version_taken_from_the_package_metadata() -> None:
+    import tomllib
+
+    from protocol.version import VERSION
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert declared == VERSION
+    sources = [p for p in ROOT.rglob("*.py") if ".venv" not in p.parts and "tests" not in p.parts]
+    literal = [str(p.relative_to(ROOT)) for p in sources if f'"{declared}"' in p.read_text()]
+    assert literal == []  # no second copy of the version string in the code

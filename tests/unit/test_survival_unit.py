@@ -26,7 +26,8 @@ import pytest
 from lifelines import CoxPHFitter, KaplanMeierFitter
 
 import analyses  # noqa: F401  (registers every analysis)
-from analyses.base import AnalysisContext, NextRound
+from analyses.base import AnalysisContext
+from analyses.driver import RoundTask, SiteAnswer, SiteReply
 from analyses.registry import get_analysis
 from analyses.survival import (
     CoxResult,
@@ -35,14 +36,17 @@ from analyses.survival import (
     _Grid,
     _max_eta,
     _newton_step,
+    _sdc_widths,
     _Term,
 )
-from analyses.testing import federate
+from analyses.testing import exact_release, federate
+from protocol.budget import PureDP
 from protocol.config import DataDictionary, SDCThresholds
 from protocol.errors import DisclosureError, ModelError, ValidationError
-from protocol.records import MAX_CELLS, AggregateRecord, Release
+from protocol.records import MAX_CELLS, AggregateRecord, RecordSpec
 from simulations.bench_cox import synthetic_dictionary, synthetic_sites
 from site_node.privacy import privatize
+from tests import dp_noise
 from tests.rounding import federate_perturbed
 
 matplotlib.use("Agg")
@@ -70,51 +74,40 @@ def run_engine(
     log: list[dict[str, Any]] | None = None,
     check_cells: bool | None = None,
 ) -> Any:
-    """The federation loop with the site engine's privacy step emulated.
+    """The round driver with the site engine's privacy step emulated.
 
     sdc: every array of kind "count" must hold only 0 or cells >= min_cell (the engine refuses
-    anything else). dp: the request's epsilon is split evenly over ``dp_rounds`` rounds and over
-    the arrays by budget share; each array gets Laplace noise of scale sensitivity / epsilon,
-    reported in its Release, and the run must take exactly ``dp_rounds`` rounds.
+    anything else). dp: the engine's seeded noise (tests/dp_noise.py); the driver splits the
+    request's epsilon over ``dp_rounds`` rounds and checks the run takes exactly that many.
     """
-    analysis = get_analysis(name)
-    parsed = analysis.parse_params(params, dictionary)
-    thresholds = SDCThresholds()
-    ctx = AnalysisContext(dictionary, mode, thresholds)
-    state = analysis.initial_state(parsed, ctx)
-    rounds = analysis.dp_rounds(parsed, ctx)
     check_cells = mode == "sdc" if check_cells is None else check_cells
-    for round_no in range(200):
-        ctx = AnalysisContext(dictionary, mode, thresholds, round_no, state)
-        spec = analysis.declare(parsed, ctx)
-        records = {}
-        for site, frame in frames.items():
-            arrays = dict(analysis.local(frame, parsed, ctx))
-            releases = {}
-            for key, array_spec in spec.arrays.items():
-                value = np.asarray(arrays[key], dtype=np.float64)
-                if check_cells and array_spec.kind == "count":
-                    small = value[(value > 0) & (value < thresholds.min_cell)]
-                    if small.size:
-                        raise DisclosureError(f"{site}: {key} has {small.size} cells below 3")
-                if mode == "dp":
-                    assert rng is not None and array_spec.sensitivity is not None
-                    shares = sum(s.budget_share for s in spec.arrays.values())
-                    eps = epsilon / rounds * array_spec.budget_share / shares
-                    scale = array_spec.sensitivity / eps
-                    arrays[key] = value + rng.laplace(0.0, scale, value.shape)
-                    releases[key] = Release("laplace", scale, eps)
-            records[site] = AggregateRecord(spec, arrays, releases)
+    noise = dp_noise.seeded_release(rng) if rng is not None else exact_release
+    thresholds = SDCThresholds()
+
+    def release(
+        site: str,
+        spec: RecordSpec,
+        arrays: dict[str, Any],
+        ctx: AnalysisContext,
+        round_epsilon: PureDP | None,
+    ) -> AggregateRecord:
+        for key, array_spec in spec.arrays.items():
+            value = np.asarray(arrays[key], dtype=np.float64)
+            if check_cells and array_spec.kind == "count":
+                small = value[(value > 0) & (value < thresholds.min_cell)]
+                if small.size:
+                    raise DisclosureError(f"{site}: {key} has {small.size} cells below 3")
+        return noise(site, spec, arrays, ctx, round_epsilon)
+
+    def keep(step: RoundTask, spec: RecordSpec, answers: Mapping[str, SiteAnswer]) -> None:
         if log is not None:
-            log.append({"round": round_no, "spec": spec, "records": records})
-        out = analysis.combine(records, parsed, ctx)
-        if isinstance(out, NextRound):
-            state = out.state
-            continue
-        if mode == "dp":
-            assert round_no + 1 == rounds, f"dp run took {round_no + 1} rounds, declared {rounds}"
-        return out
-    raise AssertionError("no result in 200 rounds")
+            records = {s: a.record for s, a in answers.items() if isinstance(a, SiteReply)}
+            log.append({"round": step.round, "spec": spec, "records": records})
+
+    return federate(
+        name, frames, params, dictionary, mode,
+        epsilon=epsilon if mode == "dp" else None, release=release, sdc=thresholds, on_round=keep,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- grid and shapes
@@ -239,12 +232,27 @@ def test_sdc_cox_refuses_more_parameters_than_a_third_of_the_records(
         {"time": "time", "event": "event", "covariates": ["age", "sex", "biomarker", "stage"]},
         syn_dict,
     )
-    state = {"phase": "newton", "event_idx": [1, 2], "beta": [0.0] * 5}
+    # One interval over the whole range (the probe's coarsest width): every cell is large.
+    wide = _sdc_widths(params, syn_dict)[-1]
+    state = {"phase": "newton", "width": wide, "event_idx": [1], "beta": [0.0] * 5}
     ctx = AnalysisContext(syn_dict, "sdc", SDCThresholds(), 2, state)
     frame = synthetic_sites(1, 12, seed=3)["site00"]  # 5 parameters > 0.33 * 12 records
     with pytest.raises(DisclosureError, match="needs at least 16 records"):
         cox.local(frame, params, ctx)
     assert cox.local(synthetic_sites(1, 16, seed=3)["site00"], params, ctx)["n"] == 16
+
+
+def test_sdc_cox_site_refuses_risk_sums_on_a_grid_its_own_cells_do_not_pass(
+    syn_dict: DataDictionary,
+) -> None:
+    # A coordinator off the protocol skips the probe and asks for Newton sums on the daily
+    # grid, where this site's event and censoring cells hold 1 or 2 records.
+    cox = get_analysis("cox")
+    params = cox.parse_params({"time": "time", "event": "event", "covariates": ["age"]}, syn_dict)
+    state = {"phase": "newton", "width": 1.0, "event_idx": [1, 2], "beta": [0.0]}
+    ctx = AnalysisContext(syn_dict, "sdc", SDCThresholds(), 2, state)
+    with pytest.raises(DisclosureError, match="a coarser grid is needed"):
+        cox.local(synthetic_sites(1, 40, seed=3)["site00"], params, ctx)
 
 
 # ----------------------------------------------------------------------------- model errors
@@ -563,7 +571,9 @@ def test_dp_kaplan_meier_noise_matches_its_report_and_the_docstring(
 ) -> None:
     frames = synthetic_sites(4, 500, seed=3)  # pooled n = 2000
     params = {"time": "time", "event": "event", "dp_intervals": 20}
-    exact = federate("kaplan_meier", frames, params, syn_dict, mode="dp")  # grouped, no noise
+    exact = federate(
+        "kaplan_meier", frames, params, syn_dict, "dp", epsilon=1.0
+    )  # grouped, no noise
     truth = pd.Series(exact.curves["all"]["survival"], index=exact.curves["all"]["times"])
     at_risk = pd.Series(exact.curves["all"]["at_risk"], index=truth.index)
     rng = np.random.default_rng(0)
@@ -606,19 +616,20 @@ def test_dp_cox_noise_matches_its_report_and_the_docstring(syn_dict: DataDiction
     frames = synthetic_sites(4, 50_000, seed=7)  # pooled n = 200,000, about half events
     params = {"time": "time", "event": "event", "covariates": ["age", "biomarker"]}
     params |= {"ties": "breslow"}
-    grouped = federate("cox", frames, params, syn_dict, mode="dp")  # grouped times, no noise
+    grouped = federate("cox", frames, params, syn_dict, "dp", epsilon=1.0)  # grouped, no noise
     half_range = np.array([41.0, 5.0])  # the dictionary's (max - min) / 2 for age, biomarker
     rng = np.random.default_rng(0)
     estimates, reported = [], []
-    for _ in range(12):
+    for _ in range(40):  # 12 gave an RMSE anywhere from 0.16 to 0.27 across seeds
         result = run_engine("cox", frames, params, syn_dict, "dp", 1.0, rng)
         estimates.append(result.summary["estimate"].to_numpy())
         reported.append(result.summary["noise_sd"].to_numpy())
         assert result.iterations == 2
     truth = grouped.summary["estimate"].to_numpy()
     rmse = np.sqrt(np.mean((np.asarray(estimates) - truth) ** 2, axis=0)) * half_range
-    # Docstring: about 0.05 to 0.15 per scaled coefficient at n = 200,000 and epsilon = 1.
-    assert (rmse < 0.25).all(), rmse
+    # Docstring: about 0.05 and 0.2 per scaled coefficient at n = 200,000 and epsilon = 1
+    # (measured with 40 runs over 3 seeds: 0.04 to 0.06, and 0.18 to 0.24).
+    assert (rmse < 0.3).all(), rmse
     ratio = np.median(reported, axis=0) * half_range / rmse
     assert ((ratio > 0.5) & (ratio < 2.5)).all(), ratio
     assert any("std_error includes the noise" in n for n in result.notes)
@@ -632,12 +643,12 @@ def test_dp_cox_sensitivity_follows_the_current_coefficients(syn_dict: DataDicti
         syn_dict,
     )
     first = AnalysisContext(syn_dict, "dp", SDCThresholds(), 0, {})
-    state = cox.initial_state(params, first)
+    state = cox.initial_state(params, first).state
     assert state["event_idx"] == list(range(6))  # the public grid: every point is a time
     spec = cox.declare(params, AnalysisContext(syn_dict, "dp", SDCThresholds(), 0, state))
     assert spec.arrays["s0"].sensitivity == 1.0 and spec.arrays["s1"].sensitivity == 3.0
     assert {"d", "xsum", "s2", "e2"} <= set(spec.arrays)
-    later = dict(state, beta=[0.5, -0.2, 0.7], hessian=np.eye(3).tolist())
+    later = dict(state, beta=[0.5, -0.2, 0.7])
     spec = cox.declare(params, AnalysisContext(syn_dict, "dp", SDCThresholds(), 1, later))
     assert spec.arrays["s0"].sensitivity == pytest.approx(np.exp(1.2))  # |0.5| + max(0, 0.7)
     assert not {"d", "xsum", "s2", "e2"} & set(spec.arrays)  # released once, in round 0
@@ -661,22 +672,22 @@ def test_the_site_engine_releases_every_round(
     mode: str,
 ) -> None:
     """The real privacy engine (OpenDP noise, sdc refusals) accepts every round's arrays."""
+    rounds: list[int] = []
+
+    def engine(
+        site: str, spec: RecordSpec, arrays: Any, ctx: AnalysisContext, eps: PureDP | None
+    ) -> AggregateRecord:
+        return privatize(spec, arrays, ctx.mode, eps.epsilon if eps else 0.0, ctx.sdc)
+
+    out = federate(
+        name, small_sites, {"time": "time", "event": "event", **params}, syn_dict, mode,
+        epsilon=2.0 if mode == "dp" else None, release=engine,
+        on_round=lambda step, spec, answers: rounds.append(step.round),
+    )  # fmt: skip
     analysis = get_analysis(name)
     parsed = analysis.parse_params({"time": "time", "event": "event", **params}, syn_dict)
-    ctx = AnalysisContext(syn_dict, mode, SDCThresholds())
-    state, rounds = analysis.initial_state(parsed, ctx), analysis.dp_rounds(parsed, ctx)
-    for round_no in range(60):
-        ctx = AnalysisContext(syn_dict, mode, SDCThresholds(), round_no, state)
-        spec = analysis.declare(parsed, ctx)
-        records = {
-            site: privatize(spec, analysis.local(f, parsed, ctx), mode, 2.0 / rounds, ctx.sdc)
-            for site, f in small_sites.items()
-        }
-        out = analysis.combine(records, parsed, ctx)
-        if not isinstance(out, NextRound):
-            break
-        state = out.state
-    assert round_no + 1 == rounds if mode == "dp" else round_no >= 1  # sdc: a probe first
+    budgeted = analysis.dp_rounds(parsed, AnalysisContext(syn_dict, mode))
+    assert len(rounds) == budgeted if mode == "dp" else len(rounds) >= 2  # sdc: a probe first
     assert np.isfinite(out.n) and out.notes[0].startswith(mode)
 
 

@@ -17,7 +17,6 @@ from statsmodels.stats.contingency_tables import StratifiedTable
 import analyses  # noqa: F401  (registers every analysis)
 from analyses.base import AnalysisContext
 from analyses.registry import get_analysis
-from analyses.tables import release_variance
 from analyses.testing import federate
 from protocol.config import DataDictionary
 from protocol.errors import ModelError, ValidationError
@@ -123,7 +122,7 @@ def test_table_dp_tests_noisy_counts_and_says_so() -> None:
     }
     result = release_dp("table", frames, {"rows": "a", "cols": "b"}, 1.0, rng)
     # 4 sites x discrete Laplace(scale 1): variance 2 e^-1 / (1 - e^-1)^2 = 1.84 each
-    per_site = release_variance(Release("discrete_laplace", 1.0))
+    per_site = Release("discrete_laplace", 1.0).variance()
     assert per_site == pytest.approx(2 * math.exp(-1) / (1 - math.exp(-1)) ** 2)
     assert result.noise_sd == pytest.approx(math.sqrt(4 * per_site))
     assert any("noisy counts" in note for note in result.notes)

@@ -145,3 +145,55 @@ def test_malformed_shapes_are_record_errors(shape: list[int], count: int) -> Non
     message = pb.AggregateRecord(arrays=[named("table", shape, [0.0] * count)])
     with pytest.raises(RecordError):
         record_from_proto(message, spec)
+
+
+def test_typed_messages_round_trip_through_the_wire() -> None:
+    from protocol.wire.messages import RefusalMessage, ReplyMessage, TaskMessage
+
+    task = TaskMessage(
+        task_id="r1.0.a",
+        request_id="r1",
+        study_id="s1",
+        analysis="glm",
+        researcher="r.chen",
+        params={"formula": "y ~ x"},
+        epsilon=0.25,
+        round=2,
+        state={"beta": [0.5, -1.0]},
+    )
+    wire = task.to_proto().task
+    assert TaskMessage.from_proto(wire) == task
+    spec = RecordSpec({"n": ArraySpec((), kind="count")})
+    reply = ReplyMessage("r1.0.a", AggregateRecord(spec, {"n": 3.0}), "sdc", 0.0, 3, "abc")
+    again = ReplyMessage.from_proto(reply.to_proto().reply, lambda mode: spec)
+    assert again.records_used == 3 and again.privacy_mode == "sdc" and again.record["n"] == 3.0
+    refusal = RefusalMessage("r1.0.a", "policy", "no")
+    assert RefusalMessage.from_proto(refusal.to_proto().refusal) == refusal
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("round", "1"), ("round", True), ("epsilon", "0.5"), ("params", [1]), ("study_id", 7)],
+)
+def test_a_task_refuses_the_wrong_type_when_it_is_built(field: str, value: object) -> None:
+    from protocol.wire.messages import TaskMessage
+
+    fields: dict[str, object] = {
+        "task_id": "t",
+        "request_id": "r",
+        "study_id": "s",
+        "analysis": "count",
+        "researcher": "x",
+    }
+    with pytest.raises(TypeError, match=f"TaskMessage.{field} must be"):
+        TaskMessage(**{**fields, field: value})  # type: ignore[arg-type]
+
+
+def test_a_task_whose_json_is_not_an_object_is_a_validation_error() -> None:
+    from protocol.errors import ValidationError
+    from protocol.wire.messages import TaskMessage
+
+    with pytest.raises(ValidationError, match="task parameters: must be a JSON object, got list"):
+        TaskMessage.from_proto(pb.Task(task_id="t", params_json="[1, 2]"))
+    with pytest.raises(ValidationError, match="task round state: not valid JSON"):
+        TaskMessage.from_proto(pb.Task(task_id="t", state_json="{"))
