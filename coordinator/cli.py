@@ -61,12 +61,19 @@ def pki_init(
     typer.echo(f"created the alliance CA: {files.cert} (keep {files.key} offline)")
 
 
+OVERWRITE = Annotated[
+    bool, typer.Option("--overwrite", help="replace an existing certificate and key")
+]
+
+
 @pki_app.command("issue-site")
-def pki_issue_site(name: str, folder: PKI_DIR = Path("pki")) -> None:
+def pki_issue_site(name: str, folder: PKI_DIR = Path("pki"), overwrite: OVERWRITE = False) -> None:
     """Issue a site certificate whose subject is the site's name."""
-    files = pki.issue_site(folder, name)
+    existed = (folder / "sites" / f"{name}.pem").exists()
+    files = pki.issue_site(folder, name, overwrite=overwrite)
     typer.echo(
-        f"issued site {name}: give the site {folder / 'ca.pem'}, {files.cert} and {files.key}"
+        f"{'re-issued' if existed else 'issued'} site {name}: give the site "
+        f"{folder / 'ca.pem'}, {files.cert} and {files.key}"
     )
 
 
@@ -74,10 +81,12 @@ def pki_issue_site(name: str, folder: PKI_DIR = Path("pki")) -> None:
 def pki_issue_coordinator(
     host: Annotated[list[str] | None, typer.Option("--host", help="name or IP sites dial")] = None,
     folder: PKI_DIR = Path("pki"),
+    overwrite: OVERWRITE = False,
 ) -> None:
     """Issue the coordinator's certificate (SANs = the hosts sites dial)."""
-    files = pki.issue_coordinator(folder, host or None)
-    typer.echo(f"issued the coordinator certificate: {files.cert}")
+    existed = (folder / "coordinator.pem").exists()
+    files = pki.issue_coordinator(folder, host or None, overwrite=overwrite)
+    typer.echo(f"{'re-issued' if existed else 'issued'} the coordinator certificate: {files.cert}")
 
 
 @pki_app.command("show")
