@@ -1,0 +1,204 @@
+"""API tokens: the shipped examples never open a coordinator, and real ones come from somewhere.
+
+A newcomer who starts the coordinator with the example config must not get a coordinator that
+anyone who read the README can use. A coordinator without tokens makes one for the lead on its
+first start, in a file only its owner can read; `alliance token create | list | revoke` manage
+the rest while it runs.
+"""
+
+from __future__ import annotations
+
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from protocol.config import CoordinatorConfig, load_yaml
+from protocol.errors import ConfigError
+from simulations.cli import app
+from simulations.federation import child_env
+from simulations.heart import DICTIONARY_PATH
+
+pytestmark = pytest.mark.system
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+runner = CliRunner()
+#: The tokens configs/coordinator.yaml shipped with before this test existed.
+SHIPPED = ["change-me-lead-token-0123456789", "change-me-researcher-token-0123"]
+
+
+def write_config(folder: Path, tokens: list[dict[str, str]] | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    config: dict[str, Any] = {
+        "name": "coordinator",
+        "site_link": "127.0.0.1:0",
+        "http": "127.0.0.1:0",
+        "dictionary": str(DICTIONARY_PATH),
+        "store": f"sqlite:///{folder / 'coordinator.db'}",
+        "state_dir": str(folder / "state"),
+        "insecure": True,
+    }
+    if tokens is not None:
+        config["tokens"] = tokens
+    path = folder / "coordinator.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@dataclass
+class Running:
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        return self.log.read_text(errors="replace")
+
+
+def start(config: Path, timeout: float = 60.0) -> Running | str:
+    """Start a coordinator; its address when it listens, or its output when it exits."""
+    ready = config.parent / "ready.json"
+    log = config.parent / "coordinator.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "simulations.cli", "coordinator", "serve"),
+                *("--config", str(config), "--ready-file", str(ready)),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=child_env(),
+        )
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        if proc.poll() is not None:
+            return log.read_text(errors="replace")
+        assert time.monotonic() < deadline, "the coordinator neither started nor exited"
+        time.sleep(0.05)
+    time.sleep(0.1)  # the ready file is written in one go, but give the writer a moment
+    return Running(proc, yaml.safe_load(ready.read_text())["http"], log)
+
+
+def status(url: str, token: str) -> int:
+    response = httpx.get(f"{url}/api/analyses", headers={"Authorization": f"Bearer {token}"})
+    return response.status_code
+
+
+@pytest.mark.parametrize("token", [*SHIPPED, "change-me-to-something-long"])
+def test_the_coordinator_refuses_to_start_with_an_example_token(tmp_path: Path, token: str) -> None:
+    config = write_config(tmp_path, [{"token": token, "user": "lead", "role": "lead"}])
+    outcome = start(config)
+    if isinstance(outcome, Running):
+        accepted = status(outcome.url, token)
+        outcome.stop()
+        pytest.fail(f"the coordinator started with the example token; the API answered {accepted}")
+    assert outcome.strip().splitlines() == [
+        f"error: {config}: tokens[0] (user lead): this token is an example shipped with "
+        "Alliance (anyone who read the README knows it); delete it from the config and create "
+        "real tokens with `alliance token create --role ROLE --person ID --config "
+        f"{config}`"
+    ]
+    assert not (tmp_path / "coordinator.db").exists()  # refused before anything was created
+
+
+def test_the_shipped_example_config_opens_no_coordinator() -> None:
+    from coordinator.tokens import example_token_problems
+
+    config = load_yaml(CONFIGS / "coordinator.yaml", CoordinatorConfig)
+    for token in config.tokens:  # any token it ships must be one the coordinator refuses
+        assert example_token_problems([token], "x"), token.token
+    assert example_token_problems(
+        [
+            CoordinatorConfig.model_validate(
+                {
+                    "dictionary": "d",
+                    "insecure": True,
+                    "tokens": [{"token": t, "user": "u", "role": "lead"}],
+                }
+            ).tokens[0]
+            for t in SHIPPED
+        ],
+        "x",
+    )
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Running]]:
+    """A coordinator started for the first time with no token anywhere."""
+    config = write_config(tmp_path_factory.mktemp("fresh"))
+    outcome = start(config)
+    assert isinstance(outcome, Running), outcome
+    try:
+        yield config, outcome
+    finally:
+        outcome.stop()
+
+
+def test_a_first_start_without_tokens_makes_a_lead_token_only_its_owner_can_read(
+    fresh: tuple[Path, Running],
+) -> None:
+    config, running = fresh
+    path = config.parent / "state" / "tokens.yaml"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) & 0o077 == 0
+    log = running.log.read_text()
+    assert (
+        f"no API tokens yet: created a lead token for person 'lead' in {path} (readable by "
+        "this user only); create more with `alliance token create`"
+    ) in log
+    [entry] = yaml.safe_load(path.read_text())["tokens"]
+    assert (entry["user"], entry["role"]) == ("lead", "lead")
+    assert entry["token"] not in log  # the log says where the token is, never the token
+    assert status(running.url, entry["token"]) == 200
+    assert status(running.url, entry["token"][:-1] + "x") == 401
+
+
+def test_token_create_list_and_revoke_take_effect_without_a_restart(
+    fresh: tuple[Path, Running],
+) -> None:
+    config, running = fresh
+    created = runner.invoke(
+        app,
+        ["token", "create", "--role", "researcher", "--person", "r.chen", "--config", str(config)],
+    )
+    assert created.exit_code == 0, created.output
+    token = created.stdout.strip()
+    assert len(token) >= 32 and "\n" not in token  # stdout is the token alone: TOKEN=$(...)
+    assert status(running.url, token) == 200
+
+    listed = runner.invoke(app, ["token", "list", "--config", str(config)])
+    assert listed.exit_code == 0, listed.output
+    rows = [line.split() for line in listed.stdout.splitlines()[1:]]
+    assert [row[:2] for row in rows] == [["lead", "lead"], ["r.chen", "researcher"]]
+    assert token not in listed.stdout and token[:4] + "…" in listed.stdout
+
+    revoked = runner.invoke(app, ["token", "revoke", "r.chen", "--config", str(config)])
+    assert revoked.exit_code == 0, revoked.output
+    assert status(running.url, token) == 401
+    again = runner.invoke(app, ["token", "revoke", "r.chen", "--config", str(config)])
+    assert isinstance(again.exception, ConfigError)
+    assert str(again.exception).startswith("r.chen has no token in ")
+
+
+def test_an_unknown_role_is_refused_naming_the_roles(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    result = runner.invoke(
+        app, ["token", "create", "--role", "admin", "--person", "a", "--config", str(config)]
+    )
+    assert isinstance(result.exception, ConfigError)
+    assert str(result.exception) == (
+        "--role: 'admin' is not a role; use one of: lead, researcher, site_admin"
+    )
+    assert not (tmp_path / "state").exists()
