@@ -153,8 +153,8 @@ async def serve(
         },
     )
     log.info(
-        "coordinator %s ready: sites connect to %s:%d (%s), people use http://%s:%d",
-        config.name,
+        "%s listening: sites dial %s:%d (%s); people use http://%s:%d",
+        "coordinator" if config.name == "coordinator" else f"coordinator {config.name}",
         host,
         bound,
         "mutual TLS" if credentials else "INSECURE",
