@@ -70,7 +70,7 @@ def startup_problems(config: CoordinatorConfig, source: str) -> list[str]:
         problems += check_tls_files(config.tls, "coordinator", config.name).problems
     problems += example_token_problems(config.tokens, source, source)
     path = tokens_file(config)
-    problems += example_token_problems(list(read_tokens(path)), str(path), source)
+    problems += example_token_problems(list(read_tokens(path)), str(path), source, in_file=True)
     return problems
 
 

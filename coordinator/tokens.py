@@ -50,13 +50,23 @@ def is_example(token: str) -> bool:
     return token in EXAMPLE_TOKENS or token.lower().startswith(EXAMPLE_PREFIX)
 
 
-def example_token_problems(tokens: list[APIToken], source: str, config: str = "") -> list[str]:
-    """One line per example token in ``tokens`` (``source`` names where they are)."""
+def example_token_problems(
+    tokens: list[APIToken], source: str, config: str = "coordinator.yaml", in_file: bool = False
+) -> list[str]:
+    """One line per example token in ``tokens``.
+
+    ``source`` names where they are: the config (``config``), or the tokens file (``in_file``).
+    """
+    remove = (
+        f"revoke it with `alliance token revoke {{user}} --config {config}`"
+        if in_file
+        else "delete it from the config"
+    )
     return [
         f"{source}: tokens[{i}] (user {entry.user}): this token is an example shipped with "
-        "Alliance (anyone who read the README knows it); delete it from the config and create "
-        f"real tokens with `alliance token create --role ROLE --person ID --config "
-        f"{config or 'coordinator.yaml'}`"
+        f"Alliance (anyone who read the README knows it); {remove.format(user=entry.user)} and "
+        f"create real tokens with `alliance token create --role ROLE --person ID --config "
+        f"{config}`"
         for i, entry in enumerate(tokens)
         if is_example(entry.token)
     ]

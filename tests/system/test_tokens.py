@@ -202,3 +202,30 @@ def test_an_unknown_role_is_refused_naming_the_roles(tmp_path: Path) -> None:
         "--role: 'admin' is not a role; use one of: lead, researcher, site_admin"
     )
     assert not (tmp_path / "state").exists()
+
+
+def test_an_example_token_in_the_tokens_file_is_refused_at_start_and_ignored_later(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from coordinator.server import startup_problems
+    from coordinator.tokens import LiveTokenBook, StoredToken, create_token, write_tokens
+
+    config_path = write_config(tmp_path)
+    config = load_yaml(config_path, CoordinatorConfig)
+    tokens_path = tmp_path / "state" / "tokens.yaml"
+    pasted = StoredToken(token="change-me-pasted-from-the-docs", user="lead", role="lead")
+    write_tokens(tokens_path, [pasted])
+    assert startup_problems(config, str(config_path)) == [
+        f"{tokens_path}: tokens[0] (user lead): this token is an example shipped with Alliance "
+        "(anyone who read the README knows it); revoke it with `alliance token revoke lead "
+        f"--config {config_path}` and create real tokens with `alliance token create --role "
+        f"ROLE --person ID --config {config_path}`"
+    ]
+    # A running coordinator that finds one in the file later ignores it and says so.
+    write_tokens(tokens_path, [])
+    book = LiveTokenBook([], tokens_path)
+    real = create_token(config, "researcher", "r.chen")
+    write_tokens(tokens_path, [real, pasted])
+    assert book.identify(pasted.token) is None
+    assert book.identify(real.token) is not None
+    assert any("ignoring an example token for lead" in r.getMessage() for r in caplog.records)
