@@ -188,8 +188,8 @@ class SiteLink:
                 delay = refused_delay(refusals)
                 if refused != last_refusal:
                     log.error(
-                        "the coordinator at %s refused this site: %s. %s; fix it and restart "
-                        "this site. Next try in %s, then every few minutes",
+                        "the coordinator at %s refused this site: %s; %s (restart this site "
+                        "after changing its config). Next try in %s, then every few minutes",
                         target,
                         refused,
                         PERMANENT,
@@ -260,7 +260,10 @@ class SiteLink:
                         return
                     message = reader.result()
                     if message is _EOF:
-                        log.warning("the coordinator closed the link")
+                        log.warning(
+                            "lost the link to the coordinator at %s (it closed the stream)",
+                            target,
+                        )
                         return
                     if message.HasField("task"):
                         log.debug(
