@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Annotated
@@ -11,13 +12,16 @@ from typing import Annotated
 import typer
 import yaml
 
-from coordinator import pki
+from coordinator import pki, tokens
 from coordinator.client import AllianceClient
 from protocol.config import AnalysisRequest, CoordinatorConfig, StudyConfig, load_yaml
+from protocol.errors import ConfigError
+from protocol.logs import LEVEL_HELP, QUIET_HELP, configure, resolve_level
 
 coordinator_app = typer.Typer(help="Run the coordinator.", no_args_is_help=True)
 pki_app = typer.Typer(help="The alliance CA and its certificates.", no_args_is_help=True)
 study_app = typer.Typer(help="Create, list, show and close studies.", no_args_is_help=True)
+token_app = typer.Typer(help="API tokens for people (the alliance lead).", no_args_is_help=True)
 
 INSECURE_WARNING = (
     "WARNING: --insecure: the site link runs WITHOUT TLS. Anyone on the network can read the "
@@ -31,21 +35,35 @@ TOKEN = Annotated[str, typer.Option("--token", envvar="ALLIANCE_TOKEN", help="yo
 
 @coordinator_app.command("serve")
 def coordinator_serve(
+    ctx: typer.Context,
     config: Annotated[Path, typer.Option("--config", help="coordinator.yaml")],
     ready_file: Annotated[Path | None, typer.Option(help="write the bound ports here")] = None,
     insecure: Annotated[
         bool, typer.Option("--insecure", help="no TLS: loopback experiments ONLY")
     ] = False,
+    log_level: Annotated[str | None, typer.Option("--log-level", help=LEVEL_HELP)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help=QUIET_HELP)] = False,
 ) -> None:
-    """Start the site link (gRPC) and the HTTP API; stop with Ctrl-C."""
+    """Start the site link (gRPC) and the HTTP API; stop with Ctrl-C.
+
+    Logs one line per change of state (listening, each site connected or gone, each task
+    answered or refused) unless --quiet.
+    """
     from coordinator.server import serve
 
+    configure(resolve_level(log_level, quiet, ctx.find_root().params, logging.INFO))
     settings = load_yaml(config, CoordinatorConfig)
     if insecure:
         typer.echo(INSECURE_WARNING, err=True)
         settings = settings.model_copy(update={"tls": None, "insecure": True})
-    os.chdir(settings.state_dir) if settings.state_dir.exists() else None
-    asyncio.run(serve(settings, ready_file))
+    try:
+        settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"state_dir: cannot create {settings.state_dir} ({exc.strerror})"
+        ) from None
+    os.chdir(settings.state_dir)  # a relative sqlite:/// store lives in the state folder
+    asyncio.run(serve(settings, ready_file, source=str(config)))
 
 
 PKI_DIR = Annotated[Path, typer.Option("--dir", help="the PKI folder")]
@@ -61,12 +79,19 @@ def pki_init(
     typer.echo(f"created the alliance CA: {files.cert} (keep {files.key} offline)")
 
 
+OVERWRITE = Annotated[
+    bool, typer.Option("--overwrite", help="replace an existing certificate and key")
+]
+
+
 @pki_app.command("issue-site")
-def pki_issue_site(name: str, folder: PKI_DIR = Path("pki")) -> None:
+def pki_issue_site(name: str, folder: PKI_DIR = Path("pki"), overwrite: OVERWRITE = False) -> None:
     """Issue a site certificate whose subject is the site's name."""
-    files = pki.issue_site(folder, name)
+    existed = (folder / "sites" / f"{name}.pem").exists()
+    files = pki.issue_site(folder, name, overwrite=overwrite)
     typer.echo(
-        f"issued site {name}: give the site {folder / 'ca.pem'}, {files.cert} and {files.key}"
+        f"{'re-issued' if existed else 'issued'} site {name}: give the site "
+        f"{folder / 'ca.pem'}, {files.cert} and {files.key}"
     )
 
 
@@ -74,16 +99,73 @@ def pki_issue_site(name: str, folder: PKI_DIR = Path("pki")) -> None:
 def pki_issue_coordinator(
     host: Annotated[list[str] | None, typer.Option("--host", help="name or IP sites dial")] = None,
     folder: PKI_DIR = Path("pki"),
+    overwrite: OVERWRITE = False,
 ) -> None:
     """Issue the coordinator's certificate (SANs = the hosts sites dial)."""
-    files = pki.issue_coordinator(folder, host or None)
-    typer.echo(f"issued the coordinator certificate: {files.cert}")
+    existed = (folder / "coordinator.pem").exists()
+    files = pki.issue_coordinator(folder, host or None, overwrite=overwrite)
+    typer.echo(f"{'re-issued' if existed else 'issued'} the coordinator certificate: {files.cert}")
 
 
 @pki_app.command("show")
 def pki_show(cert: Path) -> None:
     """Print a certificate's subject, issuer, validity and fingerprint."""
     typer.echo(str(pki.describe(cert)))
+
+
+COORDINATOR_CONFIG = Annotated[
+    Path, typer.Option("--config", help="the coordinator's coordinator.yaml")
+]
+
+
+@token_app.command("create")
+def token_create(
+    role: Annotated[str, typer.Option("--role", help=f"one of: {', '.join(tokens.ROLES)}")],
+    person: Annotated[str, typer.Option("--person", help="who holds it, e.g. r.chen")],
+    config: COORDINATOR_CONFIG,
+) -> None:
+    """Create a token; print it alone on stdout (give it to the person privately)."""
+    tokens.check_role(role)
+    tokens.check_person(person)
+    settings = load_yaml(config, CoordinatorConfig)
+    entry = tokens.create_token(settings, role, person)
+    typer.echo(
+        f"created a {role} token for {person} in {tokens.tokens_file(settings)}; a running "
+        "coordinator accepts it from the next request. Give it to them privately:",
+        err=True,
+    )
+    typer.echo(entry.token)
+
+
+@token_app.command("list")
+def token_list(config: COORDINATOR_CONFIG) -> None:
+    """List who holds a token, in which role, and where it is kept (tokens abbreviated)."""
+    settings = load_yaml(config, CoordinatorConfig)
+    path = tokens.tokens_file(settings)
+    typer.echo(f"{'person':<20} {'role':<12} {'token':<8} {'created':<26} kept in")
+    for entry in settings.tokens:
+        typer.echo(
+            f"{entry.user:<20} {entry.role:<12} {entry.token[:4] + '…':<8} {'-':<26} {config}"
+        )
+    for stored in tokens.read_tokens(path):
+        typer.echo(
+            f"{stored.user:<20} {stored.role:<12} {stored.token[:4] + '…':<8} "
+            f"{stored.created or '-':<26} {path}"
+        )
+
+
+@token_app.command("revoke")
+def token_revoke(
+    person: Annotated[str, typer.Argument(help="whose tokens to revoke")],
+    config: COORDINATOR_CONFIG,
+) -> None:
+    """Revoke every token a person holds in the tokens file."""
+    settings = load_yaml(config, CoordinatorConfig)
+    count = tokens.revoke_tokens(settings, person)
+    typer.echo(
+        f"revoked {count} token{'s' if count != 1 else ''} of {person}; a running coordinator "
+        f"refuses {'them' if count != 1 else 'it'} from the next request"
+    )
 
 
 def _client(url: str, token: str) -> AllianceClient:

@@ -106,6 +106,28 @@ class SiteRegistry:
         if item is None:
             log.debug("site %s answered task %s, which nobody is waiting for", site, task_id)
             return
+        task = item.task
+        # One line per answer: ids, analysis, site and the refusal's code; never a value.
+        if message.HasField("refusal"):
+            log.info(
+                "task %s of request %s (%s, study %s) refused by %s (%s)",
+                task_id,
+                task.request_id or "-",
+                task.analysis,
+                task.study_id,
+                site,
+                message.refusal.code or "no code",
+            )
+        else:
+            log.info(
+                "task %s of request %s (%s, study %s) answered by %s%s",
+                task_id,
+                task.request_id or "-",
+                task.analysis,
+                task.study_id,
+                site,
+                " (its stored reply)" if message.reply.replayed else "",
+            )
         if not item.future.done():
             item.future.set_result(message)
 
@@ -122,9 +144,25 @@ class SiteRegistry:
         future: asyncio.Future[pb.SiteMessage] = asyncio.get_running_loop().create_future()
         self._outstanding.setdefault(site, {})[task.task_id] = _Outstanding(task, future)
         session.outbox.put_nowait(pb.CoordinatorMessage(task=task))
+        log.debug(
+            "sent task %s of request %s (%s, round %d) to %s",
+            task.task_id,
+            task.request_id or "-",
+            task.analysis,
+            task.round,
+            site,
+        )
         try:
             return await asyncio.wait_for(future, timeout)
         except TimeoutError:
+            log.warning(
+                "task %s of request %s (%s) got no answer from %s within %g s",
+                task.task_id,
+                task.request_id or "-",
+                task.analysis,
+                site,
+                timeout,
+            )
             dropped = self.disconnected_at.get(site)
             if site not in self.sessions and dropped is not None:
                 when = time.strftime("%H:%M:%S", time.localtime(dropped))
@@ -200,6 +238,7 @@ class SiteLinkService(pb_grpc.SiteLinkServicer):
             return
         session = SiteSession(hello.site_id, hello)
         await self.registry.attach(session)
+        # Never a count: how many records a site holds is the site's to publish.
         log.info(
             "site %s connected (version %s, analyses: %s)",
             hello.site_id,
@@ -230,7 +269,11 @@ class SiteLinkService(pb_grpc.SiteLinkServicer):
             reader.cancel()
             await self.registry.detach(session)
             if self.registry.sessions.get(session.name) is None:
-                log.warning("site %s disconnected", session.name)
+                log.warning(
+                    "site %s disconnected (version %s)",
+                    session.name,
+                    session.hello.software_version,
+                )
                 if self.registry.store is not None:
                     await asyncio.to_thread(
                         self.registry.store.site_seen, session.name, "disconnected"

@@ -199,6 +199,7 @@ def issue_site(
         days=days,
         overwrite=overwrite,
         what=f"site {site_name!r}",
+        reissue=f"alliance pki issue-site {site_name} --overwrite",
     )
 
 
@@ -238,6 +239,7 @@ def issue_coordinator(
         days=days,
         overwrite=overwrite,
         what="the coordinator",
+        reissue="alliance pki issue-coordinator --overwrite",
     )
 
 
@@ -327,14 +329,16 @@ def _issue(
     days: int,
     overwrite: bool,
     what: str,
+    reissue: str,
 ) -> IssuedFiles:
     _check_days(days)
     ca_cert, ca_key = _load_ca(folder)
     existing = [p for p in (files.cert, files.key) if p.exists()]
     if existing and not overwrite:
         raise ConfigError(
-            f"{existing[0]}: {what} already has a certificate; refusing to overwrite it "
-            "(pass overwrite to re-issue)"
+            f"{existing[0]}: {what} already has a certificate; refusing to overwrite it. "
+            f"To re-issue it, run `{reissue}` (the old certificate stays valid until it "
+            "expires)"
         )
     now = dt.datetime.now(dt.UTC)
     not_after = now + dt.timedelta(days=days)

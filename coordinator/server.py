@@ -14,13 +14,20 @@ import grpc
 import uvicorn
 
 from coordinator.api import create_app
-from coordinator.auth import TokenBook
 from coordinator.grpc_log import relay_grpc_stderr
 from coordinator.link import SiteLinkService, SiteRegistry
 from coordinator.scheduler import Scheduler
 from coordinator.store import Store
+from coordinator.tokens import (
+    LiveTokenBook,
+    example_token_problems,
+    first_start,
+    read_tokens,
+    tokens_file,
+)
 from protocol.config import CoordinatorConfig, DataDictionary, load_yaml
 from protocol.errors import ConfigError
+from protocol.tlsfiles import check_tls_files
 from protocol.wire import alliance_pb2_grpc as pb_grpc
 
 log = logging.getLogger("alliance.coordinator")
@@ -56,10 +63,32 @@ def server_credentials(config: CoordinatorConfig) -> grpc.ServerCredentials | No
         raise ConfigError(f"tls: cannot read {exc.filename}: {exc.strerror}") from None
 
 
+def startup_problems(config: CoordinatorConfig, source: str) -> list[str]:
+    """What stops the coordinator from starting: TLS files, example tokens (one line each)."""
+    problems = []
+    if config.tls is not None:
+        problems += check_tls_files(config.tls, "coordinator", config.name).problems
+    problems += example_token_problems(config.tokens, source, source)
+    path = tokens_file(config)
+    problems += example_token_problems(list(read_tokens(path)), str(path), source, in_file=True)
+    return problems
+
+
 async def serve(
-    config: CoordinatorConfig, ready_file: Path | None = None, relay_stderr: bool = True
+    config: CoordinatorConfig,
+    ready_file: Path | None = None,
+    relay_stderr: bool = True,
+    source: str = "coordinator.yaml",
 ) -> None:
-    """Run until SIGINT or SIGTERM; gRPC core's handshake refusals are logged in plain words."""
+    """Run until SIGINT or SIGTERM; gRPC core's handshake refusals are logged in plain words.
+
+    Raises:
+        ConfigError: before anything is created, one line per problem with the TLS files or
+            the tokens (``source`` names the config file in the message).
+    """
+    problems = startup_problems(config, source)
+    if problems:
+        raise ConfigError("\n".join(problems))
     dictionary = load_yaml(config.dictionary, DataDictionary)
     # Analyses import scipy.stats lazily (site nodes never need it); the coordinator's combine
     # halves do, so pay the import at start rather than in the first request.
@@ -98,7 +127,15 @@ async def serve(
         await server.stop(None)
         raise ConfigError(f"http: cannot listen on {config.http} ({exc.strerror})") from None
     http_bound = sock.getsockname()[1]
-    app = create_app(store, registry, scheduler, TokenBook(config.tokens))
+    created = first_start(config)
+    if created is not None:
+        log.warning(
+            "no API tokens yet: created a lead token for person 'lead' in %s (readable by this "
+            "user only); create more with `alliance token create`",
+            created,
+        )
+    tokens = LiveTokenBook(config.tokens, tokens_file(config))
+    app = create_app(store, registry, scheduler, tokens)
     web = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
 
     stop = asyncio.Event()
@@ -116,8 +153,8 @@ async def serve(
         },
     )
     log.info(
-        "coordinator %s ready: sites connect to %s:%d (%s), people use http://%s:%d",
-        config.name,
+        "%s listening: sites dial %s:%d (%s); people use http://%s:%d",
+        "coordinator" if config.name == "coordinator" else f"coordinator {config.name}",
         host,
         bound,
         "mutual TLS" if credentials else "INSECURE",

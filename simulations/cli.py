@@ -15,10 +15,11 @@ from typing import Annotated
 import typer
 
 from analyses import get_analysis
-from coordinator.cli import coordinator_app, pki_app, run_command, study_app
+from coordinator.cli import coordinator_app, pki_app, run_command, study_app, token_app
 from protocol.audit import AuditEntry, verify_chain
 from protocol.config import AnalysisRequest, DataDictionary, DataSource, StudyConfig, load_yaml
 from protocol.errors import AllianceError
+from protocol.logs import LEVEL_HELP, QUIET_HELP, configure, resolve_level
 from site_node.cli import site_app
 
 app = typer.Typer(
@@ -31,6 +32,7 @@ app.add_typer(pki_app, name="pki")
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(site_app, name="site")
 app.add_typer(study_app, name="study")
+app.add_typer(token_app, name="token")
 audit_app = typer.Typer(help="Verify audit logs.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
 app.command("run")(run_command)
@@ -38,15 +40,13 @@ app.command("run")(run_command)
 
 @app.callback()
 def _setup(
-    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "WARNING",
+    log_level: Annotated[str | None, typer.Option("--log-level", help=LEVEL_HELP)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help=QUIET_HELP)] = False,
 ) -> None:
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper(), logging.WARNING),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%Y-%m-%d %H:%M:%S",
-    )
-    # grpc and uvicorn chatter stays out of the site admin's log unless asked for.
-    logging.getLogger("uvicorn").setLevel(logging.WARNING)
+    """Alliance: federated analysis for hospital alliances."""
+    # Servers log each change of state by default; they re-apply these options with INFO as
+    # their default (and accept them after the subcommand too). Everything else stays quiet.
+    configure(resolve_level(log_level, quiet, {}, logging.WARNING))
 
 
 @audit_app.command("verify")
@@ -137,7 +137,8 @@ def main() -> None:
     try:
         app()
     except AllianceError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        for line in str(exc).splitlines() or [type(exc).__name__]:
+            typer.echo(f"error: {line}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -10,7 +10,12 @@ from typing import Annotated
 
 import typer
 
-from protocol.config import SiteConfig, load_yaml
+from protocol.config import DataDictionary, SiteConfig, load_yaml
+from protocol.logs import LEVEL_HELP, QUIET_HELP, configure, resolve_level
+from protocol.tlsfiles import check_tls_files
+from site_node.connectors import load
+from site_node.harmonize import conform
+from site_node.ledger import SiteStore
 from site_node.link import SiteLink
 from site_node.runtime import SiteRuntime
 
@@ -45,6 +50,11 @@ async def serve(config_path: Path, insecure: bool = False) -> None:
             "INSECURE: this site link has no TLS and proves no identity; use it only on "
             "loopback for experiments"
         )
+    else:
+        # The coordinator has the last word on the handshake; these lines say why it will
+        # refuse, in the site admin's terms, before the first attempt.
+        for problem in check_tls_files(config.tls, "site", config.name).problems:
+            log.error("%s (run `alliance site check`)", problem)
     link = SiteLink(config, runtime)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -62,12 +72,20 @@ CONFIG = Annotated[Path, typer.Option("--config", help="site.yaml")]
 
 @site_app.command("serve")
 def site_serve(
+    ctx: typer.Context,
     config: CONFIG,
     insecure: Annotated[
         bool, typer.Option("--insecure", help="no TLS: loopback experiments ONLY")
     ] = False,
+    log_level: Annotated[str | None, typer.Option("--log-level", help=LEVEL_HELP)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help=QUIET_HELP)] = False,
 ) -> None:
-    """Dial the coordinator and answer approved tasks; stop with Ctrl-C."""
+    """Dial the coordinator and answer approved tasks; stop with Ctrl-C.
+
+    Logs one line per change of state (connecting, connected, lost, each task answered or
+    refused) unless --quiet.
+    """
+    configure(resolve_level(log_level, quiet, ctx.find_root().params, logging.INFO))
     if insecure:
         typer.echo(
             "WARNING: --insecure: this site dials WITHOUT TLS and proves no identity; its "
@@ -79,22 +97,56 @@ def site_serve(
 
 @site_app.command("check")
 def site_check(config: CONFIG) -> None:
-    """Check the config, the data against the dictionary, and the audit log; change nothing."""
-    settings, runtime = load_site(config, record_start=False)
+    """Check the config, TLS files, data and audit log; exit 1 on a problem; write nothing."""
+    settings = load_yaml(config, SiteConfig)
+    problems: list[str] = []
+    if settings.tls is None:
+        typer.echo(
+            "tls: none (insecure: true): this site proves no identity and its aggregates "
+            "travel in clear; loopback experiments only"
+        )
+    else:
+        tls = check_tls_files(settings.tls, "site", settings.name)
+        problems += tls.problems
+        for line in tls.problems:
+            typer.echo(line)
+        for line in tls.warnings:
+            typer.echo(f"{line} (warning)")
+        if tls.ok:
+            typer.echo(f"tls: ok: {tls.summary}")
+    dictionary = load_yaml(settings.dictionary, DataDictionary)
+    _, report = conform(load(settings.data), dictionary, settings.data.rename, settings.data.derive)
+    for line in report.lines():
+        typer.echo(f"data: {line}")
+    policy = settings.policy
+    typer.echo(f"allowed analyses: {', '.join(policy.allowed_analyses) or 'none (deny all)'}")
+    if not policy.allowed_analyses or not policy.studies:
+        typer.echo(
+            "policy: this site will refuse every task until it allows an analysis and "
+            "approves a study (default deny)"
+        )
+    db = settings.state_dir / "site.db"
+    store = SiteStore(db, settings.name, read_only=True) if db.exists() else None
     try:
-        for line in runtime.report.lines():
-            typer.echo(f"data: {line}")
-        policy = settings.policy
-        typer.echo(f"allowed analyses: {', '.join(policy.allowed_analyses) or 'none (deny all)'}")
         for approval in policy.studies:
-            spent = runtime.store.spent(approval.id).epsilon
+            spent = store.spent(approval.id).epsilon if store else 0.0
             typer.echo(
                 f"study {approval.id}: mode {approval.mode}, budget {approval.budget:g}, "
                 f"spent {spent:.4g}"
             )
-        typer.echo(str(runtime.store.verify_audit()))
+        if store is None:
+            typer.echo(f"audit log: none yet ({db} is created by `alliance site serve`)")
+        else:
+            audit = store.verify_audit()
+            typer.echo(str(audit))
+            if not audit.ok:
+                problems.append(str(audit))
     finally:
-        runtime.close()
+        if store is not None:
+            store.close()
+    if problems:
+        typer.echo(f"site check failed: {len(problems)} problem(s) above", err=True)
+        raise typer.Exit(1)
 
 
 @site_app.command("ledger")
@@ -103,9 +155,11 @@ def site_ledger(
 ) -> None:
     """Print the privacy-budget ledger: every charge, and the total per study."""
     settings = load_yaml(config, SiteConfig)
-    from site_node.ledger import SiteStore
-
-    store = SiteStore(settings.state_dir / "site.db", settings.name)
+    db = settings.state_dir / "site.db"
+    if not db.exists():
+        typer.echo("the ledger is empty")
+        return
+    store = SiteStore(db, settings.name, read_only=True)
     try:
         rows = store.ledger(study)
         totals: dict[str, float] = {}

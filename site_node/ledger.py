@@ -58,6 +58,19 @@ def now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
 
 
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """Open ``path`` read-only (``mode=ro``), creating no file next to it.
+
+    A WAL database opened with ``mode=ro`` alone gets new ``-wal`` and ``-shm`` files when none
+    exist. No ``-wal`` file means no site process has the file open (a clean close checkpoints
+    and removes it), so the file is complete and is opened ``immutable``, which creates nothing.
+    """
+    uri = path.resolve().as_uri() + "?mode=ro"
+    if not path.with_name(path.name + "-wal").exists():
+        uri += "&immutable=1"
+    return sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+
+
 @dataclass(frozen=True)
 class LedgerRow:
     """One charge to the ledger."""
@@ -74,11 +87,14 @@ class LedgerRow:
 class SiteStore:
     """The site's SQLite file (``<state_dir>/site.db``)."""
 
-    def __init__(self, path: Path, actor: str) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, actor: str, read_only: bool = False) -> None:
         self.path = path
         self.actor = actor
         self._lock = threading.Lock()
+        if read_only:  # `alliance site check` and `site ledger`: an existing file, untouched
+            self._db = _connect_read_only(path)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a charge must survive a power cut
