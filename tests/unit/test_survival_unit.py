@@ -29,16 +29,10 @@ import analyses  # noqa: F401  (registers every analysis)
 from analyses.base import AnalysisContext
 from analyses.driver import RoundTask, SiteAnswer, SiteReply
 from analyses.registry import get_analysis
-from analyses.survival import (
-    CoxResult,
-    KaplanMeierResult,
-    LogrankResult,
-    _Grid,
-    _max_eta,
-    _newton_step,
-    _sdc_widths,
-    _Term,
-)
+from analyses.survival import CoxResult, KaplanMeierResult, LogrankResult
+from analyses.survival.cox.newton import newton_step
+from analyses.survival.cox.sums import CoxTerm, max_eta
+from analyses.survival.grid import TimeGrid, sdc_widths
 from analyses.testing import exact_release, federate
 from protocol.budget import PureDP
 from protocol.config import DataDictionary, SDCThresholds
@@ -114,11 +108,11 @@ def run_engine(
 
 
 def test_grid_rounds_times_up_to_the_next_point_without_float_slips() -> None:
-    grid = _Grid.spanning(0.0, 10.0, 0.001)
+    grid = TimeGrid.spanning(0.0, 10.0, 0.001)
     assert grid.size == 10_001
     times = np.array([0.0, 0.196, 0.1961, 0.007, 10.0, 9.9995])
     np.testing.assert_array_equal(grid.index(times), [0, 196, 197, 7, 10_000, 10_000])
-    coarse = _Grid.spanning(0.0, 52.0, 20.0)  # 0, 20, 40, 60: 52 lands on 60
+    coarse = TimeGrid.spanning(0.0, 52.0, 20.0)  # 0, 20, 40, 60: 52 lands on 60
     np.testing.assert_array_equal(coarse.index(np.array([1.0, 20.0, 21.0, 52.0])), [1, 1, 2, 3])
 
 
@@ -182,13 +176,13 @@ def test_cox_rejects_bad_params(
 
 def test_max_eta_counts_one_dummy_per_categorical() -> None:
     terms = [
-        _Term("age", "age", None, 59.0, 41.0),
-        _Term("stage[T.2]", "stage", 2, 0.0, 1.0),
-        _Term("stage[T.3]", "stage", 3, 0.0, 1.0),
+        CoxTerm("age", "age", None, 59.0, 41.0),
+        CoxTerm("stage[T.2]", "stage", 2, 0.0, 1.0),
+        CoxTerm("stage[T.3]", "stage", 3, 0.0, 1.0),
     ]
     # |0.5| for age, and the largest of 0, 0.3, -0.9 for stage: one dummy is 1 at a time.
-    assert _max_eta(np.array([-0.5, 0.3, -0.9]), terms) == pytest.approx(0.8)
-    assert _max_eta(np.array([0.0, -0.3, -0.9]), terms) == 0.0
+    assert max_eta(np.array([-0.5, 0.3, -0.9]), terms) == pytest.approx(0.8)
+    assert max_eta(np.array([0.0, -0.3, -0.9]), terms) == 0.0
 
 
 # ----------------------------------------------------------------------------- sdc
@@ -233,7 +227,7 @@ def test_sdc_cox_refuses_more_parameters_than_a_third_of_the_records(
         syn_dict,
     )
     # One interval over the whole range (the probe's coarsest width): every cell is large.
-    wide = _sdc_widths(params, syn_dict)[-1]
+    wide = sdc_widths(params, syn_dict)[-1]
     state = {"phase": "newton", "width": wide, "event_idx": [1], "beta": [0.0] * 5}
     ctx = AnalysisContext(syn_dict, "sdc", SDCThresholds(), 2, state)
     frame = synthetic_sites(1, 12, seed=3)["site00"]  # 5 parameters > 0.33 * 12 records
@@ -475,12 +469,12 @@ def test_cox_large_finite_hazard_ratio_is_estimated_not_called_monotone(
 def test_singular_information_after_the_first_step_is_named_by_the_runaway_terms() -> None:
     # The fallback when the information is exactly singular after the fit has moved: the terms
     # whose scaled coefficients ran beyond 5 are named (monotone likelihood), not the design.
-    terms = [_Term("age", "age", None, 59.0, 41.0), _Term("sex[T.1]", "sex", 1, 0.0, 1.0)]
+    terms = [CoxTerm("age", "age", None, 59.0, 41.0), CoxTerm("sex[T.1]", "sex", 1, 0.0, 1.0)]
     info, grad = np.array([[2.0, 0.0], [0.0, 0.0]]), np.array([0.1, 0.0])
     with pytest.raises(ModelError, match=r"of sex\[T\.1\] grows.*became singular.*monotone"):
-        _newton_step(info, grad, np.array([0.3, 21.0]), terms)
+        newton_step(info, grad, np.array([0.3, 21.0]), terms)
     with pytest.raises(ModelError, match="singular at the current estimate"):
-        _newton_step(info, grad, np.array([0.3, 0.2]), terms)
+        newton_step(info, grad, np.array([0.3, 0.2]), terms)
 
 
 def test_logrank_with_one_populated_level_is_a_model_error(
