@@ -5,6 +5,7 @@
 from analyses import (  # noqa: F401
     comparisons,
     descriptive,
+    mantel_haenszel,
     quantiles,
     regression,
     survival,

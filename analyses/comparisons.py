@@ -20,10 +20,17 @@ from pydantic import Field, field_validator
 
 from analyses._lazy import stats
 from analyses.base import Analysis, AnalysisContext, Arrays, Params, rows_used
+from analyses.common import (
+    level_names,
+    one_hot,
+    pooled,
+    pooled_noise_variance,
+    require_levels,
+    require_numeric,
+)
 from analyses.registry import analysis
 from analyses.results import AnalysisResult
-from analyses.tables import level_names, one_hot, require_levels
-from protocol.config import DataDictionary, NumericVariable
+from protocol.config import DataDictionary
 from protocol.errors import DisclosureError, ModelError, ValidationError
 from protocol.records import AggregateRecord, ArraySpec, RecordSpec
 
@@ -33,24 +40,6 @@ FloatArray = npt.NDArray[np.float64]
 #: from is a constant's rounding residue (of either sign, as machines sum in different orders),
 #: not a spread: the summation error of up to a million terms stays below it.
 _CONSTANT = 1e-10
-
-
-def _require_numeric(dictionary: DataDictionary, name: str) -> NumericVariable:
-    var = dictionary.variable(name)
-    if not isinstance(var, NumericVariable):
-        raise ValidationError(
-            f"variable {name!r} is {var.type}; this analysis needs a numeric variable"
-        )
-    return var
-
-
-def _pooled(records: Mapping[str, AggregateRecord], name: str) -> FloatArray:
-    arrays = [r[name] for r in records.values()]
-    return np.sum(arrays, axis=0) if arrays else np.zeros(())
-
-
-def _pooled_variance(records: Mapping[str, AggregateRecord], name: str) -> float:
-    return float(sum(r.releases[name].variance() for r in records.values()))
 
 
 def _check_subset(n: float, ctx: AnalysisContext, what: str) -> None:
@@ -194,7 +183,7 @@ class TTest(Analysis[TTestParams]):
         return {params.variable, params.group}
 
     def check_params(self, params: TTestParams, dictionary: DataDictionary) -> None:
-        _require_numeric(dictionary, params.variable)
+        require_numeric(dictionary, params.variable)
         levels = require_levels(dictionary, params.group, "group")
         if len(levels) != 2:
             raise ValidationError(
@@ -235,11 +224,11 @@ class TTest(Analysis[TTestParams]):
     ) -> TTestResult:
         low, high = ctx.dictionary.bounds(params.variable)
         centre = (low + high) / 2
-        n = _pooled(records, "n").reshape(2)
-        total = _pooled(records, "sum").reshape(2)
-        total_sq = _pooled(records, "sumsq").reshape(2)
+        n = pooled(records, "n").reshape(2)
+        total = pooled(records, "sum").reshape(2)
+        total_sq = pooled(records, "sumsq").reshape(2)
         names = level_names(ctx.dictionary, params.group)
-        var_sum, var_n = _pooled_variance(records, "sum"), _pooled_variance(records, "n")
+        var_sum, var_n = pooled_noise_variance(records, "sum"), pooled_noise_variance(records, "n")
         noisy = " (a noisy count: too few records for this epsilon)" if var_n > 0 else ""
         for count, name in zip(n, names, strict=True):
             if count < 2:
@@ -251,7 +240,7 @@ class TTest(Analysis[TTestParams]):
         spread = total_sq - total * shifted_mean
         spread = np.where(spread <= _CONSTANT * np.abs(total_sq), 0.0, spread)
         variance = np.maximum(spread / (n - 1), 0.0)
-        sumsq_noise = math.sqrt(_pooled_variance(records, "sumsq"))
+        sumsq_noise = math.sqrt(pooled_noise_variance(records, "sumsq"))
         if sumsq_noise > 0 and np.any(variance <= 0):
             raise ModelError(
                 f"in dp mode the noise on the sums of squares (sd {sumsq_noise:.3g}) swamps "
@@ -408,7 +397,7 @@ class Correlation(Analysis[CorrelationParams]):
 
     def check_params(self, params: CorrelationParams, dictionary: DataDictionary) -> None:
         for name in params.variables:
-            _require_numeric(dictionary, name)
+            require_numeric(dictionary, name)
 
     def declare(self, params: CorrelationParams, ctx: AnalysisContext) -> RecordSpec:
         p = len(params.variables)
@@ -447,16 +436,16 @@ class Correlation(Analysis[CorrelationParams]):
         ctx: AnalysisContext,
     ) -> CorrelationResult:
         p = len(params.variables)
-        n = float(_pooled(records, "n"))
-        total = _pooled(records, "sum").reshape(p)
-        cross = _pooled(records, "cross").reshape(-1)
+        n = float(pooled(records, "n"))
+        total = pooled(records, "sum").reshape(p)
+        cross = pooled(records, "cross").reshape(-1)
         if n < 3:
             raise ModelError(
                 f"only {n:.0f} complete case(s) of {', '.join(params.variables)} at all sites; "
                 "correlations need at least 3"
             )
         matrix = _correlations(n, total, cross, p)
-        if matrix is None and _pooled_variance(records, "cross") > 0:
+        if matrix is None and pooled_noise_variance(records, "cross") > 0:
             raise ModelError(
                 "in dp mode the noise on the cross-products swamps them: a variable's variance "
                 "came out <= 0, so no correlation is possible at this epsilon; use a larger "

@@ -14,30 +14,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import pandas as pd
 from pydantic import Field, field_validator
 
 from analyses.base import Analysis, AnalysisContext, Arrays, Params
+from analyses.common import pooled, require_numeric
 from analyses.registry import analysis
 from analyses.results import AnalysisResult
-from protocol.config import DataDictionary, NumericVariable
-from protocol.errors import ValidationError
+from protocol.config import DataDictionary
 from protocol.records import AggregateRecord, ArraySpec, RecordSpec
-
-
-def _sum_records(records: Mapping[str, AggregateRecord], name: str) -> npt.NDArray[np.float64]:
-    return np.asarray(np.sum([r[name] for r in records.values()], axis=0), dtype=np.float64)
-
-
-def _require_numeric(dictionary: DataDictionary, name: str) -> NumericVariable:
-    var = dictionary.variable(name)
-    if not isinstance(var, NumericVariable):
-        raise ValidationError(
-            f"variable {name!r} is {var.type}; this analysis needs a numeric variable"
-        )
-    return var
-
 
 # ----------------------------------------------------------------------------- count
 
@@ -134,7 +119,7 @@ class Mean(Analysis[MeanParams]):
         return {params.variable}
 
     def check_params(self, params: MeanParams, dictionary: DataDictionary) -> None:
-        _require_numeric(dictionary, params.variable)
+        require_numeric(dictionary, params.variable)
 
     def declare(self, params: MeanParams, ctx: AnalysisContext) -> RecordSpec:
         low, high = ctx.dictionary.bounds(params.variable)
@@ -170,9 +155,9 @@ class Mean(Analysis[MeanParams]):
     ) -> MeanResult:
         low, high = ctx.dictionary.bounds(params.variable)
         centre = (low + high) / 2
-        n = float(_sum_records(records, "n"))
-        total = float(_sum_records(records, "sum"))
-        total_sq = float(_sum_records(records, "sumsq"))
+        n = float(pooled(records, "n"))
+        total = float(pooled(records, "sum"))
+        total_sq = float(pooled(records, "sumsq"))
         per_site = {}
         for site, r in records.items():
             sn = float(r["n"])
@@ -278,7 +263,7 @@ class Histogram(Analysis[HistogramParams]):
         return {params.variable} | ({params.group} if params.group else set())
 
     def check_params(self, params: HistogramParams, dictionary: DataDictionary) -> None:
-        _require_numeric(dictionary, params.variable)
+        require_numeric(dictionary, params.variable)
         if params.group:
             dictionary.levels(params.group)
 
@@ -311,7 +296,7 @@ class Histogram(Analysis[HistogramParams]):
         self, records: Mapping[str, AggregateRecord], params: HistogramParams, ctx: AnalysisContext
     ) -> HistogramResult:
         total = (
-            _sum_records(records, "counts")
+            pooled(records, "counts")
             if records
             else np.zeros(self.declare(params, ctx).arrays["counts"].shape)
         )

@@ -18,6 +18,7 @@ from analyses.base import (
     NextRound,
     rows_used,
 )
+from analyses.common import pooled, pooled_noise_variance
 from analyses.results import AnalysisResult
 from analyses.survival.grid import (
     FloatArray,
@@ -30,9 +31,7 @@ from analyses.survival.grid import (
     choose_width,
     grid_for,
     grid_note,
-    pooled_noise_variance,
     sdc_widths,
-    sum_arrays,
     time_range,
     time_unit,
     times_events,
@@ -141,7 +140,7 @@ class Counting(Analysis[CP], Generic[CP]):
             width = choose_width(records, sdc_widths(params, ctx.dictionary))
             return NextRound({"phase": "counts", "width": width})
         grid = grid_for(params, ctx)
-        counts = sum_arrays(records, "counts")
+        counts = pooled(records, "counts")
         noise_var = pooled_noise_variance(records, "counts")
         if noise_var > 0:
             counts = np.maximum(counts, 0.0)  # noisy counts: post-processing keeps them >= 0

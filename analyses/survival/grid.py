@@ -54,14 +54,6 @@ class TimeGrid:
         return self.start + self.width * np.arange(self.size, dtype=np.float64)
 
 
-def pooled_noise_variance(records: Mapping[str, AggregateRecord], name: str) -> float:
-    return float(sum(r.releases[name].variance() for r in records.values()))
-
-
-def sum_arrays(records: Mapping[str, AggregateRecord], name: str) -> FloatArray:
-    return np.asarray(np.sum([r[name] for r in records.values()], axis=0), dtype=np.float64)
-
-
 def require_time_event(dictionary: DataDictionary, time: str, event: str) -> None:
     if not isinstance(dictionary.variable(time), NumericVariable):
         raise ValidationError(

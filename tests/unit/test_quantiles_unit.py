@@ -15,7 +15,7 @@ import pytest
 import analyses  # noqa: F401  (registers every analysis)
 from analyses.base import AnalysisContext, NextRound
 from analyses.driver import RoundTask, SiteAnswer, SiteReply
-from analyses.quantiles import DEPTH, GRID, _Grid, _SiteBoundaries
+from analyses.quantile_search import DEPTH, GRID, SiteBoundaries, ValueGrid
 from analyses.registry import get_analysis
 from analyses.testing import federate
 from protocol.config import DataDictionary
@@ -157,7 +157,7 @@ def test_data_changing_between_rounds_is_a_model_error() -> None:
 
 def released_cells_are_safe(values: np.ndarray, points: set[int], min_cell: int) -> bool:
     """Every cell between consecutive released points holds 0 or >= min_cell values."""
-    grid = _Grid(-10, 10)
+    grid = ValueGrid(-10, 10)
     edges = sorted(points | {0, GRID})
     counts = np.diff([np.searchsorted(values, grid.x(k), side="right") for k in edges])
     return all(c == 0 or c >= min_cell for c in counts)
@@ -168,7 +168,7 @@ def test_sdc_admitted_points_never_cut_a_small_cell_whatever_is_asked(seed: int)
     rng = np.random.default_rng(seed)
     # Sparse tails, ties and a dense middle.
     values = np.sort(np.concatenate([rng.normal(0, 1, 200).round(2), [-9.5, 8.0, 8.0, 9.9]]))
-    site = _SiteBoundaries(values, _Grid(-10, 10), min_cell=3)
+    site = SiteBoundaries(values, ValueGrid(-10, 10), min_cell=3)
     released: set[int] = set()
     for _ in range(400):  # an adversary's random points at random levels
         level = int(rng.integers(1, DEPTH + 1))
@@ -176,7 +176,7 @@ def test_sdc_admitted_points_never_cut_a_small_cell_whatever_is_asked(seed: int)
         k = int(rng.integers(1, GRID // step)) * step
         if site.admitted(k, DEPTH):
             released.add(k)
-    grid = _Grid(-10, 10)
+    grid = ValueGrid(-10, 10)
     for v in values[::7]:  # and points just around data values, where cells are smallest
         for k in (grid.ceil(float(v)) - 1, grid.ceil(float(v))):
             if site.admitted(k, DEPTH):

@@ -13,6 +13,7 @@ from analyses.base import (
     AnalysisContext,
     NextRound,
 )
+from analyses.common import pooled
 from analyses.survival.cox.result import BOOTSTRAP_DRAWS, cox_result
 from analyses.survival.cox.sums import (
     MAX_ETA,
@@ -25,7 +26,7 @@ from analyses.survival.cox.sums import (
     max_eta,
     releases_fixed,
 )
-from analyses.survival.grid import FloatArray, choose_width, sdc_widths, sum_arrays
+from analyses.survival.grid import FloatArray, choose_width, sdc_widths
 from protocol.errors import InternalError, ModelError, ValidationError
 from protocol.records import MAX_CELLS, AggregateRecord, Release
 
@@ -76,7 +77,7 @@ def combine(records: Mapping[str, AggregateRecord], params: CoxParams, ctx: Anal
         width = choose_width(records, sdc_widths(params, ctx.dictionary))
         return NextRound({"phase": "counts", "width": width})
     if phase == "counts":
-        counts = sum_arrays(records, "counts")
+        counts = pooled(records, "counts")
         event_idx = np.flatnonzero(counts[0] > 0)
         if event_idx.size == 0:
             raise ModelError(
@@ -113,7 +114,7 @@ def pooled_strata(
             arrays[site] = {k: np.asarray(record[k], dtype=np.float64) for k in names}
             releases[site] = {k: [record.releases[k]] for k in names}
     else:
-        arrays["pooled"] = {k: sum_arrays(records, k) for k in names}
+        arrays["pooled"] = {k: pooled(records, k) for k in names}
         releases["pooled"] = {k: [r.releases[k] for r in records.values()] for k in names}
     if not releases_fixed(ctx):  # dp: event counts and sums of x came in the first round
         stored = ctx.memo["fixed"]

@@ -13,9 +13,10 @@ from analyses._lazy import stats
 from analyses.base import (
     AnalysisContext,
 )
+from analyses.common import pooled
 from analyses.results import AnalysisResult
 from analyses.survival.cox.sums import CoxParams, CoxTerm, Stratum
-from analyses.survival.grid import FloatArray, grid_for, grid_note, sum_arrays, time_unit
+from analyses.survival.grid import FloatArray, grid_for, grid_note, time_unit
 from protocol.errors import ModelError
 from protocol.records import AggregateRecord
 
@@ -182,7 +183,7 @@ def cox_result(
     events = float(sum(float(np.sum(s.sums.d)) for s in strata))
     return CoxResult(
         analysis="cox",
-        n=float(sum_arrays(records, "n")),
+        n=float(pooled(records, "n")),
         notes=notes,
         time=params.time,
         event=params.event,

@@ -17,6 +17,7 @@ from analyses.base import (
     AnalysisContext,
     Arrays,
 )
+from analyses.common import packed_index, unpack
 from analyses.survival.grid import FloatArray, IntArray, SurvivalParams, TimeGrid
 from protocol.config import BinaryVariable, DataDictionary, NumericVariable
 from protocol.errors import InternalError
@@ -82,20 +83,6 @@ def design_matrix(
             x[:, j] = values == term.level
             valid &= np.isin(values, dictionary.levels(term.variable))
     return x, valid
-
-
-def packed_index(p: int) -> tuple[IntArray, IntArray]:
-    rows, cols = np.triu_indices(p)
-    return rows.astype(np.int64), cols.astype(np.int64)
-
-
-def unpack(packed: FloatArray, p: int) -> FloatArray:
-    """(..., p(p+1)/2) upper triangles -> (..., p, p) symmetric matrices."""
-    rows, cols = packed_index(p)
-    out = np.zeros((*packed.shape[:-1], p, p))
-    out[..., rows, cols] = packed
-    out[..., cols, rows] = packed
-    return out
 
 
 @dataclass
