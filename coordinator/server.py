@@ -98,7 +98,7 @@ async def serve(
         await server.stop(None)
         raise ConfigError(f"http: cannot listen on {config.http} ({exc.strerror})") from None
     http_bound = sock.getsockname()[1]
-    app = create_app(store, registry, scheduler, TokenBook(config.tokens))
+    app = create_app(store, registry, scheduler, TokenBook(config.tokens), config.max_request_bytes)
     web = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
 
     stop = asyncio.Event()
