@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from analyses import AnalysisContext, AnalysisResult, NextRound, get_analysis
+from analyses.model_size import COLUMN_COUNT_CAP, model_columns
 from analyses.results import PrivacySummary, SiteContribution
 from coordinator.link import SiteRegistry, SiteUnavailable
+from protocol.budget import PureDP, over_request_cap
 from protocol.config import (
     AnalysisRequest,
     DataDictionary,
@@ -74,13 +76,32 @@ class Scheduler:
         self.task_timeout = task_timeout
 
     def validate(self, study: StudyConfig, request: AnalysisRequest) -> Any:
-        """Check a request before any task leaves; return its parsed parameters."""
+        """Check a request before any task leaves; return its parsed parameters.
+
+        It can take a while (a model's design is built from the dictionary), so the HTTP API
+        runs it in a worker thread. The cheap refusals come first: an analysis outside the
+        study, an epsilon above the study's cap, a model wider than ``max_model_columns``
+        (counted from the formula, before formulaic expands it).
+        """
         if study.analyses and request.analysis not in study.analyses:
             raise ValidationError(
                 f"analysis {request.analysis!r} is not part of study {study.id!r}; the study "
                 f"allows: {', '.join(study.analyses)}"
             )
+        cap = study.privacy.epsilon_per_request
+        if request.epsilon is not None and request.epsilon > cap:
+            # Sites refuse it too, in the same words; refusing here sends no task at all.
+            raise ValidationError(over_request_cap(study.id, PureDP(request.epsilon), PureDP(cap)))
         analysis = get_analysis(request.analysis)
+        size = model_columns(request.analysis, request.params, self.dictionary)
+        if size is not None and size[0] > study.max_model_columns:
+            count, what = size
+            shown = f"more than {COLUMN_COUNT_CAP:,}" if count > COLUMN_COUNT_CAP else f"{count:,}"
+            raise ValidationError(
+                f"{what} {shown} model columns; study {study.id} allows at most "
+                f"{study.max_model_columns} (max_model_columns). Use fewer interactions or "
+                "categorical levels, or ask the alliance lead to raise the study's limit"
+            )
         params = analysis.parse_params(request.params, self.dictionary)
         variables = set(analysis.variables(params))
         if request.filter:
@@ -125,11 +146,9 @@ class Scheduler:
         if not names:
             raise RequestFailed("no site is connected to the coordinator", [])
         sites = {n: _SiteState(SiteContribution(n, "ok")) for n in names}
-        timings: dict[str, float] = {
-            "rounds": 0,
-            "site_wait_seconds": 0.0,
-            "max_site_compute_seconds": 0.0,
-        }
+        # Researchers see the coordinator's wall time and the round count, never a site's own
+        # compute time: it depends on the data and would leak it.
+        timings: dict[str, float] = {"rounds": 0}
         restarts = 0
         state = analysis.initial_state(params, ctx)
         round_no = 0
@@ -154,7 +173,6 @@ class Scheduler:
                 "state_json": json.dumps(state),
                 "request_id": request_id,
             }
-            waited = time.perf_counter()
             answers = await asyncio.gather(
                 *[
                     self._ask(site, pb.Task(task_id=f"{request_id}.{round_no}.{site}", **task_base))
@@ -162,7 +180,6 @@ class Scheduler:
                 ]
             )
             timings["rounds"] += 1
-            timings["site_wait_seconds"] += time.perf_counter() - waited
             records: dict[str, AggregateRecord] = {}
             modes: list[str] = []
             for site, answer in zip(active, answers, strict=True):
@@ -192,9 +209,6 @@ class Scheduler:
                 entry.mode = reply.privacy_mode
                 entry.records = analysis.site_records(record)
                 modes.append(reply.privacy_mode)
-                timings["max_site_compute_seconds"] = max(
-                    timings["max_site_compute_seconds"], reply.compute_seconds
-                )
             if not records:
                 reasons = "; ".join(
                     f"{s.contribution.name}: {s.contribution.reason}" for s in sites.values()
