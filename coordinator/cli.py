@@ -12,8 +12,9 @@ import typer
 import yaml
 
 from coordinator import pki
-from coordinator.client import AllianceClient
+from coordinator.client import NO_TOKEN, AllianceClient
 from protocol.config import AnalysisRequest, CoordinatorConfig, StudyConfig, load_yaml
+from protocol.errors import ConfigError
 
 coordinator_app = typer.Typer(help="Run the coordinator.", no_args_is_help=True)
 pki_app = typer.Typer(help="The alliance CA and its certificates.", no_args_is_help=True)
@@ -87,6 +88,8 @@ def pki_show(cert: Path) -> None:
 
 
 def _client(url: str, token: str) -> AllianceClient:
+    if not token.strip():
+        raise ConfigError(NO_TOKEN)
     return AllianceClient(url, token)
 
 
