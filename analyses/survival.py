@@ -110,7 +110,7 @@ from pydantic import Field, field_validator
 from analyses._lazy import stats
 from analyses.base import Analysis, AnalysisContext, Arrays, NextRound, Params, rows_used
 from analyses.registry import analysis
-from analyses.results import AnalysisResult
+from analyses.results import AnalysisResult, show_count, table_text
 from protocol.config import BinaryVariable, DataDictionary, NumericVariable
 from protocol.errors import DisclosureError, InternalError, ModelError, ValidationError
 from protocol.records import MAX_CELLS, AggregateRecord, ArraySpec, RecordSpec, Release
@@ -498,7 +498,7 @@ class KaplanMeierResult(AnalysisResult):
                     "median survival": medians[level],
                 }
             )
-        lines.append(pd.DataFrame(rows).set_index("curve").to_string())
+        lines.append(table_text(pd.DataFrame(rows).set_index("curve")))
         lines.extend(f"  note: {note}" for note in self.notes)
         return "\n".join(lines)
 
@@ -668,7 +668,7 @@ class LogrankResult(AnalysisResult):
             f"  test_name = logrank_test, null_distribution = chi squared, "
             f"degrees_of_freedom = {self.dof}",
             f"  test_statistic = {self.chi2:.4f}, p = {self.p:.4g}",
-            self.summary.to_string(),
+            self._table(),
         ]
         lines.extend(f"  note: {note}" for note in self.notes)
         return "\n".join(lines)
@@ -1005,8 +1005,8 @@ class CoxResult(AnalysisResult):
         if self.strata_by_site:
             head.append("            strata = site")
         head += [
-            f"  number of records = {self.n:g}",
-            f"  number of events  = {self.events:g}",
+            f"  number of records = {show_count(self.n, self.privacy.mode == 'dp')}",
+            f"  number of events  = {show_count(self.events, self.privacy.mode == 'dp')}",
             f"  partial log-likelihood = {self.log_likelihood:.4f}",
             f"  iterations = {self.iterations}, converged = {self.converged}",
             "---",

@@ -112,6 +112,8 @@ class TableResult(AnalysisResult):
     (the notes say why).
     """
 
+    count_table = True
+
     rows: str = ""
     cols: str | None = None
     counts: dict[str, Any] = field(default_factory=dict)
@@ -153,7 +155,7 @@ class TableResult(AnalysisResult):
         return frame
 
     def __str__(self) -> str:
-        lines = [self._header(), self.summary.to_string()]
+        lines = [self._header(), self._table()]
         if self.chi2 is None:
             lines.append(f"{self.test}: no test")
         else:
@@ -435,7 +437,7 @@ class MantelHaenszelResult(AnalysisResult):
         lines = [
             self._header(),
             f"exposure {self.exposure}, outcome {self.outcome}, strata: {by} ({len(self.strata)})",
-            self.summary.to_string(),
+            self._table(),
             f"test of OR = 1 (Mantel-Haenszel): chi2 = {self.null_statistic:.4f}, dof = 1, "
             f"p = {self.null_p:.4g}",
         ]
