@@ -67,7 +67,7 @@ def test_twelve_interacting_variables_count_without_building(heart_dict: DataDic
         27_648,
         f"formula {TWELVE!r} has",
     )
-    assert time.perf_counter() - started < 1.0
+    assert time.perf_counter() - started < 2.0  # 0.2 s here; building it took 16 s
 
 
 @pytest.mark.parametrize(
@@ -89,7 +89,7 @@ def test_a_formula_too_costly_to_expand_or_malformed_is_refused_at_once(
     started = time.perf_counter()
     with pytest.raises(ValidationError, match=message.replace("*", r"\*").replace("|", r"\|")):
         formula_terms(formula)
-    assert time.perf_counter() - started < 0.5
+    assert time.perf_counter() - started < 2.0  # milliseconds here; minutes in formulaic
 
 
 def test_the_count_stops_at_its_cap() -> None:
