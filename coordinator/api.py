@@ -224,11 +224,15 @@ def create_app(
         return JSONResponse(error_body(500, message), status_code=500)
 
     def optional_principal(request: Request) -> Principal | None:
-        header = request.headers.get("authorization", "")
-        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-        if not header.strip() or (header.strip().lower() == "bearer" and not token):
+        """The caller, or None when no token was sent (an empty one counts as none)."""
+        scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+        if not scheme:
             return None
-        who = tokens.identify(token) if token else None
+        if scheme.lower() != "bearer":
+            raise APIError(401, "the Authorization header must be 'Bearer <token>'")
+        if not token.strip():
+            return None
+        who = tokens.identify(token.strip())
         if who is None:
             raise APIError(401, "unknown API token")
         return who
@@ -309,13 +313,14 @@ def create_app(
         return {"ok": True, "study": study.model_dump(mode="json")}
 
     def readable_studies(who: Principal) -> list[dict[str, Any]]:
+        # Runs in a worker thread: reads the store directly and leaves the cache alone.
         rows = store.studies()
         if who.role == "lead":
             return rows
         shown = []
         for row in rows:
-            loaded = load_study(row["id"])
-            if loaded is not None and who.can_read(loaded[0]):
+            found = store.study(row["id"])
+            if found is not None and who.can_read(StudyConfig.model_validate(found["config"])):
                 shown.append(row)
         return shown
 
