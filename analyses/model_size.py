@@ -65,9 +65,7 @@ class _Parser:
         tokens: list[tuple[str, str]] = []
         pos = 0
         while match := _TOKEN.match(source, pos):
-            kind = match.lastgroup
-            if kind is None:  # only whitespace was left
-                break
+            kind = str(match.lastgroup)  # every alternative is a named group
             value, pos = match.group(kind), match.end()
             if (kind == "name" and source.startswith("(", pos)) or value == "{":
                 # A call such as np.log(x), or a {python} expression: one opaque factor, which
@@ -123,11 +121,13 @@ class _Parser:
         kind, value = self.tokens[self.at]
         self.at += 1
         if kind == "op" and value in "+-":
-            inner = self._expression(_BINARY["+"] + 1, depth)
+            if depth >= _MAX_PARENS:
+                raise self._fail(f"signs or parentheses nested deeper than {_MAX_PARENS}")
+            inner = self._expression(_BINARY["+"] + 1, depth + 1)
             return inner if value == "+" else _Terms(frozenset(), removes=inner.terms)
         if kind == "op" and value == "(":
             if depth >= _MAX_PARENS:
-                raise self._fail(f"parentheses nested deeper than {_MAX_PARENS}")
+                raise self._fail(f"signs or parentheses nested deeper than {_MAX_PARENS}")
             inner = self._expression(0, depth + 1)
             if self.at >= len(self.tokens) or self.tokens[self.at][1] != ")":
                 raise self._fail("a ')' is missing")

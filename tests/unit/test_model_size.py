@@ -76,6 +76,7 @@ def test_twelve_interacting_variables_count_without_building(heart_dict: DataDic
         ("y ~ (a + b + c + d + e + f + g)**7", "**7 of 7 terms forms 7**7 products"),
         ("y ~ " + "*".join(f"x{i}" for i in range(40)), "too large to expand"),
         ("y ~ " + "(" * 40 + "a" + ")" * 40, "parentheses nested deeper than 32"),
+        ("y ~ " + "- " * 900 + "a", "signs or parentheses nested deeper than 32"),
         ("y ~ a + ", "a term is missing at the end"),
         ("y ~ a ~ b", "more than one '~'"),
         ("a + b", "no response"),
