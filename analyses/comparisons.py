@@ -132,7 +132,7 @@ class TTestResult(AnalysisResult):
         lines = [
             self._header(),
             f"{test} t-test of {self.variable} by {self.group}",
-            self.summary.to_string(),
+            self._table(),
             f"t = {self.t:.4f}, dof = {self.dof:.2f}, p = {self.p:.4g}",
         ]
         lines.extend(self._footer())

@@ -213,6 +213,8 @@ class HistogramParams(Params):
 class HistogramResult(AnalysisResult):
     """Pooled bin counts (per group level when grouped)."""
 
+    count_table = True
+
     variable: str = ""
     edges: list[float] = field(default_factory=list)
     counts: Any = None  # list of counts, or {level: list of counts} when grouped

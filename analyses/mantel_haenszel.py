@@ -132,7 +132,7 @@ class MantelHaenszelResult(AnalysisResult):
         lines = [
             self._header(),
             f"exposure {self.exposure}, outcome {self.outcome}, strata: {by} ({len(self.strata)})",
-            self.summary.to_string(),
+            self._table(),
             f"test of OR = 1 (Mantel-Haenszel): chi2 = {self.null_statistic:.4f}, dof = 1, "
             f"p = {self.null_p:.4g}",
         ]

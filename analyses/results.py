@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -50,6 +50,42 @@ class PrivacySummary:
     guarantee: str = ""
 
 
+#: Columns that hold counts of records, events or people: printed as whole numbers.
+COUNT_COLUMNS = frozenset(
+    {"n", "count", "records", "at_risk", "events", "observed", "at risk at start"}
+)
+
+
+def show_count(value: Any, noisy: bool = False) -> str:
+    """A count as a person reads it: ``599``, or ``~599`` when it carries dp noise."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return "?"
+    if not math.isfinite(number):
+        return "?"
+    return f"{'~' if noisy else ''}{round(number) + 0:d}"  # + 0: never "-0"
+
+
+def table_text(
+    frame: pd.DataFrame, counts: Iterable[str] = COUNT_COLUMNS, all_counts: bool = False
+) -> str:
+    """``frame.to_string()`` with its count columns (or every column) as whole numbers.
+
+    Only the printed text is rounded; ``.summary`` keeps the values as computed (a dp count is
+    a noisy real number, and rounding it is for reading, not for further arithmetic).
+    """
+    names = set(counts)
+    shown = frame.copy()
+    for position, column in enumerate(frame.columns):
+        if not (all_counts or str(column) in names):
+            continue
+        values = pd.to_numeric(frame.iloc[:, position], errors="coerce")
+        if values.notna().any():
+            shown.isetitem(position, values.round().astype("Int64"))
+    return str(shown.to_string())
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -70,6 +106,9 @@ def _jsonable(value: Any) -> Any:
 @dataclass
 class AnalysisResult:
     """Base of every result. Subclasses add their keys through :meth:`values`."""
+
+    #: Whether every cell of ``summary`` is a count (a histogram, a contingency table).
+    count_table: ClassVar[bool] = False
 
     analysis: str
     n: float
@@ -104,7 +143,7 @@ class AnalysisResult:
 
     def _header(self) -> str:
         sites = len(self.contributing_sites)
-        n = f"{self.n:.0f}" if self.privacy.mode != "dp" else f"~{self.n:.0f}"
+        n = show_count(self.n, self.privacy.mode == "dp")
         return f"<{type(self).__name__} {sites} sites, n={n}, {self.privacy.mode}>"
 
     def _footer(self) -> list[str]:
@@ -122,8 +161,12 @@ class AnalysisResult:
             _, ax = plt.subplots()
         return ax
 
+    def _table(self) -> str:
+        """The summary as printed: counts as whole numbers."""
+        return table_text(self.summary, all_counts=self.count_table)
+
     def __str__(self) -> str:
-        return "\n".join([self._header(), self.summary.to_string(), *self._footer()])
+        return "\n".join([self._header(), self._table(), *self._footer()])
 
     def plot(self, ax: Any = None) -> Any:
         """Draw the result; returns the matplotlib Axes."""
@@ -183,12 +226,22 @@ class ResultView(Mapping[str, Any]):
             for level, curve in data["survival"].items():
                 frames[level] = pd.Series(curve, index=data["times"][level], name="survival")
             return pd.concat(frames, names=["group", "time"]).to_frame()
+        if "counts" in data and "edges" in data:  # a histogram: one row per bin
+            labels = [f"[{a:g}, {b:g})" for a, b in itertools.pairwise(data["edges"])]
+            if labels:
+                labels[-1] = labels[-1][:-1] + "]"
+            counts = data["counts"]
+            if isinstance(counts, dict):
+                group = data.get("group") or "group"
+                frame = pd.DataFrame({f"{group}={k}": v for k, v in counts.items()})
+            else:
+                frame = pd.DataFrame({"count": counts})
+            frame.index = pd.Index(labels or None, name=data.get("variable"))
+            return frame
         if "counts" in data and isinstance(data["counts"], dict):
             return pd.DataFrame(data["counts"]).T.rename_axis(data.get("rows") or "level")
         if "counts" in data:
-            edges = data.get("edges", [])
-            labels = [f"[{a:g}, {b:g})" for a, b in itertools.pairwise(edges)]
-            return pd.DataFrame({"count": data["counts"]}, index=labels or None)
+            return pd.DataFrame({"count": data["counts"]})
         if "quantiles" in data:
             return pd.DataFrame({"quantile": data["quantiles"]}).rename_axis("prob")
         skip = {"sites", "privacy", "timings", "notes", "analysis"}
@@ -199,10 +252,12 @@ class ResultView(Mapping[str, Any]):
 
     def __str__(self) -> str:
         privacy = self._data.get("privacy", {})
+        mode = privacy.get("mode", "?")
         sites = [s for s in self._data.get("sites", []) if s.get("status") == "ok"]
-        n = self._data.get("n")
-        head = f"<{self.analysis} result {len(sites)} sites, n={n}, {privacy.get('mode', '?')}>"
-        lines = [head, self.summary.to_string()]
+        n = show_count(self._data.get("n"), mode == "dp")
+        head = f"<{self.analysis} result {len(sites)} sites, n={n}, {mode}>"
+        all_counts = "counts" in self._data  # a histogram or a contingency table
+        lines = [head, table_text(self.summary, all_counts=all_counts)]
         lines += [
             f"  {s['name']}: {s['status']}: {s.get('reason')}"
             for s in self._data.get("sites", [])

@@ -66,6 +66,8 @@ class TableResult(AnalysisResult):
     (the notes say why).
     """
 
+    count_table = True
+
     rows: str = ""
     cols: str | None = None
     counts: dict[str, Any] = field(default_factory=dict)
@@ -107,7 +109,7 @@ class TableResult(AnalysisResult):
         return frame
 
     def __str__(self) -> str:
-        lines = [self._header(), self.summary.to_string()]
+        lines = [self._header(), self._table()]
         if self.chi2 is None:
             lines.append(f"{self.test}: no test")
         else:

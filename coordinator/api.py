@@ -2,13 +2,28 @@
 
 Every error is ``{"ok": false, "status": N, "error": "...", "errors": ["..."]}``. Every success
 has ``"ok": true``. Tokens go in ``Authorization: Bearer <token>``.
+
+Who sees what (``coordinator.auth``): the lead everything; a researcher the studies that name
+them, their requests and results; a site admin the studies that invite their site and, of each
+request, its metadata and their own site's entry. A study or request a caller may not see
+answers 404 exactly as one that does not exist. Without a token, only ``/api/health`` answers,
+and only that the coordinator is up.
+
+No single request can take the coordinator down: bodies above ``max_request_bytes`` are
+refused with 413 before they are read (by Content-Length, or while streaming), JSON with
+non-finite numbers or nested deeper than 32 levels is refused with 400, a model wider than the
+study's ``max_model_columns`` is refused before its design is built, and request validation
+runs in a worker thread so the site link's event loop never waits for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
 import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -27,6 +42,21 @@ from protocol.version import VERSION
 
 log = logging.getLogger("alliance.coordinator")
 
+#: Arrays and objects inside each other, at most (the top-level object is level 1).
+MAX_JSON_DEPTH = 32
+#: What each role reads of a known site (``records`` and anything else stay out).
+SITE_FIELDS = {
+    "lead": ("name", "status", "version", "dictionary_digest", "first_seen", "last_seen"),
+    "site_admin": ("name", "status", "version", "dictionary_digest", "first_seen", "last_seen"),
+    "researcher": ("name", "status"),
+}
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
 
 class APIError(Exception):
     """An error with an HTTP status, rendered in the one error shape."""
@@ -43,17 +73,128 @@ def error_body(status: int, error: str, errors: list[str] | None = None) -> dict
     return {"ok": False, "status": status, "error": error, "errors": errors or [error]}
 
 
+def _too_large(limit: int) -> str:
+    return (
+        f"the request body is larger than the {limit} bytes allowed (max_request_bytes); "
+        "send a smaller request"
+    )
+
+
+class BodyLimit:
+    """Refuse a body above ``limit`` bytes with 413, without reading it into memory.
+
+    A declared Content-Length above the limit is refused before a byte of the body is read; a
+    streamed (chunked) body is counted as it arrives and refused once it passes the limit. The
+    413 closes the connection, so the server does not go on draining the rest.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            response = JSONResponse(
+                error_body(413, _too_large(self.limit)),
+                status_code=413,
+                headers={"Connection": "close"},
+            )
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise APIError(413, _too_large(self.limit))  # rendered by the app
+            return message
+
+        await self.app(scope, counted, send)
+
+
+class _NonFinite:
+    """A NaN, Infinity or overflowing number met while parsing a body (refused after)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def _parse_float(text: str) -> float | _NonFinite:
+    value = float(text)
+    return value if math.isfinite(value) else _NonFinite(text)
+
+
+def _check_json(value: Any, path: str, depth: int) -> None:
+    """Refuse non-finite numbers and deep nesting, naming where (``params.probs[1]``)."""
+    where = path or "the request body"
+    if isinstance(value, _NonFinite):
+        raise APIError(
+            400,
+            f"{where}: {value.text} is not a finite number; JSON numbers must be finite "
+            "(no NaN, Infinity or overflow)",
+        )
+    if isinstance(value, (dict, list)) and depth > MAX_JSON_DEPTH:
+        raise APIError(
+            400,
+            f"{where}: nested deeper than {MAX_JSON_DEPTH} levels of arrays and objects; "
+            "send a flatter body",
+        )
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_json(item, f"{path}.{key}" if path else str(key), depth + 1)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_json(item, f"{path}[{index}]", depth + 1)
+
+
+def parse_body(raw: bytes) -> Any:
+    """A request body as JSON, refusing what would crash or mislead what reads it."""
+    try:
+        data = json.loads(raw, parse_float=_parse_float, parse_constant=_NonFinite)
+    except RecursionError:  # far deeper than MAX_JSON_DEPTH: json gives up on its own
+        raise APIError(
+            400,
+            f"the request body: nested deeper than {MAX_JSON_DEPTH} levels of arrays and "
+            "objects; send a flatter body",
+        ) from None
+    except ValueError as exc:
+        where = (
+            f" ({exc.msg} at line {exc.lineno}, column {exc.colno})"
+            if isinstance(exc, json.JSONDecodeError)
+            else ""
+        )
+        raise APIError(400, f"the request body is not valid JSON{where}") from None
+    _check_json(data, "", 1)
+    return data
+
+
 def create_app(
-    store: Store, registry: SiteRegistry, scheduler: Scheduler, tokens: TokenBook
+    store: Store,
+    registry: SiteRegistry,
+    scheduler: Scheduler,
+    tokens: TokenBook,
+    max_request_bytes: int = 1 << 20,
 ) -> FastAPI:
     """The FastAPI application over a store, a site registry and a scheduler."""
     app = FastAPI(title="Alliance coordinator", version=VERSION)
+    app.add_middleware(BodyLimit, limit=max_request_bytes)
     running: dict[str, asyncio.Task[dict[str, Any]]] = {}
     open_studies: dict[str, StudyConfig] = {}
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(error_body(exc.status, exc.error, exc.errors), status_code=exc.status)
+        # After a 413 the rest of the body is not wanted: close rather than drain it.
+        headers = {"Connection": "close"} if exc.status == 413 else None
+        return JSONResponse(
+            error_body(exc.status, exc.error, exc.errors), status_code=exc.status, headers=headers
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -74,13 +215,32 @@ def create_app(
         lines = str(exc).splitlines() or [type(exc).__name__]
         return JSONResponse(error_body(status, lines[0], lines), status_code=status)
 
-    def principal(request: Request) -> Principal:
-        header = request.headers.get("authorization", "")
-        if not header.lower().startswith("bearer "):
-            raise APIError(401, "missing API token; send 'Authorization: Bearer <token>'")
-        who = tokens.identify(header[7:].strip())
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+        message = (
+            f"internal error: {type(exc).__name__}: {exc}; this is probably a bug, please "
+            "report it with the coordinator's log"
+        )
+        return JSONResponse(error_body(500, message), status_code=500)
+
+    def optional_principal(request: Request) -> Principal | None:
+        """The caller, or None when no token was sent (an empty one counts as none)."""
+        scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+        if not scheme:
+            return None
+        if scheme.lower() != "bearer":
+            raise APIError(401, "the Authorization header must be 'Bearer <token>'")
+        if not token.strip():
+            return None
+        who = tokens.identify(token.strip())
         if who is None:
             raise APIError(401, "unknown API token")
+        return who
+
+    def principal(who: Principal | None = Depends(optional_principal)) -> Principal:
+        if who is None:
+            raise APIError(401, "missing API token; send 'Authorization: Bearer <token>'")
         return who
 
     def require(*roles: str) -> Any:
@@ -93,38 +253,57 @@ def create_app(
 
         return check
 
-    def load_study(study_id: str) -> tuple[StudyConfig, str]:
+    def not_found(kind: str, ident: str, who: Principal) -> APIError:
+        # The same words whether it is missing or hidden from this caller: no existence oracle.
+        hidden = "" if who.role == "lead" else " or is not shared with you"
+        return APIError(404, f"{kind} {ident!r} does not exist{hidden}")
+
+    def load_study(study_id: str) -> tuple[StudyConfig, str] | None:
         # Studies change only through this API (create, close), so a parsed copy is kept.
         if study_id in open_studies:
             return open_studies[study_id], "open"
         found = store.study(study_id)
         if found is None:
-            raise APIError(404, f"study {study_id!r} does not exist")
+            return None
         study = StudyConfig.model_validate(found["config"])
         if found["status"] == "open":
             open_studies[study_id] = study
         return study, found["status"]
 
+    def visible_study(study_id: str, who: Principal) -> tuple[StudyConfig, str]:
+        loaded = load_study(study_id)
+        if loaded is None or not who.can_read(loaded[0]):
+            raise not_found("study", study_id, who)
+        return loaded
+
     async def body_json(request: Request) -> Any:
-        try:
-            return await request.json()
-        except ValueError:
-            raise APIError(400, "the request body is not valid JSON") from None
+        return parse_body(await request.body())
 
     @app.get("/api/health")
-    async def health() -> dict[str, Any]:
-        return {"ok": True, "sites": registry.connected()}
+    async def health(who: Principal | None = Depends(optional_principal)) -> dict[str, Any]:
+        if who is None:
+            return {"ok": True}  # liveness only: which sites are connected needs a token
+        connected = registry.connected()
+        if who.role == "site_admin":
+            connected = [name for name in connected if name == who.site]
+        return {"ok": True, "sites": connected}
 
     @app.get("/api/analyses")
     async def analyses_list(_: Principal = Depends(principal)) -> dict[str, Any]:
         return {"ok": True, "analyses": registered_analyses()}
 
     @app.get("/api/sites")
-    async def sites(_: Principal = Depends(principal)) -> dict[str, Any]:
+    async def sites(who: Principal = Depends(principal)) -> dict[str, Any]:
         known = {s["name"]: s for s in await asyncio.to_thread(store.sites)}
         for name in registry.connected():
             known.setdefault(name, {"name": name})["status"] = "connected"
-        return {"ok": True, "sites": list(known.values())}
+        fields = SITE_FIELDS.get(who.role, ("name",))
+        shown = [
+            {key: site.get(key) for key in fields}
+            for name, site in known.items()
+            if who.role != "site_admin" or name == who.site
+        ]
+        return {"ok": True, "sites": shown}
 
     @app.post("/api/studies")
     async def create_study(
@@ -134,26 +313,38 @@ def create_app(
         await asyncio.to_thread(store.create_study, study.model_dump(mode="json"), who.user)
         return {"ok": True, "study": study.model_dump(mode="json")}
 
+    def readable_studies(who: Principal) -> list[dict[str, Any]]:
+        # Runs in a worker thread: reads the store directly and leaves the cache alone.
+        rows = store.studies()
+        if who.role == "lead":
+            return rows
+        shown = []
+        for row in rows:
+            found = store.study(row["id"])
+            if found is not None and who.can_read(StudyConfig.model_validate(found["config"])):
+                shown.append(row)
+        return shown
+
     @app.get("/api/studies")
-    async def list_studies(_: Principal = Depends(principal)) -> dict[str, Any]:
-        return {"ok": True, "studies": await asyncio.to_thread(store.studies)}
+    async def list_studies(who: Principal = Depends(principal)) -> dict[str, Any]:
+        return {"ok": True, "studies": await asyncio.to_thread(readable_studies, who)}
 
     @app.get("/api/studies/{study_id}")
-    async def show_study(study_id: str, _: Principal = Depends(principal)) -> dict[str, Any]:
-        study, status = load_study(study_id)
+    async def show_study(study_id: str, who: Principal = Depends(principal)) -> dict[str, Any]:
+        study, status = visible_study(study_id, who)
         reqs = await asyncio.to_thread(store.study_requests, study_id)
         return {
             "ok": True,
             "study": study.model_dump(mode="json"),
             "status": status,
-            "requests": reqs,
+            "requests": [who.request_view(r) for r in reqs],
         }
 
     @app.post("/api/studies/{study_id}/close")
     async def close_study(
         study_id: str, who: Principal = Depends(require("lead"))
     ) -> dict[str, Any]:
-        load_study(study_id)
+        visible_study(study_id, who)
         await asyncio.to_thread(store.close_study, study_id, who.user)
         open_studies.pop(study_id, None)
         return {"ok": True, "study": study_id, "status": "closed"}
@@ -165,11 +356,15 @@ def create_app(
         wait: bool = True,
         who: Principal = Depends(require("researcher", "lead")),
     ) -> JSONResponse:
-        study, status = load_study(study_id)
+        study, status = visible_study(study_id, who)
+        if not who.can_run(study):  # the roles allowed here run what they may read
+            raise not_found("study", study_id, who)
         if status != "open":
             raise APIError(409, f"study {study_id!r} is {status}; it takes no more requests")
         body = parse_model(AnalysisRequest, await body_json(request), "request")
-        params = scheduler.validate(study, body)  # bad requests fail here, before any task leaves
+        # Bad requests fail here, before any task leaves. Validation may build a model's design
+        # for a while: in a worker thread, so the site link and other requests go on meanwhile.
+        params = await asyncio.to_thread(scheduler.validate, study, body)
         request_id = uuid.uuid4().hex[:16]
         body_json_out = body.model_dump(mode="json")
         # Store calls run inline: each is a sub-millisecond transaction, and a thread hop per
@@ -213,11 +408,12 @@ def create_app(
         return JSONResponse({"ok": True, **outcome})
 
     @app.get("/api/requests/{request_id}")
-    async def show_request(request_id: str, _: Principal = Depends(principal)) -> dict[str, Any]:
+    async def show_request(request_id: str, who: Principal = Depends(principal)) -> dict[str, Any]:
         found = await asyncio.to_thread(store.request, request_id)
-        if found is None:
-            raise APIError(404, f"request {request_id!r} does not exist")
-        return {"ok": True, **found}
+        loaded = load_study(found["study_id"]) if found is not None else None
+        if found is None or loaded is None or not who.can_read(loaded[0]):
+            raise not_found("request", request_id, who)
+        return {"ok": True, **who.request_view(found)}
 
     @app.get("/api/audit/verify")
     async def audit_verify(_: Principal = Depends(require("lead"))) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import typer
 import yaml
 
 from coordinator import pki, tokens
-from coordinator.client import AllianceClient
+from coordinator.client import NO_TOKEN, AllianceClient
 from protocol.config import AnalysisRequest, CoordinatorConfig, StudyConfig, load_yaml
 from protocol.errors import ConfigError
 from protocol.logs import LEVEL_HELP, QUIET_HELP, configure, resolve_level
@@ -169,6 +169,8 @@ def token_revoke(
 
 
 def _client(url: str, token: str) -> AllianceClient:
+    if not token.strip():
+        raise ConfigError(NO_TOKEN)
     return AllianceClient(url, token)
 
 

@@ -7,13 +7,18 @@ result["mean"], result["sites"]
 
 from __future__ import annotations
 
+import re
 import socket
 from typing import Any
 
 import httpx
 
 from analyses.results import ResultView
-from protocol.errors import AllianceError, LinkError
+from protocol.errors import AllianceError, ConfigError, LinkError
+
+#: What a token can hold: printable ASCII without spaces (a header value cannot hold more).
+_TOKEN = re.compile(r"[!-~]+")
+NO_TOKEN = "no API token: pass --token or set ALLIANCE_TOKEN; the alliance lead issues tokens"
 
 
 class APIRequestError(AllianceError):
@@ -26,20 +31,39 @@ class APIRequestError(AllianceError):
 
 
 class AllianceClient:
-    """A thin, typed client; every call returns the JSON body or raises APIRequestError."""
+    """A thin, typed client; every call returns the JSON body or raises.
 
-    def __init__(self, url: str, token: str, timeout: float = 600.0) -> None:
+    Errors are one line each: :class:`APIRequestError` when the coordinator refused (its own
+    words), :class:`~protocol.errors.LinkError` when no Alliance coordinator answered at
+    ``url`` (not running, the wrong port, not HTTP), never an httpx traceback.
+    """
+
+    def __init__(self, url: str, token: str = "", timeout: float = 600.0) -> None:
         self.url = url.rstrip("/")
+        token = token.strip()  # a token pasted from a file often ends with a newline
+        if token and not _TOKEN.fullmatch(token):
+            raise ConfigError(
+                "the API token holds characters a token never has (spaces, line breaks or "
+                "non-ASCII); copy it again from the alliance lead"
+            )
+        if not self.url.startswith(("http://", "https://")):
+            raise LinkError(
+                f"the coordinator's URL {url!r} must start with http:// or https:// (its "
+                "`http` address, e.g. http://127.0.0.1:8080)"
+            )
         # TCP_NODELAY: without it, small requests wait ~40 ms for delayed ACKs (Nagle).
         transport = httpx.HTTPTransport(
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
         )
-        self._http = httpx.Client(
-            base_url=self.url,
-            timeout=timeout,
-            headers={"Authorization": f"Bearer {token}"},
-            transport=transport,
-        )
+        try:
+            self._http = httpx.Client(
+                base_url=self.url,
+                timeout=timeout,
+                headers={"Authorization": f"Bearer {token}"} if token else {},
+                transport=transport,
+            )
+        except httpx.InvalidURL as exc:
+            raise LinkError(f"the coordinator's URL {url!r} is not a valid URL ({exc})") from None
 
     def close(self) -> None:
         """Close the HTTP connection pool."""
@@ -51,32 +75,68 @@ class AllianceClient:
     def __exit__(self, *_: object) -> None:
         self.close()
 
+    def _not_alliance(self, detail: str = "") -> LinkError:
+        return LinkError(
+            f"the server at {self.url} did not answer as Alliance's HTTP API{detail} (is this "
+            "the site-link port? the API is the coordinator's `http` address)"
+        )
+
     def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         try:
             response = self._http.request(method, path, **kwargs)
-        except httpx.ConnectError:
-            raise LinkError(
-                f"the coordinator at {self.url} is not reachable (connection "
-                "refused); is `alliance coordinator serve` running?"
-            ) from None
-        except httpx.TimeoutException:
-            raise LinkError(f"the coordinator at {self.url} did not answer in time") from None
+        except httpx.TransportError as exc:
+            raise self._link_error(exc) from None
+        except httpx.InvalidURL as exc:
+            raise LinkError(f"the coordinator's URL {self.url!r} is not valid ({exc})") from None
         try:
-            body: dict[str, Any] = response.json()
+            body = response.json()
         except ValueError:
+            kind = response.headers.get("content-type", "no content type").split(";")[0]
+            raise self._not_alliance(f" (HTTP {response.status_code}, {kind})") from None
+        if not isinstance(body, dict) or "ok" not in body:
+            raise self._not_alliance(f" (HTTP {response.status_code}, JSON of another shape)")
+        if not body["ok"]:
+            error = str(body.get("error") or f"HTTP {response.status_code}").splitlines()[0]
+            if response.status_code == 401:
+                error += "; check --token or ALLIANCE_TOKEN (the alliance lead issues tokens)"
             raise APIRequestError(
-                response.status_code, f"HTTP {response.status_code}: {response.text[:200]}", []
-            ) from None
-        if not body.get("ok", False):
-            raise APIRequestError(
-                body.get("status", response.status_code),
-                body.get("error", "unknown error"),
-                body.get("errors", []),
+                body.get("status", response.status_code), error, body.get("errors", [])
             )
-        return body
+        return dict(body)
+
+    def _link_error(self, exc: httpx.TransportError) -> LinkError:
+        """One line for each way the connection to the coordinator can fail."""
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if isinstance(exc, httpx.ConnectError):
+            if "refused" in reason.lower():
+                return LinkError(
+                    f"the coordinator at {self.url} is not reachable (connection "
+                    "refused); is `alliance coordinator serve` running?"
+                )
+            if "ssl" in reason.lower() or "certificate" in reason.lower():
+                return LinkError(
+                    f"the TLS handshake with {self.url} failed ({reason}); check whether the "
+                    "coordinator's `http` address uses http:// or https://"
+                )
+            return LinkError(
+                f"the coordinator at {self.url} is not reachable ({reason}); check the host "
+                "and port of its `http` address"
+            )
+        if isinstance(exc, httpx.TimeoutException):
+            return LinkError(f"the coordinator at {self.url} did not answer in time")
+        if isinstance(exc, httpx.UnsupportedProtocol):
+            return LinkError(
+                f"the coordinator's URL {self.url!r} must start with http:// or https://"
+            )
+        if isinstance(exc, httpx.LocalProtocolError):
+            return LinkError(f"the request to {self.url} could not be sent ({reason})")
+        if isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError)):
+            return self._not_alliance()
+        return LinkError(f"the connection to the coordinator at {self.url} failed ({reason})")
 
     def health(self) -> dict[str, Any]:
-        """Connected sites (no token needed)."""
+        """Whether the coordinator is up (no token needed); with a token, the connected sites
+        this caller may see."""
         return self._call("GET", "/api/health")
 
     def sites(self) -> list[dict[str, Any]]:

@@ -24,8 +24,9 @@ from analyses.driver import (
     SiteFailure,
     SiteReply,
 )
+from analyses.model_size import COLUMN_COUNT_CAP, model_columns
 from coordinator.link import SiteRegistry, SiteUnavailable
-from protocol.budget import PureDP
+from protocol.budget import PureDP, over_request_cap
 from protocol.config import AnalysisRequest, DataDictionary, StudyConfig
 from protocol.errors import RecordError, ValidationError
 from protocol.filters import parse_filter
@@ -46,13 +47,32 @@ class Scheduler:
         self.task_timeout = task_timeout
 
     def validate(self, study: StudyConfig, request: AnalysisRequest) -> Any:
-        """Check a request before any task leaves; return its parsed parameters."""
+        """Check a request before any task leaves; return its parsed parameters.
+
+        It can take a while (a model's design is built from the dictionary), so the HTTP API
+        runs it in a worker thread. The cheap refusals come first: an analysis outside the
+        study, an epsilon above the study's cap, a model wider than ``max_model_columns``
+        (counted from the formula, before formulaic expands it).
+        """
         if study.analyses and request.analysis not in study.analyses:
             raise ValidationError(
                 f"analysis {request.analysis!r} is not part of study {study.id!r}; the study "
                 f"allows: {', '.join(study.analyses)}"
             )
+        cap = study.privacy.epsilon_per_request
+        if request.epsilon is not None and request.epsilon > cap:
+            # Sites refuse it too, in the same words; refusing here sends no task at all.
+            raise ValidationError(over_request_cap(study.id, PureDP(request.epsilon), PureDP(cap)))
         analysis = get_analysis(request.analysis)
+        size = model_columns(request.analysis, request.params, self.dictionary)
+        if size is not None and size[0] > study.max_model_columns:
+            count, what = size
+            shown = f"more than {COLUMN_COUNT_CAP:,}" if count > COLUMN_COUNT_CAP else f"{count:,}"
+            raise ValidationError(
+                f"{what} {shown} model columns; study {study.id} allows at most "
+                f"{study.max_model_columns} (max_model_columns). Use fewer interactions or "
+                "categorical levels, or ask the alliance lead to raise the study's limit"
+            )
         params = analysis.parse_params(request.params, self.dictionary)
         variables = set(analysis.variables(params))
         if request.filter:

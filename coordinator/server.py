@@ -135,7 +135,7 @@ async def serve(
             created,
         )
     tokens = LiveTokenBook(config.tokens, tokens_file(config))
-    app = create_app(store, registry, scheduler, tokens)
+    app = create_app(store, registry, scheduler, tokens, config.max_request_bytes)
     web = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
 
     stop = asyncio.Event()

@@ -177,7 +177,18 @@ class StudyConfig(_Model):
     sites: list[str] = Field(default_factory=list, description="empty: every connected site")
     analyses: list[str] = Field(default_factory=list, description="empty: any registered one")
     variables: list[str] = Field(default_factory=list, description="empty: the whole dictionary")
+    researchers: list[str] = Field(
+        default_factory=list,
+        description="user ids (as in the coordinator's tokens) who may run requests and read "
+        "results; empty: nobody but the alliance lead",
+    )
     privacy: StudyPrivacy = Field(default_factory=StudyPrivacy)
+    max_model_columns: int = Field(
+        default=200,
+        ge=1,
+        le=2000,
+        description="most design columns a model (glm formula, cox covariates) may have",
+    )
     expires: dt.date | None = None
 
 
@@ -274,11 +285,28 @@ class SiteConfig(_Model):
 
 
 class APIToken(_Model):
-    """A person's API token bound to a role."""
+    """A person's API token bound to a role (and, for a site admin, to their site)."""
 
     token: str = Field(min_length=16)
     user: str
     role: Literal["lead", "researcher", "site_admin"]
+    site: str | None = Field(
+        default=None, pattern=_NAME, description="role site_admin only: the site they run"
+    )
+
+    @model_validator(mode="after")
+    def _site_only_for_site_admins(self) -> APIToken:
+        if self.role == "site_admin" and self.site is None:
+            raise ValueError(
+                f"user {self.user!r} has role site_admin but no site; name the site they run "
+                "(e.g. site: cleveland)"
+            )
+        if self.role != "site_admin" and self.site is not None:
+            raise ValueError(
+                f"user {self.user!r} has role {self.role} and site {self.site!r}; only a "
+                "site_admin token names a site (remove site, or use role site_admin)"
+            )
+        return self
 
 
 class CoordinatorConfig(_Model):
@@ -294,6 +322,9 @@ class CoordinatorConfig(_Model):
     insecure: bool = False
     tokens: list[APIToken] = Field(default_factory=list)
     task_timeout_seconds: float = Field(default=30.0, gt=0)
+    max_request_bytes: int = Field(
+        default=1 << 20, ge=1024, description="largest HTTP request body accepted (413 above)"
+    )
 
     @model_validator(mode="after")
     def _tls_or_insecure(self) -> CoordinatorConfig:

@@ -29,6 +29,8 @@ from protocol.config import DataDictionary, DataSource, StudyConfig
 from protocol.errors import LinkError
 
 STARTUP_SECONDS = 60.0
+#: The user id of the simulation's researcher token; every study it creates names this user.
+RESEARCHER = "researcher"
 
 
 @dataclass
@@ -66,6 +68,7 @@ class LocalFederation:
         tls: bool = True,
         task_timeout: float = 30.0,
         log_level: str = "INFO",
+        extra_tokens: list[dict[str, str]] | None = None,
     ) -> None:
         self.sites = sites
         self.dictionary = dictionary
@@ -76,6 +79,7 @@ class LocalFederation:
         self.log_level = log_level
         self.lead_token = secrets.token_urlsafe(24)
         self.researcher_token = secrets.token_urlsafe(24)
+        self.extra_tokens = list(extra_tokens or [])  # more people: {token, user, role, site?}
         self.coordinator_proc: subprocess.Popen[bytes] | None = None
         self.site_procs: dict[str, subprocess.Popen[bytes]] = {}
         self.url = ""
@@ -117,7 +121,8 @@ class LocalFederation:
             "task_timeout_seconds": self.task_timeout,
             "tokens": [
                 {"token": self.lead_token, "user": "lead", "role": "lead"},
-                {"token": self.researcher_token, "user": "researcher", "role": "researcher"},
+                {"token": self.researcher_token, "user": RESEARCHER, "role": "researcher"},
+                *self.extra_tokens,
             ],
         }
         if self.tls:
@@ -259,9 +264,14 @@ class LocalFederation:
         self.create_study(study)
 
     def create_study(self, study: StudyConfig) -> None:
-        """Create ``study`` as the lead, inviting every simulated site unless it names some."""
+        """Create ``study`` as the lead, inviting every simulated site unless it names some.
+
+        The study names the simulation's researcher (:data:`RESEARCHER`) unless it names its
+        researchers itself: a study is closed to every researcher it does not name.
+        """
         body = study.model_dump(mode="json")
         body["sites"] = body["sites"] or [s.name for s in self.sites]
+        body["researchers"] = body.get("researchers") or [RESEARCHER]
         with AllianceClient(self.url, self.lead_token) as client:
             client.create_study(body)
 

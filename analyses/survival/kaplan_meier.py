@@ -14,7 +14,7 @@ from analyses.base import (
     AnalysisContext,
 )
 from analyses.registry import analysis
-from analyses.results import AnalysisResult
+from analyses.results import AnalysisResult, table_text
 from analyses.survival.counting import Counting, CountingParams, at_risk_counts
 from analyses.survival.grid import FloatArray, TimeGrid
 
@@ -83,7 +83,7 @@ class KaplanMeierResult(AnalysisResult):
                     "median survival": medians[level],
                 }
             )
-        lines.append(pd.DataFrame(rows).set_index("curve").to_string())
+        lines.append(table_text(pd.DataFrame(rows).set_index("curve")))
         lines.extend(f"  note: {note}" for note in self.notes)
         return "\n".join(lines)
 

@@ -57,7 +57,7 @@ class LogrankResult(AnalysisResult):
             f"  test_name = logrank_test, null_distribution = chi squared, "
             f"degrees_of_freedom = {self.dof}",
             f"  test_statistic = {self.chi2:.4f}, p = {self.p:.4g}",
-            self.summary.to_string(),
+            self._table(),
         ]
         lines.extend(f"  note: {note}" for note in self.notes)
         return "\n".join(lines)

@@ -13,6 +13,22 @@ from simulations.heart import SITES, heart_dictionary, heart_source
 
 pytestmark = pytest.mark.system
 
+#: People besides the federation's lead and named researcher, for the access-control tests:
+#: a researcher no study names, the site admin of an invited site and one of another site.
+OUTSIDER = {"token": "outsider-researcher-token", "user": "outsider", "role": "researcher"}
+ADMIN_INVITED = {
+    "token": "cleveland-site-admin-token",
+    "user": "it.cleveland",
+    "role": "site_admin",
+    "site": "cleveland",
+}
+ADMIN_OTHER = {
+    "token": "elsewhere-site-admin-token",
+    "user": "it.elsewhere",
+    "role": "site_admin",
+    "site": "elsewhere",
+}
+
 
 def heart_federation(
     tmp: Path, mode: str, budget: float = 3.0, epsilon: float = 0.5, **kwargs: object
@@ -41,7 +57,11 @@ def study(
 @pytest.fixture(scope="module")
 def off_federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
     """Four heart hospitals whose policies name mode `off` for study s1."""
-    federation = heart_federation(tmp_path_factory.mktemp("off"), "off")
+    federation = heart_federation(
+        tmp_path_factory.mktemp("off"),
+        "off",
+        extra_tokens=[OUTSIDER, ADMIN_INVITED, ADMIN_OTHER],
+    )
     try:
         federation.start(study("off"))
         yield federation

@@ -167,3 +167,33 @@ def test_a_key_given_twice_is_refused(tmp_path: Path) -> None:
         r"key 'id' is given twice",
     ):
         load_yaml(path, StudyConfig)
+
+
+@pytest.mark.parametrize(
+    ("token", "message"),
+    [
+        (
+            "{token: 0123456789abcdef-admin, user: it.va, role: site_admin}",
+            "tokens[0]: user 'it.va' has role site_admin but no site; name the site they run",
+        ),
+        (
+            "{token: 0123456789abcdef-chen, user: r.chen, role: researcher, site: va}",
+            "tokens[0]: user 'r.chen' has role researcher and site 'va'; only a site_admin "
+            "token names a site",
+        ),
+    ],
+    ids=["site-admin-without-site", "researcher-with-site"],
+)
+def test_a_token_names_a_site_exactly_when_it_is_a_site_admins(
+    tmp_path: Path, token: str, message: str
+) -> None:
+    from protocol.config import CoordinatorConfig
+
+    text = f"dictionary: d.yaml\ninsecure: true\ntokens:\n  - {token}\n"
+    path = write(tmp_path, "coordinator.yaml", text)
+    with pytest.raises(ConfigError) as info:
+        load_yaml(path, CoordinatorConfig)
+    assert str(info.value).startswith(f"{path}: {message}")
+    admin = "{token: 0123456789abcdef-admin, user: it.va, role: site_admin, site: va}"
+    good = write(tmp_path, "ok.yaml", f"dictionary: d.yaml\ninsecure: true\ntokens:\n  - {admin}\n")
+    assert load_yaml(good, CoordinatorConfig).tokens[0].site == "va"

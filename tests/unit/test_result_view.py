@@ -75,3 +75,49 @@ def test_kaplan_meier_view_is_a_curve(tmp_path):
     view = ResultView(local.to_dict())
     assert list(view.summary["survival"]) == local.to_dict()["survival"]
     assert view.plot() is not None
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "counts"),
+    [
+        ("count", {}, ["920"]),
+        ("mean", {"variable": "chol"}, ["718"]),
+        ("histogram", {"variable": "age", "edges": [20, 40, 60, 80], "group": "disease"}, ["54"]),
+        ("table", {"rows": "cp", "cols": "disease"}, ["26", "392"]),
+        ("mantel_haenszel", {"exposure": "exang", "outcome": "disease"}, ["865"]),
+        ("ttest", {"variable": "age", "group": "disease"}, ["920"]),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_counts_print_as_whole_numbers(name, params, counts, heart_frames, heart_dict):
+    local = federate(name, heart_frames, params, heart_dict)
+    for printed in (str(local), str(ResultView(local.to_dict()))):
+        header = printed.splitlines()[0]
+        assert f"n={local.n:.0f}," in header, header
+        for count in counts:
+            assert f" {count}\n" in printed + "\n" or f" {count} " in printed, printed
+            assert f"{count}.0" not in printed, printed
+
+
+def test_a_noisy_count_prints_as_an_approximate_whole_number():
+    view = ResultView(
+        {
+            "analysis": "count",
+            "n": 598.73,
+            "count": 598.73,
+            "sites": [{"name": "a", "status": "ok", "records": 300.2}],
+            "privacy": {"mode": "dp"},
+            "notes": [],
+        }
+    )
+    printed = str(view)
+    assert printed.splitlines()[0] == "<count result 1 sites, n=~599, dp>"
+    assert "598.73" not in printed and " 599" in printed
+    assert view.summary["count"].iloc[0] == 598.73  # the data keeps what was released
+
+
+def test_show_count_never_prints_minus_zero():
+    from analyses.results import show_count
+
+    assert [show_count(v) for v in (-0.4, 0.5, 1.5, 599.0)] == ["0", "0", "2", "599"]
+    assert show_count(-0.2, noisy=True) == "~0" and show_count(None) == "?"

@@ -84,3 +84,33 @@ def test_every_site_refusing_is_a_typed_failure_naming_each(heart_frames, heart_
     assert {s.name: s.status for s in failure.value.sites} == dict.fromkeys(
         heart_frames, "disconnected"
     )
+
+
+def test_researchers_see_only_the_coordinators_wall_time_and_rounds(heart_frames, heart_dict):
+    sites = InProcessSites(heart_frames, heart_dict)
+    scheduler = Scheduler(sites, heart_dict, task_timeout=1.0)  # type: ignore[arg-type]
+    result = asyncio.run(scheduler.run(STUDY, GLM, "r.chen"))
+    # No site's compute time, no time spent waiting for sites: they depend on the data.
+    assert set(result.timings) == {"total_seconds", "rounds"}
+    assert result.timings["rounds"] >= 2  # IRLS: several rounds over the link
+
+
+@pytest.mark.parametrize("epsilon", [1.8, 1.200000000001, 0.5000000001])
+def test_a_request_over_the_epsilon_cap_is_refused_before_any_task_leaves(
+    heart_frames, heart_dict, epsilon
+):
+    from protocol.budget import PureDP, over_request_cap
+    from protocol.errors import ValidationError
+
+    study = StudyConfig.model_validate(
+        {"id": "s1", "title": "t", "privacy": {"epsilon_per_request": 0.5, "budget": 1.8}}
+    )
+    sites = InProcessSites(heart_frames, heart_dict)
+    scheduler = Scheduler(sites, heart_dict, task_timeout=1.0)  # type: ignore[arg-type]
+    request = AnalysisRequest.model_validate({"analysis": "count", "epsilon": epsilon})
+    with pytest.raises(ValidationError) as refused:
+        asyncio.run(scheduler.run(study, request, "r.chen"))
+    assert str(refused.value) == over_request_cap("s1", PureDP(epsilon), PureDP(0.5))
+    assert sites.tasks == []
+    lower = AnalysisRequest.model_validate({"analysis": "count", "epsilon": 0.5})
+    assert scheduler.validate(study, lower) is not None

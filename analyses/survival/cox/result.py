@@ -14,7 +14,7 @@ from analyses.base import (
     AnalysisContext,
 )
 from analyses.common import pooled
-from analyses.results import AnalysisResult
+from analyses.results import AnalysisResult, show_count
 from analyses.survival.cox.sums import CoxParams, CoxTerm, Stratum
 from analyses.survival.grid import FloatArray, grid_for, grid_note, time_unit
 from protocol.errors import ModelError
@@ -77,8 +77,8 @@ class CoxResult(AnalysisResult):
         if self.strata_by_site:
             head.append("            strata = site")
         head += [
-            f"  number of records = {self.n:g}",
-            f"  number of events  = {self.events:g}",
+            f"  number of records = {show_count(self.n, self.privacy.mode == 'dp')}",
+            f"  number of events  = {show_count(self.events, self.privacy.mode == 'dp')}",
             f"  partial log-likelihood = {self.log_likelihood:.4f}",
             f"  iterations = {self.iterations}, converged = {self.converged}",
             "---",
