@@ -5,9 +5,9 @@
 from analyses import (  # noqa: F401
     comparisons,
     descriptive,
+    glm,
     mantel_haenszel,
     quantiles,
-    regression,
     survival,
     tables,
 )

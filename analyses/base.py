@@ -15,8 +15,10 @@ estimates, released sums kept for later rounds) and never leaves the coordinator
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -31,6 +33,7 @@ from protocol.errors import ValidationError
 from protocol.records import AggregateRecord, RecordSpec
 
 P = TypeVar("P", bound=BaseModel)
+T = TypeVar("T")
 
 Arrays = dict[str, npt.NDArray[np.float64]]
 
@@ -55,6 +58,74 @@ class NoState(RoundState):
     """The public state of single-round analyses: nothing."""
 
 
+class WorkCache:
+    """Memory a site lends its analyses between rounds (a GLM's built design matrix).
+
+    The site owns it: one per site node, bounded in entries and bytes (least recently used
+    first out, though the newest entry is always kept), with one *scope* per data frame it
+    serves (the unfiltered data, each filter's rows). When the site drops a frame it drops the
+    frame's scope, so nothing built from one frame is ever served for another.
+    """
+
+    def __init__(self, max_entries: int = 16, max_bytes: int = 4 << 30) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple[str, Hashable], tuple[Any, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def scope(self, name: str) -> ScopedCache:
+        """The part of the cache for one data frame."""
+        return ScopedCache(self, name)
+
+    def get(
+        self, scope: str, key: Hashable, build: Callable[[], T], nbytes: Callable[[T], int]
+    ) -> T:
+        """The value cached under ``(scope, key)``, built (outside the lock) when missing."""
+        full = (scope, key)
+        with self._lock:
+            found = self._entries.get(full)
+            if found is not None:
+                self._entries.move_to_end(full)
+                return found[0]  # type: ignore[no-any-return]
+        value = build()
+        with self._lock:
+            self._entries[full] = (value, int(nbytes(value)))
+            self._entries.move_to_end(full)
+            while len(self._entries) > 1 and (
+                len(self._entries) > self.max_entries
+                or sum(size for _, size in self._entries.values()) > self.max_bytes
+            ):
+                self._entries.popitem(last=False)
+        return value
+
+    def drop(self, scope: str) -> None:
+        """Forget everything built from one frame."""
+        with self._lock:
+            for full in [k for k in self._entries if k[0] == scope]:
+                del self._entries[full]
+
+    def clear(self) -> None:
+        """Forget everything."""
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+
+@dataclass(frozen=True)
+class ScopedCache:
+    """The view of a :class:`WorkCache` an analysis gets for the frame it computes on."""
+
+    cache: WorkCache
+    name: str
+
+    def get(self, key: Hashable, build: Callable[[], T], nbytes: Callable[[T], int]) -> T:
+        """The value cached under ``key`` for this frame, built when missing."""
+        return self.cache.get(self.name, key, build, nbytes)
+
+
 @dataclass(frozen=True)
 class AnalysisContext:
     """What both halves may know besides the parameters.
@@ -68,6 +139,8 @@ class AnalysisContext:
             site and validated there.
         memo: iterative analyses: the coordinator's memory between rounds. Always empty at a
             site: it never leaves the coordinator.
+        cache: at a site, the site's work cache for the frame ``local`` computes on (None:
+            nothing is kept between rounds).
     """
 
     dictionary: DataDictionary
@@ -76,6 +149,7 @@ class AnalysisContext:
     round: int = 0
     state: Mapping[str, Any] = field(default_factory=dict)
     memo: Mapping[str, Any] = field(default_factory=dict)
+    cache: ScopedCache | None = None
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import pandas as pd
 
-from analyses.base import AnalysisContext, Arrays
+from analyses.base import AnalysisContext, Arrays, WorkCache
 from analyses.driver import RoundDriver, RoundTask, SiteAnswer, SiteReply
 from analyses.registry import get_analysis
 from protocol.budget import PureDP
@@ -77,6 +78,7 @@ def federate(
         PureDP(epsilon) if epsilon is not None else None,
         thresholds,
     )
+    work = WorkCache()  # one per run: each site keeps its design between rounds, as sites do
     while (step := driver.next_round()) is not None:
         base = AnalysisContext(dictionary, mode, thresholds, step.round)
         state = analysis.parse_state(step.state, parsed, base)  # as a real site does
@@ -85,10 +87,11 @@ def federate(
         answers: dict[str, SiteAnswer] = {}
         seconds: dict[str, float] = {}
         for site in step.sites:
+            site_ctx = replace(ctx, cache=work.scope(site))
             started = time.perf_counter()
-            arrays = analysis.local(frames[site], parsed, ctx)
+            arrays = analysis.local(frames[site], parsed, site_ctx)
             seconds[site] = time.perf_counter() - started
-            record = release(site, spec, arrays, ctx, step.epsilon)
+            record = release(site, spec, arrays, site_ctx, step.epsilon)
             charged = step.epsilon.epsilon if step.epsilon is not None else 0.0
             answers[site] = SiteReply(record, mode, charged)
         if on_round is not None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from analyses import AnalysisContext, get_analysis
+from analyses.base import WorkCache
 from protocol.budget import PureDP
 from protocol.config import DataDictionary, SiteConfig, load_yaml
 from protocol.errors import AllianceError, InternalError, RefusedError, ValidationError
@@ -48,6 +49,11 @@ class Outcome:
     reason: str = ""
 
 
+def _scope(filter_text: str | None) -> str:
+    """The work-cache scope of a frame: "all" for the unfiltered data, else "filter:<text>"."""
+    return "all" if filter_text is None else f"filter:{filter_text}"
+
+
 def _refusal(task_id: str, code: str, reason: str) -> pb.SiteMessage:
     return RefusalMessage(task_id, code, reason).to_proto()
 
@@ -70,6 +76,9 @@ class SiteRuntime:
         self.store = SiteStore(config.state_dir / "site.db", actor=config.name)
         self._digest = dictionary.digest()
         self._filter_cache: OrderedDict[str, pd.DataFrame] = OrderedDict()
+        # The site's work cache: what an analysis keeps between rounds (a GLM's design),
+        # scoped by frame ("" is the unfiltered data; a filter's text its rows).
+        self.work = WorkCache()
         self._task_locks: dict[str, tuple[threading.Lock, int]] = {}
         self._task_locks_guard = threading.Lock()
 
@@ -197,7 +206,10 @@ class SiteRuntime:
             self.store.precheck_charge(task.study_id, task.request_id, charge, budget, cap)
         base = AnalysisContext(self.dictionary, mode, self.config.policy.sdc, task.round)
         state = analysis.parse_state(task.state, params, base)
-        ctx = AnalysisContext(self.dictionary, mode, self.config.policy.sdc, task.round, state)
+        scope = self.work.scope(_scope(row_filter.text if row_filter else None))
+        ctx = AnalysisContext(
+            self.dictionary, mode, self.config.policy.sdc, task.round, state, cache=scope
+        )
         spec = analysis.declare(params, ctx)
         data = self._filtered(row_filter) if row_filter is not None else self.data
         record = privatize(
@@ -251,18 +263,16 @@ class SiteRuntime:
         return Outcome(pb.SiteMessage.FromString(committed), "reply")
 
     def _filtered(self, row_filter: RowFilter) -> pd.DataFrame:
-        """The rows a filter keeps, as the same frame object every round of an analysis.
-
-        Iterative analyses cache per-frame work (a GLM's design matrix) by frame identity, so a
-        filter's rows are kept for the next rounds instead of being rebuilt.
-        """
+        """The rows a filter keeps, kept for the next rounds of an analysis (with their scope
+        of the work cache: the two are dropped together)."""
         frame = self._filter_cache.get(row_filter.text)
         if frame is None:
             columns = {c: self.data[c].to_numpy() for c in row_filter.variables}
             frame = self.data.loc[row_filter.mask(columns, len(self.data))]
             self._filter_cache[row_filter.text] = frame
             while len(self._filter_cache) > FILTER_CACHE_SIZE:
-                self._filter_cache.popitem(last=False)
+                dropped, _ = self._filter_cache.popitem(last=False)
+                self.work.drop(_scope(dropped))
         else:
             self._filter_cache.move_to_end(row_filter.text)
         return frame

@@ -3,9 +3,9 @@ the differentially private path (noise simulated as the site engine adds it)."""
 
 from __future__ import annotations
 
-import gc
 import itertools
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import matplotlib
@@ -16,8 +16,10 @@ import statsmodels.api as sm
 import statsmodels.formula.api as smf
 
 import analyses  # noqa: F401  (registers every analysis)
-from analyses import regression
-from analyses.base import AnalysisContext
+from analyses import glm as glm_package
+from analyses.base import AnalysisContext, WorkCache
+from analyses.glm.formula import glm_model
+from analyses.glm.irls import make_pd
 from analyses.registry import get_analysis
 from analyses.testing import federate
 from protocol.config import DataDictionary, SDCThresholds
@@ -121,7 +123,7 @@ def test_variables_lists_every_formula_variable() -> None:
 
 def test_term_names_follow_formulaic_and_dictionary_reference_level() -> None:
     params = GLM.parse_params({"formula": "y ~ age*sex + grp + rev", "family": "binomial"}, DICT)
-    model = regression._model(params, DICT)
+    model = glm_model(params, DICT)
     # The first dictionary level is the reference: rev's levels are [1, 0], so rev[T.0].
     assert model.columns == (
         "Intercept", "age", "sex[T.1]", "grp[T.2]", "grp[T.3]", "rev[T.0]", "age:sex[T.1]",
@@ -319,39 +321,47 @@ def test_sdc_fit_is_exact(sites: dict[str, pd.DataFrame]) -> None:
 # ----------------------------------------------------------------------------- caching
 
 
-def test_design_cache_reuses_per_frame_and_never_serves_a_stale_design(
+def test_the_sites_work_cache_keeps_a_design_per_frame_scope(
     sites: dict[str, pd.DataFrame], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    regression._DESIGNS.clear()
     builds: list[int] = []
-    real = regression._build_design
+    real = glm_package.build_design
 
     def counting(data: pd.DataFrame, model: Any, clamp: bool) -> Any:
         builds.append(id(data))
         return real(data, model, clamp)
 
-    monkeypatch.setattr(regression, "_build_design", counting)
+    monkeypatch.setattr(glm_package, "build_design", counting)
+    work = WorkCache()
     parsed = GLM.parse_params({"formula": "y ~ age", "family": "binomial"}, DICT)
-    frame = sites["a"].copy()
-    first = GLM.local(frame, parsed, ctx())
+    frame = sites["a"]
+
+    def in_scope(name: str, round_no: int = 0, state: dict[str, Any] | None = None) -> Any:
+        return replace(ctx("off", round_no, state), cache=work.scope(name))
+
+    first = GLM.local(frame, parsed, in_scope("a"))
     for round_no in (1, 2):
-        GLM.local(frame, parsed, ctx("off", round_no, {"beta": [0.1, 0.2]}))
-    assert len(builds) == 1
-    other = sites["b"].iloc[: len(frame)].copy()  # same shape, another object
-    assert not np.allclose(GLM.local(other, parsed, ctx())["xwz"], first["xwz"])
+        GLM.local(frame, parsed, in_scope("a", round_no, {"beta": [0.1, 0.2]}))
+    assert len(builds) == 1  # one build serves every round of the frame
+    other = sites["b"].iloc[: len(frame)]  # same shape, other rows, another scope
+    assert not np.allclose(GLM.local(other, parsed, in_scope("b"))["xwz"], first["xwz"])
     assert len(builds) == 2
-    del frame, other
-    gc.collect()
-    assert len(regression._DESIGNS) == 0  # entries die with their frames
+    work.drop("a")  # the site drops a frame with its scope
+    GLM.local(frame, parsed, in_scope("a"))
+    assert len(builds) == 3
+    GLM.local(frame, parsed, ctx())  # no cache lent: nothing kept
+    assert len(builds) == 4 and len(work) == 2
 
 
-def test_design_cache_is_bounded() -> None:
-    cache = regression._DesignCache(max_entries=2, max_bytes=1 << 30)
-    model = regression._model(GLM.parse_params({"formula": "y ~ age"}, DICT), DICT)
-    frames = [make_site(10, np.random.default_rng(i)) for i in range(4)]
-    for frame in frames:
-        cache.get(frame, model, False, lambda f=frame: regression._build_design(f, model, False))
-    assert len(cache) == 2
+def test_work_cache_is_bounded_in_entries_and_bytes() -> None:
+    by_count = WorkCache(max_entries=2, max_bytes=1 << 30)
+    for i in range(4):
+        by_count.get("s", i, lambda i=i: np.zeros(10) + i, lambda v: v.nbytes)
+    assert len(by_count) == 2
+    by_bytes = WorkCache(max_entries=100, max_bytes=1000)
+    for i in range(4):
+        by_bytes.get("s", i, lambda: np.zeros(100), lambda v: v.nbytes)  # 800 bytes each
+    assert len(by_bytes) == 1  # the newest is always kept, even alone over the cap
 
 
 # ----------------------------------------------------------------------------- dp
@@ -430,7 +440,7 @@ def test_dp_sensitivities_bound_one_row_of_any_value(
 def test_make_pd_returns_symmetric_positive_definite() -> None:
     rng = np.random.default_rng(3)
     noisy = rng.normal(size=(5, 5))
-    repaired = regression._make_pd(noisy, 0.5)
+    repaired = make_pd(noisy, 0.5)
     assert np.allclose(repaired, repaired.T)
     assert np.linalg.eigvalsh(repaired).min() >= 0.5 - 1e-12
 

@@ -8,7 +8,8 @@ import time
 import pytest
 from formulaic import Formula
 
-from analyses import get_analysis, regression
+from analyses import get_analysis
+from analyses.glm.formula import glm_model
 from analyses.model_size import (
     COLUMN_COUNT_CAP,
     categorical_levels,
@@ -57,7 +58,7 @@ def test_the_count_equals_the_built_designs_columns(heart_dict: DataDictionary) 
             expression = f"({expression})**2"
         formula = f"disease ~ {expression}"
         params = get_analysis("glm").parse_params({"formula": formula}, heart_dict)
-        built = regression._model(params, heart_dict).p
+        built = glm_model(params, heart_dict).p
         assert count_columns(formula_terms(formula), levels) == built, formula
 
 
