@@ -28,6 +28,7 @@ import pandas as pd
 import pydantic
 from pydantic import BaseModel, ConfigDict
 
+from analyses.results import AnalysisResult
 from protocol.config import DataDictionary, SDCThresholds, format_validation_error
 from protocol.errors import ValidationError
 from protocol.records import AggregateRecord, RecordSpec
@@ -173,6 +174,8 @@ class Analysis(ABC, Generic[P]):
     params_model: ClassVar[type[BaseModel]]
     #: The public round state this analysis may send to sites (none by default).
     state_model: ClassVar[type[RoundState]] = NoState
+    #: The class of this analysis's results (rebuilt from JSON by the researcher's client).
+    result_type: ClassVar[type[AnalysisResult]]
 
     # ----------------------------------------------------------------- both sides
     def parse_params(self, raw: Mapping[str, Any], dictionary: DataDictionary) -> P:

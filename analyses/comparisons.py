@@ -89,6 +89,9 @@ class TTestResult(AnalysisResult):
             "variable": self.variable,
             "group": self.group,
             "test": "student" if self.equal_var else "welch",
+            "equal_var": self.equal_var,
+            "alpha": self.alpha,
+            "group_names": self.group_names,
             "t": self.t,
             "dof": self.dof,
             "p": self.p,
@@ -176,6 +179,8 @@ class TTest(Analysis[TTestParams]):
     be well above that (age with variance 80: thousands of records a group), else the result
     says the variance came out <= 0 and refuses; the notes give each variance's relative noise.
     """
+
+    result_type = TTestResult
 
     params_model = TTestParams
 
@@ -389,6 +394,8 @@ class Correlation(Analysis[CorrelationParams]):
     The result reports each correlation's noise sd, found by re-drawing the released noise 200
     times around the released sums (a parametric bootstrap of the mechanism, not of the data).
     """
+
+    result_type = CorrelationResult
 
     params_model = CorrelationParams
 

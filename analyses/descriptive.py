@@ -39,7 +39,7 @@ class CountResult(AnalysisResult):
     per_site: dict[str, float] = field(default_factory=dict)
 
     def values(self) -> dict[str, Any]:
-        return {"count": self.count}
+        return {"count": self.count, "per_site": self.per_site}
 
     @property
     def summary(self) -> pd.DataFrame:
@@ -51,6 +51,8 @@ class CountResult(AnalysisResult):
 @analysis("count")
 class Count(Analysis[CountParams]):
     """Number of records (optionally: with a non-missing ``variable``)."""
+
+    result_type = CountResult
 
     params_model = CountParams
 
@@ -100,6 +102,7 @@ class MeanResult(AnalysisResult):
             "std_error": self.std_error,
             "noise_sd": self.noise_sd,
             "variance_noise_sd": self.variance_noise_sd,
+            "per_site": self.per_site,
         }
 
     @property
@@ -112,6 +115,8 @@ class MeanResult(AnalysisResult):
 @analysis("mean")
 class Mean(Analysis[MeanParams]):
     """Pooled mean and (n - 1) variance from per-site counts, sums and sums of squares."""
+
+    result_type = MeanResult
 
     params_model = MeanParams
 
@@ -258,6 +263,8 @@ class HistogramResult(AnalysisResult):
 @analysis("histogram")
 class Histogram(Analysis[HistogramParams]):
     """Counts of a numeric variable in public bins, optionally by the levels of ``group``."""
+
+    result_type = HistogramResult
 
     params_model = HistogramParams
 

@@ -39,6 +39,10 @@ class MantelHaenszelParams(Params):
     alpha: float = Field(default=0.05, gt=0, lt=1, description="1 - confidence level")
 
 
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
 @dataclass
 class MantelHaenszelResult(AnalysisResult):
     """Mantel-Haenszel pooled odds ratio over strata, its test and Breslow-Day's test.
@@ -82,7 +86,21 @@ class MantelHaenszelResult(AnalysisResult):
             },
             "strata": self.strata,
             "noise_sd_log": self.noise_sd_log,
+            "alpha": self.alpha,
         }
+
+    @classmethod
+    def fields_from(cls, data: Mapping[str, Any]) -> dict[str, Any]:
+        out = super().fields_from(data)
+        null, equal = data["test_null_odds"], data["test_equal_odds"]
+        out.update(
+            null_statistic=_nan(null["statistic"]),
+            null_p=_nan(null["p"]),
+            equal_statistic=equal["statistic"],
+            equal_p=equal["p"],
+            equal_dof=int(equal["dof"]),
+        )
+        return out
 
     def stratum_odds_ratios(self) -> pd.DataFrame:
         """Per-stratum odds ratios with Woolf intervals (0.5 added to tables with a zero)."""
@@ -189,6 +207,8 @@ class MantelHaenszel(Analysis[MantelHaenszelParams]):
     over the smallest cells: negligible when every cell of a stratum holds hundreds of records,
     dominant when cells hold tens.
     """
+
+    result_type = MantelHaenszelResult
 
     params_model = MantelHaenszelParams
 

@@ -147,6 +147,14 @@ class QuantilesResult(AnalysisResult):
     expected_error: dict[float, float] | None = None
     rounds: int = 0
 
+    @classmethod
+    def fields_from(cls, data: Mapping[str, Any]) -> dict[str, Any]:
+        out = super().fields_from(data)
+        for key in ("quantiles", "intervals", "exact", "expected_error"):
+            if out.get(key) is not None:  # JSON turned the probabilities into text
+                out[key] = {float(p): v for p, v in out[key].items()}
+        return out
+
     def values(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "variable": self.variable,
@@ -220,6 +228,8 @@ class Quantiles(Analysis[QuantilesParams]):
     Exact in off and sdc modes (within sdc's rule; see the module's notes) by a search on
     counts below candidate points; in dp mode, from one noisy histogram on a public grid.
     """
+
+    result_type = QuantilesResult
 
     params_model = QuantilesParams
     state_model = QuantilesState

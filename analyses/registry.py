@@ -43,6 +43,11 @@ def analysis(name: str) -> Callable[[T], T]:
             raise RegistrationError(
                 f"Cannot register analysis {name!r}: it does not define {missing}"
             )
+        if not isinstance(getattr(cls, "result_type", None), type):
+            raise RegistrationError(
+                f"Cannot register analysis {name!r}: it does not name its result_type (the "
+                "AnalysisResult subclass its combine returns)"
+            )
         if name in _REGISTRY and _WHERE[name] != _where(cls):
             raise RegistrationError(
                 f"Cannot register analysis {name!r}: it is registered twice "

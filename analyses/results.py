@@ -3,11 +3,10 @@ reads like statsmodels or lifelines, and ``.plot()`` draws it with matplotlib.""
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import pandas as pd
@@ -86,6 +85,10 @@ def table_text(
     return str(shown.to_string())
 
 
+def _finite_or_nan(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -121,6 +124,38 @@ class AnalysisResult:
         """The analysis-specific keys of the JSON contract."""
         return {}
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
+        """Rebuild the result from its JSON contract (what ``to_dict`` gave, after JSON).
+
+        The common keys are read here; :meth:`fields_from` maps the analysis's own keys back
+        to the class's fields. JSON's ``null`` stands for a non-finite number.
+        """
+        common: dict[str, Any] = {
+            "analysis": str(data["analysis"]),
+            "n": _finite_or_nan(data.get("n")),
+            "sites": [SiteContribution(**s) for s in data.get("sites", [])],
+            "privacy": PrivacySummary(**data.get("privacy", {"mode": "off"})),
+            "timings": dict(data.get("timings", {})),
+            "notes": list(data.get("notes", [])),
+        }
+        return cls(**common, **cls.fields_from(data))
+
+    @classmethod
+    def fields_from(cls, data: Mapping[str, Any]) -> dict[str, Any]:
+        """The subclass's own fields from the contract: by default, the keys that share a
+        field's name (``null`` back to NaN where the field defaults to a float)."""
+        base = {f.name for f in fields(AnalysisResult)}
+        out: dict[str, Any] = {}
+        for spec in fields(cls):
+            if spec.name in base or spec.name not in data:
+                continue
+            value = data[spec.name]
+            if value is None and isinstance(spec.default, float):
+                value = math.nan
+            out[spec.name] = value
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON contract: analysis, n, the analysis keys, sites, privacy, timings."""
         out: dict[str, Any] = {"analysis": self.analysis, "n": self.n}
@@ -130,6 +165,10 @@ class AnalysisResult:
         out["timings"] = dict(self.timings)
         out["notes"] = list(self.notes)
         return _jsonable(out)  # type: ignore[no-any-return]
+
+    def __getitem__(self, key: str) -> Any:
+        """A key of the JSON contract: ``result["mean"]``, ``result["sites"]``."""
+        return self.to_dict()[key]
 
     @property
     def summary(self) -> pd.DataFrame:
@@ -173,124 +212,4 @@ class AnalysisResult:
         ax = self._axes(ax)
         self.summary.plot(kind="bar", ax=ax, legend=False)
         ax.set_title(self._header())
-        return ax
-
-
-class ResultView(Mapping[str, Any]):
-    """A result received as JSON (from the HTTP API), with the result objects' conveniences.
-
-    It is a read-only mapping of the JSON contract (``view["coefficients"]``), and adds
-    ``.summary`` (a DataFrame of the analysis's main table), ``print()`` and ``.plot()``, so a
-    researcher at the far end of the API reads results as they would in process.
-    """
-
-    def __init__(self, data: Mapping[str, Any]) -> None:
-        self._data = dict(data)
-
-    def __getitem__(self, key: str) -> Any:
-        return self._data[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._data)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON contract, as received."""
-        return dict(self._data)
-
-    @property
-    def analysis(self) -> str:
-        """The analysis's name."""
-        return str(self._data.get("analysis", ""))
-
-    def coef(self, term: str) -> float:
-        """A model term's estimate (``glm``, ``cox``)."""
-        return float(self._data["coefficients"][term]["estimate"])
-
-    @property
-    def summary(self) -> pd.DataFrame:
-        """The main table: coefficients, counts, a correlation matrix, a survival curve, or the
-        scalar results."""
-        data = self._data
-        if "coefficients" in data:
-            return pd.DataFrame(data["coefficients"]).T.rename_axis("term")
-        if "matrix" in data:
-            return pd.DataFrame(data["matrix"])
-        if "survival" in data and isinstance(data["survival"], list):
-            keys = ("times", "survival", "ci_lower", "ci_upper", "at_risk", "events")
-            return pd.DataFrame({k: data[k] for k in keys if k in data}).set_index("times")
-        if "survival" in data:  # grouped curves: one block per level
-            frames = {}
-            for level, curve in data["survival"].items():
-                frames[level] = pd.Series(curve, index=data["times"][level], name="survival")
-            return pd.concat(frames, names=["group", "time"]).to_frame()
-        if "counts" in data and "edges" in data:  # a histogram: one row per bin
-            labels = [f"[{a:g}, {b:g})" for a, b in itertools.pairwise(data["edges"])]
-            if labels:
-                labels[-1] = labels[-1][:-1] + "]"
-            counts = data["counts"]
-            if isinstance(counts, dict):
-                group = data.get("group") or "group"
-                frame = pd.DataFrame({f"{group}={k}": v for k, v in counts.items()})
-            else:
-                frame = pd.DataFrame({"count": counts})
-            frame.index = pd.Index(labels or None, name=data.get("variable"))
-            return frame
-        if "counts" in data and isinstance(data["counts"], dict):
-            return pd.DataFrame(data["counts"]).T.rename_axis(data.get("rows") or "level")
-        if "counts" in data:
-            return pd.DataFrame({"count": data["counts"]})
-        if "quantiles" in data:
-            return pd.DataFrame({"quantile": data["quantiles"]}).rename_axis("prob")
-        skip = {"sites", "privacy", "timings", "notes", "analysis"}
-        scalars = {
-            k: v for k, v in data.items() if k not in skip and not isinstance(v, dict | list)
-        }
-        return pd.DataFrame([scalars])
-
-    def __str__(self) -> str:
-        privacy = self._data.get("privacy", {})
-        mode = privacy.get("mode", "?")
-        sites = [s for s in self._data.get("sites", []) if s.get("status") == "ok"]
-        n = show_count(self._data.get("n"), mode == "dp")
-        head = f"<{self.analysis} result {len(sites)} sites, n={n}, {mode}>"
-        all_counts = "counts" in self._data  # a histogram or a contingency table
-        lines = [head, table_text(self.summary, all_counts=all_counts)]
-        lines += [
-            f"  {s['name']}: {s['status']}: {s.get('reason')}"
-            for s in self._data.get("sites", [])
-            if s.get("status") != "ok"
-        ]
-        lines += [f"  note: {note}" for note in self._data.get("notes", [])]
-        return "\n".join(lines)
-
-    def __repr__(self) -> str:
-        return str(self).splitlines()[0]
-
-    def plot(self, ax: Any = None) -> Any:
-        """A forest plot of coefficients, a survival curve, or bars of the main table."""
-        ax = AnalysisResult._axes(ax)
-        data = self._data
-        if "coefficients" in data:
-            table = self.summary
-            y = np.arange(len(table))
-            est = table["estimate"].astype(float)
-            ax.errorbar(
-                est,
-                y,
-                xerr=[est - table["ci_lower"].astype(float), table["ci_upper"].astype(float) - est],
-                fmt="o",
-            )
-            ax.axvline(0.0, color="grey", linewidth=0.8)
-            ax.set_yticks(y, table.index)
-        elif "survival" in data and isinstance(data["survival"], list):
-            ax.step(data["times"], data["survival"], where="post")
-            ax.set_ylim(0, 1.05)
-            ax.set_xlabel("time")
-            ax.set_ylabel("survival")
-        else:
-            self.summary.select_dtypes("number").plot(kind="bar", ax=ax)
-        ax.set_title(repr(self))
         return ax

@@ -91,6 +91,10 @@ class TableResult(AnalysisResult):
             "p": self.p,
             "correction": self.correction,
             "test": self.test,
+            "row_names": self.row_names,
+            "col_names": self.col_names,
+            "table": self.table,
+            "expected": self.expected,
         }
         if self.cols is not None:
             out["cols"] = self.cols
@@ -158,6 +162,8 @@ class Table(Analysis[TableParams]):
     (negative ones set to 0), and the notes give the noise per cell and the chi2 it adds on
     average (about the number of cells times ``2 K / epsilon^2`` over the mean expected count).
     """
+
+    result_type = TableResult
 
     params_model = TableParams
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from analyses.results import ResultView
+from analyses import AnalysisResult, get_analysis
 from protocol.errors import AllianceError, ConfigError, LinkError
 
 #: What a token can hold: printable ASCII without spaces (a header value cannot hold more).
@@ -28,6 +28,12 @@ class APIRequestError(AllianceError):
         super().__init__(error)
         self.status = status
         self.errors = errors
+
+
+def result_from_json(data: dict[str, Any]) -> AnalysisResult:
+    """The result object of the analysis ``data["analysis"]``, rebuilt from its JSON."""
+    result: AnalysisResult = get_analysis(str(data["analysis"])).result_type.from_dict(data)
+    return result
 
 
 class AllianceClient:
@@ -168,18 +174,17 @@ class AllianceClient:
             json=request,
         )
 
-    def run(self, study_id: str, request: dict[str, Any]) -> ResultView:
-        """Submit, wait, and return the result (raises when the request failed).
-
-        The result reads as the JSON contract (``result["mean"]``) and has ``.summary``,
-        ``print()`` and ``.plot()`` like the in-process result objects.
+    def run(self, study_id: str, request: dict[str, Any]) -> AnalysisResult:
+        """Submit, wait, and return the analysis's own result object (raises when the request
+        failed): ``GLMResult``, ``CoxResult``, ... rebuilt from the JSON through the registry,
+        with ``.summary``, ``print()``, ``.plot()``, ``.to_dict()`` and ``result["key"]``.
         """
         body = self.submit(study_id, request, wait=True)
         if body.get("status") != "done":
             raise APIRequestError(
                 200, body.get("error") or "the request failed", [body.get("error") or ""]
             )
-        return ResultView(body["result"])
+        return result_from_json(body["result"])
 
     def request(self, request_id: str) -> dict[str, Any]:
         """A request's status and result."""

@@ -13,14 +13,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from sqlalchemy.exc import SQLAlchemyError
 
 from analyses import get_analysis
 from coordinator.cli import coordinator_app, pki_app, run_command, study_app, token_app
-from protocol.audit import AuditEntry, verify_chain
+from coordinator.store import Store
 from protocol.config import AnalysisRequest, DataDictionary, DataSource, StudyConfig, load_yaml
 from protocol.errors import AllianceError
 from protocol.logs import LEVEL_HELP, QUIET_HELP, configure, resolve_level
 from site_node.cli import site_app
+from site_node.ledger import SiteStore
 
 app = typer.Typer(
     help="Alliance: federated analysis for hospital alliances.",
@@ -51,24 +53,29 @@ def _setup(
 
 @audit_app.command("verify")
 def audit_verify(path: Path) -> None:
-    """Verify the audit chain of a site folder or a coordinator folder."""
+    """Verify the audit chain of a site folder or a coordinator folder (read-only)."""
     candidates = [path / "state" / "site.db", path / "site.db", path / "coordinator.db", path]
     for candidate in candidates:
         if candidate.is_file():
             break
     else:
         raise AllianceError(f"{path}: no site.db, state/site.db or coordinator.db found")
-    db = sqlite3.connect(f"file:{candidate}?mode=ro", uri=True)
     try:
-        table = "audit" if candidate.name == "site.db" else "alliance_audit"
-        rows = db.execute(
-            f"SELECT seq, time, actor, action, detail, prev_hash, hash FROM {table} ORDER BY seq"
-        ).fetchall()
-    except sqlite3.Error as exc:
-        raise AllianceError(f"{candidate}: not an Alliance store ({exc})") from None
-    finally:
-        db.close()
-    report = verify_chain(AuditEntry(*row) for row in rows)
+        if candidate.name == "site.db":
+            site = SiteStore(candidate, "verify", read_only=True)
+            try:
+                report = site.verify_audit()
+            finally:
+                site.close()
+        else:
+            store = Store.open_read_only(candidate)
+            try:
+                report = store.verify_audit()
+            finally:
+                store.close()
+    except (sqlite3.Error, SQLAlchemyError) as exc:
+        first = str(exc).splitlines()[0]
+        raise AllianceError(f"{candidate}: not an Alliance store ({first})") from None
     typer.echo(f"{candidate}: {report}")
     if not report.ok:
         raise typer.Exit(1)

@@ -7,16 +7,20 @@ and Cleveland).
 
 from __future__ import annotations
 
-import sqlite3
 import sys
+import textwrap
 import time
 from pathlib import Path
-from typing import Any
 
-from protocol.audit import AuditEntry, verify_chain
+from analyses import AnalysisResult
+from analyses.results import show_count
+from coordinator.client import result_from_json
+from coordinator.store import Store
+from protocol.audit import verify_chain
 from protocol.config import AnalysisRequest, StudyConfig
 from simulations.federation import LocalFederation, SiteSpec
 from simulations.heart import SITES, heart_dictionary, heart_source
+from site_node.ledger import SiteStore
 
 LABELS = {
     "cleveland": "Cleveland Clinic",
@@ -55,50 +59,28 @@ def _site_spec(name: str) -> SiteSpec:
     )
 
 
-def _render(title: str, result: dict[str, Any]) -> None:
+def _render(title: str, result: AnalysisResult) -> None:
+    """A result as its own class prints it (refusals included), then what each hospital that
+    contributed gave and spent."""
     _out(f"\n== {title} ==")
-    analysis = result["analysis"]
-    if analysis == "count":
-        _out(f"  patients (noisy): {result['count']:.0f}")
-    elif analysis == "mean":
-        _out(
-            f"  mean {result['variable']}: {result['mean']:.1f} "
-            f"(standard error {result['std_error']:.1f}, of which DP noise "
-            f"{result['noise_sd']:.1f}; n ~ {result['n']:.0f})"
-        )
-    elif analysis == "histogram":
-        edges = result["edges"]
-        counts = result["counts"]
-        groups = counts if isinstance(counts, dict) else {"all": counts}
-        names = {"0": "no disease", "1": "disease"}
-        _out("  " + f"{'age':<10}" + "".join(f"{names.get(g, g):>12}" for g in groups))
-        for i in range(len(edges) - 1):
-            row = "".join(f"{max(0.0, groups[g][i]):>12.0f}" for g in groups)
-            _out(f"  {f'{edges[i]:g}-{edges[i + 1]:g}':<10}{row}")
-    for note in result.get("notes", []):
-        _out(f"  note: {note}")
-    for site in result["sites"]:
-        if site["status"] == "ok":
-            _out(
-                f"  - {site['name']:<12} used ~{max(0.0, site['records']):.0f} records, "
-                f"spent epsilon {site['epsilon']:.2f}"
-            )
-        else:
-            reason = str(site["reason"]).removeprefix(f"refused by {site['name']}: ")
-            _out(f"  - {site['name']:<12} {site['status'].upper()}: {reason}")
+    _out(textwrap.indent(str(result), "  "))
+    for site in result.sites:
+        if site.status == "ok":
+            records = show_count(max(0.0, site.records or 0.0), noisy=site.mode == "dp")
+            _out(f"  - {site.name:<12} used {records} records, spent epsilon {site.epsilon:.2f}")
 
 
 def _ledger(db_path: Path) -> tuple[float, int, bool]:
-    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    """Epsilon spent, refusals and whether the audit chain holds, read through the site's own
+    store class, read-only."""
+    store = SiteStore(db_path, "demo", read_only=True)
     try:
-        (spent,) = db.execute("SELECT COALESCE(SUM(epsilon), 0) FROM ledger").fetchone()
-        (refused,) = db.execute("SELECT COUNT(*) FROM audit WHERE action = 'refused'").fetchone()
-        rows = db.execute(
-            "SELECT seq, time, actor, action, detail, prev_hash, hash FROM audit ORDER BY seq"
-        ).fetchall()
+        spent = sum(row.epsilon for row in store.ledger())
+        entries = store.audit_entries()
+        refused = sum(1 for entry in entries if entry.action == "refused")
+        return spent, refused, verify_chain(entries).ok
     finally:
-        db.close()
-    return float(spent), int(refused), verify_chain(AuditEntry(*r) for r in rows).ok
+        store.close()
 
 
 def run_demo(keep: Path | None = None) -> None:
@@ -142,7 +124,7 @@ def run_demo(keep: Path | None = None) -> None:
                 request = AnalysisRequest.model_validate(raw)
                 body = client.submit(study.id, request.model_dump(mode="json", exclude_none=True))
                 if body["status"] == "done":
-                    _render(title, body["result"])
+                    _render(title, result_from_json(body["result"]))
                 else:
                     _out(f"\n== {title} ==\n  FAILED: {body['error']}")
         federation.stop()
@@ -181,15 +163,11 @@ def run_demo(keep: Path | None = None) -> None:
 
 
 def _coordinator_audit(path: Path) -> bool:
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    store = Store.open_read_only(path)
     try:
-        rows = db.execute(
-            "SELECT seq, time, actor, action, detail, prev_hash, hash FROM "
-            "alliance_audit ORDER BY seq"
-        ).fetchall()
+        return store.verify_audit().ok
     finally:
-        db.close()
-    return verify_chain(AuditEntry(*r) for r in rows).ok
+        store.close()
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from analyses.results import ResultView
+from coordinator.client import result_from_json
 from protocol.config import AnalysisRequest, DataDictionary, DataSource, StudyConfig
 from simulations.federation import LocalFederation, SiteSpec
 
@@ -61,7 +61,7 @@ def simulate_requests(
                     else:
                         print(f"{req.analysis}: FAILED: {body.get('error')}", flush=True)
                     continue
-                print(json.dumps(result) if as_json else str(ResultView(result)), flush=True)
+                print(json.dumps(result) if as_json else str(result_from_json(result)), flush=True)
     finally:
         federation.stop()
         if keep:

@@ -24,6 +24,7 @@ from typing import Any
 from protocol.audit import AuditEntry, VerifyReport, verify_chain
 from protocol.budget import PureDP, check_budget, format_epsilon, over_request_cap
 from protocol.errors import RefusedError
+from protocol.storage import connect_read_only
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
@@ -58,19 +59,6 @@ def now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
 
 
-def _connect_read_only(path: Path) -> sqlite3.Connection:
-    """Open ``path`` read-only (``mode=ro``), creating no file next to it.
-
-    A WAL database opened with ``mode=ro`` alone gets new ``-wal`` and ``-shm`` files when none
-    exist. No ``-wal`` file means no site process has the file open (a clean close checkpoints
-    and removes it), so the file is complete and is opened ``immutable``, which creates nothing.
-    """
-    uri = path.resolve().as_uri() + "?mode=ro"
-    if not path.with_name(path.name + "-wal").exists():
-        uri += "&immutable=1"
-    return sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
-
-
 @dataclass(frozen=True)
 class LedgerRow:
     """One charge to the ledger."""
@@ -92,7 +80,7 @@ class SiteStore:
         self.actor = actor
         self._lock = threading.Lock()
         if read_only:  # `alliance site check` and `site ledger`: an existing file, untouched
-            self._db = _connect_read_only(path)
+            self._db = connect_read_only(path)
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)

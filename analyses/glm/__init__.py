@@ -158,6 +158,8 @@ def _design_bytes(design: Design) -> int:
 class GLM(Analysis[GLMParams]):
     """Generalised linear model (gaussian, binomial, poisson; canonical links) by IRLS."""
 
+    result_type = GLMResult
+
     params_model = GLMParams
     state_model = GLMState
 

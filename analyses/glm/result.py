@@ -48,7 +48,9 @@ class GLMResult(AnalysisResult):
         out: dict[str, Any] = {
             "family": self.family,
             "formula": self.formula,
+            "response": self.response,
             "terms": list(self.terms),
+            "cov_params": self.cov_params,
             "coefficients": self.coefficients,
             "deviance": self.deviance,
             "scale": self.scale,

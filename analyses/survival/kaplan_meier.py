@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,10 @@ class KaplanMeierParams(CountingParams):
     ci_level: float = Field(default=0.95, gt=0, lt=1)
 
 
+#: The per-time arrays of a curve, as the JSON contract holds them.
+_CURVE_KEYS = ("times", "survival", "at_risk", "events", "ci_lower", "ci_upper", "noise_sd")
+
+
 @dataclass
 class KaplanMeierResult(AnalysisResult):
     """Pooled product-limit estimates (per level of ``group`` when grouped)."""
@@ -38,16 +43,25 @@ class KaplanMeierResult(AnalysisResult):
         return {level: curve[key] for level, curve in self.curves.items()}
 
     def values(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            key: self._key(key)
-            for key in ("times", "survival", "at_risk", "events", "ci_lower", "ci_upper")
-        }
+        out: dict[str, Any] = {key: self._key(key) for key in _CURVE_KEYS if key != "noise_sd"}
         if any("noise_sd" in c for c in self.curves.values()):
             out["noise_sd"] = self._key("noise_sd")
         out["median"] = self.medians()["all"] if self.group is None else self.medians()
         out["ci_level"] = self.ci_level
+        out["time"] = self.time
         if self.group:
             out["group"] = self.group
+        return out
+
+    @classmethod
+    def fields_from(cls, data: Mapping[str, Any]) -> dict[str, Any]:
+        out = super().fields_from(data)
+        keys = [k for k in _CURVE_KEYS if k in data]
+        if data.get("group"):
+            levels = list(data["times"])
+            out["curves"] = {lv: {k: list(data[k][lv]) for k in keys} for lv in levels}
+        else:
+            out["curves"] = {"all": {k: list(data[k]) for k in keys}}
         return out
 
     def medians(self) -> dict[str, float | None]:
@@ -177,6 +191,8 @@ def km_noise_factor(deaths: FloatArray, at_risk: FloatArray) -> FloatArray:
 @analysis("kaplan_meier")
 class KaplanMeier(Counting[KaplanMeierParams]):
     """Pooled Kaplan-Meier curves with Greenwood log(-log) bands, optionally by group."""
+
+    result_type = KaplanMeierResult
 
     params_model = KaplanMeierParams
 

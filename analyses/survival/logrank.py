@@ -100,6 +100,8 @@ def logrank_noise_cov(deaths: FloatArray, at_risk: FloatArray, cell_var: float) 
 class Logrank(Counting[LogrankParams]):
     """Log-rank test (lifelines' multivariate form) over the levels of ``group``."""
 
+    result_type = LogrankResult
+
     params_model = LogrankParams
 
     def _finish(

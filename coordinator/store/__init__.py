@@ -12,14 +12,17 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import NullPool
 
 from coordinator.store import models
 from protocol.audit import AuditEntry, VerifyReport, verify_chain
 from protocol.errors import ConfigError
+from protocol.storage import connect_read_only
 
 
 def now() -> str:
@@ -45,12 +48,28 @@ class Store:
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self.actor = actor
+        self.read_only = False
         self._lock = threading.Lock()
         try:
             models.metadata.create_all(self.engine)
         except SQLAlchemyError as exc:
             first = str(exc).splitlines()[0]
             raise ConfigError(f"store: cannot open {self.engine.url!r}: {first}") from None
+
+    @classmethod
+    def open_read_only(cls, path: Path, actor: str = "coordinator") -> Store:
+        """A coordinator's SQLite file opened read-only: nothing created, nothing written
+        (``alliance audit verify`` and the demo's report read it this way)."""
+        if not path.is_file():
+            raise ConfigError(f"store: {path} does not exist")
+        store = cls.__new__(cls)
+        store.engine = create_engine(
+            "sqlite://", creator=lambda: connect_read_only(path), poolclass=NullPool
+        )
+        store.actor = actor
+        store.read_only = True
+        store._lock = threading.Lock()
+        return store
 
     @property
     def dialect(self) -> str:

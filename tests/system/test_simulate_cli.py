@@ -106,7 +106,7 @@ def test_off_mode_prints_exact_text(
     )
     assert result.exit_code == 0, result.output
     pooled = pd.concat([heart_frames["cleveland"], heart_frames["hungarian"]]).age
-    assert result.stdout.startswith(f"<mean result 2 sites, n={len(pooled)}, off>")
+    assert result.stdout.startswith(f"<MeanResult 2 sites, n={len(pooled)}, off>")
     assert f"{pooled.mean():.5f}" in result.stdout  # the exact pooled mean, in the table
 
 

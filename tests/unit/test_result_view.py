@@ -1,4 +1,4 @@
-"""Results received over the API read like the in-process result objects."""
+"""Results received over the API are the analysis's own result objects, rebuilt from JSON."""
 
 from __future__ import annotations
 
@@ -6,11 +6,19 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import json
+
 import pandas as pd
 import pytest
 
-from analyses.results import ResultView
 from analyses.testing import federate
+from coordinator.client import result_from_json
+
+
+def received(local):
+    """What the researcher's client returns for ``local`` after the HTTP API's JSON."""
+    return result_from_json(json.loads(json.dumps(local.to_dict())))
+
 
 CASES = [
     ("count", {}),
@@ -28,19 +36,21 @@ CASES = [
 @pytest.mark.parametrize(("name", "params"), CASES, ids=[c[0] for c in CASES])
 def test_a_received_result_has_summary_print_and_plot(name, params, heart_frames, heart_dict):
     local = federate(name, heart_frames, params, heart_dict)
-    view = ResultView(local.to_dict())
+    view = received(local)
+    assert type(view) is type(local)
     assert view.to_dict() == local.to_dict()
     assert view["analysis"] == name
     summary = view.summary
     assert isinstance(summary, pd.DataFrame) and not summary.empty
-    assert str(view).startswith(f"<{name} result 4 sites, n=")
+    assert str(view) == str(local)
+    assert str(view).startswith(f"<{type(local).__name__} ")
     assert view.plot() is not None
 
 
 def test_glm_view_matches_the_object(heart_frames, heart_dict):
     params = {"formula": "disease ~ age + sex", "family": "binomial"}
     local = federate("glm", heart_frames, params, heart_dict)
-    view = ResultView(local.to_dict())
+    view = received(local)
     assert view.coef("age") == local.coef("age")
     assert set(view.summary.index) == {"Intercept", "sex[T.1]", "age"}
     assert (
@@ -72,7 +82,7 @@ def test_kaplan_meier_view_is_a_curve(tmp_path):
         for i in range(2)
     }
     local = federate("kaplan_meier", frames, {"time": "time", "event": "event"}, dictionary)
-    view = ResultView(local.to_dict())
+    view = received(local)
     assert list(view.summary["survival"]) == local.to_dict()["survival"]
     assert view.plot() is not None
 
@@ -91,7 +101,7 @@ def test_kaplan_meier_view_is_a_curve(tmp_path):
 )
 def test_counts_print_as_whole_numbers(name, params, counts, heart_frames, heart_dict):
     local = federate(name, heart_frames, params, heart_dict)
-    for printed in (str(local), str(ResultView(local.to_dict()))):
+    for printed in (str(local), str(received(local))):
         header = printed.splitlines()[0]
         assert f"n={local.n:.0f}," in header, header
         for count in counts:
@@ -100,18 +110,19 @@ def test_counts_print_as_whole_numbers(name, params, counts, heart_frames, heart
 
 
 def test_a_noisy_count_prints_as_an_approximate_whole_number():
-    view = ResultView(
+    view = result_from_json(
         {
             "analysis": "count",
             "n": 598.73,
             "count": 598.73,
+            "per_site": {"a": 598.73},
             "sites": [{"name": "a", "status": "ok", "records": 300.2}],
             "privacy": {"mode": "dp"},
             "notes": [],
         }
     )
     printed = str(view)
-    assert printed.splitlines()[0] == "<count result 1 sites, n=~599, dp>"
+    assert printed.splitlines()[0] == "<CountResult 1 sites, n=~599, dp>"
     assert "598.73" not in printed and " 599" in printed
     assert view.summary["count"].iloc[0] == 598.73  # the data keeps what was released
 

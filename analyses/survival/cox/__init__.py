@@ -23,6 +23,8 @@ from protocol.records import AggregateRecord
 class Cox(CoxSite):
     """Exact federated Cox regression by Newton-Raphson over pooled risk-set sums."""
 
+    result_type = CoxResult
+
     def combine(
         self, records: Mapping[str, AggregateRecord], params: CoxParams, ctx: AnalysisContext
     ) -> Any:

@@ -41,6 +41,8 @@ class CoxResult(AnalysisResult):
 
     def values(self) -> dict[str, Any]:
         return {
+            "time": self.time,
+            "event": self.event,
             "coefficients": self.coefficients,
             "log_likelihood": self.log_likelihood,
             "iterations": self.iterations,
