@@ -36,6 +36,7 @@ from coordinator.auth import Principal, TokenBook
 from coordinator.link import SiteRegistry
 from coordinator.scheduler import RequestFailed, Scheduler
 from coordinator.store import Store
+from coordinator.studies import StudyBook
 from protocol.config import AnalysisRequest, StudyConfig, parse_model
 from protocol.errors import AllianceError, ConfigError, ValidationError
 from protocol.version import VERSION
@@ -181,12 +182,13 @@ def create_app(
     scheduler: Scheduler,
     tokens: TokenBook,
     max_request_bytes: int = 1 << 20,
+    studies: StudyBook | None = None,
 ) -> FastAPI:
-    """The FastAPI application over a store, a site registry and a scheduler."""
+    """The FastAPI application over a store, a site registry, a scheduler and the studies."""
     app = FastAPI(title="Alliance coordinator", version=VERSION)
     app.add_middleware(BodyLimit, limit=max_request_bytes)
     running: dict[str, asyncio.Task[dict[str, Any]]] = {}
-    open_studies: dict[str, StudyConfig] = {}
+    book = studies or StudyBook(store, scheduler.dictionary)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -258,20 +260,8 @@ def create_app(
         hidden = "" if who.role == "lead" else " or is not shared with you"
         return APIError(404, f"{kind} {ident!r} does not exist{hidden}")
 
-    def load_study(study_id: str) -> tuple[StudyConfig, str] | None:
-        # Studies change only through this API (create, close), so a parsed copy is kept.
-        if study_id in open_studies:
-            return open_studies[study_id], "open"
-        found = store.study(study_id)
-        if found is None:
-            return None
-        study = StudyConfig.model_validate(found["config"])
-        if found["status"] == "open":
-            open_studies[study_id] = study
-        return study, found["status"]
-
     def visible_study(study_id: str, who: Principal) -> tuple[StudyConfig, str]:
-        loaded = load_study(study_id)
+        loaded = book.get(study_id)
         if loaded is None or not who.can_read(loaded[0]):
             raise not_found("study", study_id, who)
         return loaded
@@ -310,20 +300,11 @@ def create_app(
         request: Request, who: Principal = Depends(require("lead"))
     ) -> dict[str, Any]:
         study = parse_model(StudyConfig, await body_json(request), "study")
-        await asyncio.to_thread(store.create_study, study.model_dump(mode="json"), who.user)
+        await asyncio.to_thread(book.create, study, who.user)
         return {"ok": True, "study": study.model_dump(mode="json")}
 
     def readable_studies(who: Principal) -> list[dict[str, Any]]:
-        # Runs in a worker thread: reads the store directly and leaves the cache alone.
-        rows = store.studies()
-        if who.role == "lead":
-            return rows
-        shown = []
-        for row in rows:
-            found = store.study(row["id"])
-            if found is not None and who.can_read(StudyConfig.model_validate(found["config"])):
-                shown.append(row)
-        return shown
+        return [row for row, study in book.all() if who.can_read(study)]
 
     @app.get("/api/studies")
     async def list_studies(who: Principal = Depends(principal)) -> dict[str, Any]:
@@ -345,8 +326,7 @@ def create_app(
         study_id: str, who: Principal = Depends(require("lead"))
     ) -> dict[str, Any]:
         visible_study(study_id, who)
-        await asyncio.to_thread(store.close_study, study_id, who.user)
-        open_studies.pop(study_id, None)
+        await asyncio.to_thread(book.close, study_id, who.user)
         return {"ok": True, "study": study_id, "status": "closed"}
 
     @app.post("/api/studies/{study_id}/requests")
@@ -364,7 +344,7 @@ def create_app(
         body = parse_model(AnalysisRequest, await body_json(request), "request")
         # Bad requests fail here, before any task leaves. Validation may build a model's design
         # for a while: in a worker thread, so the site link and other requests go on meanwhile.
-        params = await asyncio.to_thread(scheduler.validate, study, body)
+        params = await asyncio.to_thread(book.check_request, study, body)
         request_id = uuid.uuid4().hex[:16]
         body_json_out = body.model_dump(mode="json")
         # Store calls run inline: each is a sub-millisecond transaction, and a thread hop per
@@ -410,7 +390,7 @@ def create_app(
     @app.get("/api/requests/{request_id}")
     async def show_request(request_id: str, who: Principal = Depends(principal)) -> dict[str, Any]:
         found = await asyncio.to_thread(store.request, request_id)
-        loaded = load_study(found["study_id"]) if found is not None else None
+        loaded = book.get(found["study_id"]) if found is not None else None
         if found is None or loaded is None or not who.can_read(loaded[0]):
             raise not_found("request", request_id, who)
         return {"ok": True, **who.request_view(found)}

@@ -24,12 +24,11 @@ from analyses.driver import (
     SiteFailure,
     SiteReply,
 )
-from analyses.model_size import COLUMN_COUNT_CAP, model_columns
 from coordinator.link import SiteRegistry, SiteUnavailable
-from protocol.budget import PureDP, over_request_cap
+from coordinator.studies import check_request
+from protocol.budget import PureDP
 from protocol.config import AnalysisRequest, DataDictionary, StudyConfig
-from protocol.errors import RecordError, ValidationError
-from protocol.filters import parse_filter
+from protocol.errors import RecordError
 from protocol.wire import alliance_pb2 as pb
 from protocol.wire.messages import RefusalMessage, ReplyMessage, TaskMessage
 
@@ -46,46 +45,6 @@ class Scheduler:
         self.dictionary = dictionary
         self.task_timeout = task_timeout
 
-    def validate(self, study: StudyConfig, request: AnalysisRequest) -> Any:
-        """Check a request before any task leaves; return its parsed parameters.
-
-        It can take a while (a model's design is built from the dictionary), so the HTTP API
-        runs it in a worker thread. The cheap refusals come first: an analysis outside the
-        study, an epsilon above the study's cap, a model wider than ``max_model_columns``
-        (counted from the formula, before formulaic expands it).
-        """
-        if study.analyses and request.analysis not in study.analyses:
-            raise ValidationError(
-                f"analysis {request.analysis!r} is not part of study {study.id!r}; the study "
-                f"allows: {', '.join(study.analyses)}"
-            )
-        cap = study.privacy.epsilon_per_request
-        if request.epsilon is not None and request.epsilon > cap:
-            # Sites refuse it too, in the same words; refusing here sends no task at all.
-            raise ValidationError(over_request_cap(study.id, PureDP(request.epsilon), PureDP(cap)))
-        analysis = get_analysis(request.analysis)
-        size = model_columns(request.analysis, request.params, self.dictionary)
-        if size is not None and size[0] > study.max_model_columns:
-            count, what = size
-            shown = f"more than {COLUMN_COUNT_CAP:,}" if count > COLUMN_COUNT_CAP else f"{count:,}"
-            raise ValidationError(
-                f"{what} {shown} model columns; study {study.id} allows at most "
-                f"{study.max_model_columns} (max_model_columns). Use fewer interactions or "
-                "categorical levels, or ask the alliance lead to raise the study's limit"
-            )
-        params = analysis.parse_params(request.params, self.dictionary)
-        variables = set(analysis.variables(params))
-        if request.filter:
-            variables |= parse_filter(request.filter, set(self.dictionary.variables)).variables
-        if study.variables:
-            outside = sorted(variables - set(study.variables))
-            if outside:
-                raise ValidationError(
-                    f"variables {', '.join(outside)} are outside study {study.id!r}'s scope; "
-                    f"in scope: {', '.join(study.variables)}"
-                )
-        return params
-
     async def run(
         self,
         study: StudyConfig,
@@ -96,8 +55,8 @@ class Scheduler:
     ) -> AnalysisResult:
         """Run ``request`` in ``study`` and return its result object.
 
-        ``params`` are the parameters :meth:`validate` returned, when the caller validated
-        the request already (the HTTP API does, before it stores the request).
+        ``params`` are the parameters ``coordinator.studies.check_request`` returned, when the
+        caller checked the request already (the HTTP API does, before it stores the request).
 
         Raises:
             ValidationError: the request is invalid (nothing was sent to any site).
@@ -107,7 +66,7 @@ class Scheduler:
         request_id = request_id or uuid.uuid4().hex[:16]
         analysis = get_analysis(request.analysis)
         if params is None:
-            params = self.validate(study, request)
+            params = check_request(study, request, self.dictionary)
         mode = study.privacy.mode
         epsilon = PureDP(request.epsilon or study.privacy.epsilon_per_request)
         names = study.sites or self.registry.connected()

@@ -24,6 +24,7 @@ from coordinator.auth import TokenBook
 from coordinator.link import SiteRegistry
 from coordinator.scheduler import Scheduler
 from coordinator.store import Store
+from coordinator.studies import StudyBook
 from protocol.config import AnalysisRequest, APIToken, StudyConfig
 from simulations.heart import heart_dictionary
 from tests.api_shape import assert_api_error
@@ -33,14 +34,14 @@ AUTH = {"Authorization": f"Bearer {LEAD}"}
 MiB = 1 << 20
 
 
-class ProbedScheduler(Scheduler):
-    """The real scheduler; ``delay`` makes its validation slow, ``crash`` makes it a bug."""
+class ProbedStudies(StudyBook):
+    """The real study book; ``delay`` makes its request check slow, ``crash`` makes it a bug."""
 
     delay = 0.0
     crash = False
 
-    def validate(self, study: StudyConfig, request: AnalysisRequest) -> Any:
-        params = super().validate(study, request)
+    def check_request(self, study: StudyConfig, request: AnalysisRequest) -> Any:
+        params = super().check_request(study, request)
         if self.crash:
             raise RuntimeError("a bug nobody expected")
         time.sleep(self.delay)  # blocking on purpose: a slow validation holds its thread
@@ -52,7 +53,7 @@ class Served:
     url: str
     host: str
     port: int
-    scheduler: ProbedScheduler
+    studies: ProbedStudies
 
 
 @pytest.fixture
@@ -60,9 +61,10 @@ def served(tmp_path: Path) -> Iterator[Served]:
     dictionary = heart_dictionary()
     store = Store(f"sqlite:///{tmp_path / 'coordinator.db'}")
     registry = SiteRegistry(store, dictionary.digest())
-    scheduler = ProbedScheduler(registry, dictionary, task_timeout=2.0)
+    scheduler = Scheduler(registry, dictionary, task_timeout=2.0)
+    studies = ProbedStudies(store, dictionary)
     tokens = TokenBook([APIToken(token=LEAD, user="lead", role="lead")])
-    app = create_app(store, registry, scheduler, tokens)
+    app = create_app(store, registry, scheduler, tokens, studies=studies)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -77,7 +79,7 @@ def served(tmp_path: Path) -> Iterator[Served]:
     study = {"id": "s1", "title": "limits", "privacy": {"mode": "off"}}
     assert httpx.post(f"{url}/api/studies", headers=AUTH, json=study).status_code == 200
     try:
-        yield Served(url, "127.0.0.1", port, scheduler)
+        yield Served(url, "127.0.0.1", port, studies)
     finally:
         server.should_exit = True
         thread.join(timeout=10)
@@ -204,7 +206,7 @@ def test_deep_nesting_is_refused_in_the_one_shape(served: Served) -> None:
 
 
 def test_an_unexpected_bug_is_a_500_in_the_one_shape(served: Served) -> None:
-    served.scheduler.crash = True
+    served.studies.crash = True
     response = submit(served, b'{"analysis": "count"}')
     assert_api_error(response, 500, "internal error")
     assert "probably a bug" in response.json()["error"]
@@ -262,7 +264,7 @@ def test_a_study_sets_its_own_column_limit_for_cox_too(served: Served) -> None:
 
 
 def test_a_slow_validation_does_not_stall_the_event_loop(served: Served) -> None:
-    served.scheduler.delay = 3.0
+    served.studies.delay = 3.0
     slow = threading.Thread(target=submit, args=(served, b'{"analysis": "count"}'))
     slow.start()
     try:

@@ -13,6 +13,7 @@ import statsmodels.formula.api as smf
 from analyses import AnalysisContext, get_analysis
 from coordinator.link import SiteUnavailable
 from coordinator.scheduler import RequestFailed, Scheduler
+from coordinator.studies import check_request
 from protocol.config import AnalysisRequest, DataDictionary, StudyConfig
 from protocol.records import AggregateRecord
 from protocol.wire import alliance_pb2 as pb
@@ -113,4 +114,4 @@ def test_a_request_over_the_epsilon_cap_is_refused_before_any_task_leaves(
     assert str(refused.value) == over_request_cap("s1", PureDP(epsilon), PureDP(0.5))
     assert sites.tasks == []
     lower = AnalysisRequest.model_validate({"analysis": "count", "epsilon": 0.5})
-    assert scheduler.validate(study, lower) is not None
+    assert check_request(study, lower, heart_dict) is not None

@@ -1,0 +1,116 @@
+"""Studies at the coordinator: their lifecycle, and the scope every request must keep.
+
+A study is created open by the alliance lead and closed by the lead (a closed study takes no
+more requests). Every request is checked against its study before any task leaves: the analysis
+is one the study allows, its epsilon is within the study's epsilon per request (the sites refuse
+more in the same words), its model is no wider than the study's ``max_model_columns`` (counted
+from the formula, before any design is built), and every variable it reads, its filter's
+included, is in the study's scope. Who may read or run a study is ``coordinator.auth``'s.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from analyses import get_analysis
+from analyses.model_size import COLUMN_COUNT_CAP, model_columns
+from coordinator.store import Store
+from protocol.budget import PureDP, over_request_cap
+from protocol.config import AnalysisRequest, DataDictionary, StudyConfig
+from protocol.errors import ValidationError
+from protocol.filters import parse_filter
+
+#: A study's states: it takes requests only while open.
+OPEN, CLOSED = "open", "closed"
+
+
+def check_request(study: StudyConfig, request: AnalysisRequest, dictionary: DataDictionary) -> Any:
+    """Check a request against its study before any task leaves; return its parsed parameters.
+
+    The cheap refusals come first (an analysis outside the study, an epsilon above its cap, a
+    model too wide); parsing the parameters may build a model spec, so the HTTP API runs this
+    in a worker thread.
+
+    Raises:
+        ValidationError: what is wrong, the bad value and what the study allows.
+    """
+    if study.analyses and request.analysis not in study.analyses:
+        raise ValidationError(
+            f"analysis {request.analysis!r} is not part of study {study.id!r}; the study "
+            f"allows: {', '.join(study.analyses)}"
+        )
+    cap = study.privacy.epsilon_per_request
+    if request.epsilon is not None and request.epsilon > cap:
+        # Sites refuse it too, in the same words; refusing here sends no task at all.
+        raise ValidationError(over_request_cap(study.id, PureDP(request.epsilon), PureDP(cap)))
+    analysis = get_analysis(request.analysis)
+    size = model_columns(request.analysis, request.params, dictionary)
+    if size is not None and size[0] > study.max_model_columns:
+        count, what = size
+        shown = f"more than {COLUMN_COUNT_CAP:,}" if count > COLUMN_COUNT_CAP else f"{count:,}"
+        raise ValidationError(
+            f"{what} {shown} model columns; study {study.id} allows at most "
+            f"{study.max_model_columns} (max_model_columns). Use fewer interactions or "
+            "categorical levels, or ask the alliance lead to raise the study's limit"
+        )
+    params = analysis.parse_params(request.params, dictionary)
+    variables = set(analysis.variables(params))
+    if request.filter:
+        variables |= parse_filter(request.filter, set(dictionary.variables)).variables
+    if study.variables:
+        outside = sorted(variables - set(study.variables))
+        if outside:
+            raise ValidationError(
+                f"variables {', '.join(outside)} are outside study {study.id!r}'s scope; "
+                f"in scope: {', '.join(study.variables)}"
+            )
+    return params
+
+
+class StudyBook:
+    """The coordinator's studies over its store, with the open ones kept parsed in memory
+    (studies change only through this book, so the copy cannot go stale)."""
+
+    def __init__(self, store: Store, dictionary: DataDictionary) -> None:
+        self.store = store
+        self.dictionary = dictionary
+        self._open: dict[str, StudyConfig] = {}
+        self._lock = threading.Lock()
+
+    def get(self, study_id: str) -> tuple[StudyConfig, str] | None:
+        """A study and its state, or None when there is no such study."""
+        with self._lock:
+            if study_id in self._open:
+                return self._open[study_id], OPEN
+        found = self.store.study(study_id)
+        if found is None:
+            return None
+        study = StudyConfig.model_validate(found["config"])
+        if found["status"] == OPEN:
+            with self._lock:
+                self._open[study_id] = study
+        return study, str(found["status"])
+
+    def create(self, study: StudyConfig, actor: str) -> None:
+        """Store a new, open study (its id must be new)."""
+        self.store.create_study(study.model_dump(mode="json"), actor)
+
+    def close(self, study_id: str, actor: str) -> None:
+        """Close a study: it takes no more requests."""
+        self.store.close_study(study_id, actor)
+        with self._lock:
+            self._open.pop(study_id, None)
+
+    def all(self) -> list[tuple[dict[str, Any], StudyConfig]]:
+        """Every study's listing row with its parsed config, oldest first."""
+        out = []
+        for row in self.store.studies():
+            found = self.store.study(row["id"])
+            if found is not None:
+                out.append((row, StudyConfig.model_validate(found["config"])))
+        return out
+
+    def check_request(self, study: StudyConfig, request: AnalysisRequest) -> Any:
+        """:func:`check_request` against this coordinator's dictionary."""
+        return check_request(study, request, self.dictionary)
