@@ -338,20 +338,9 @@ class Quantiles(Analysis[QuantilesParams]):
     def _combine_search(
         self, records: Mapping[str, AggregateRecord], params: QuantilesParams, ctx: AnalysisContext
     ) -> QuantilesResult | NextRound:
-        state, memo = ctx.state, ctx.memo
+        state = ctx.state
         n = round(sum(float(r["n"]) for r in records.values()))
-        if memo.get("n") is None:
-            if n == 0:
-                raise ModelError(f"no site has a value of {params.variable}; no quantiles")
-            wanted = sorted({r for p in params.probs for r in order_ranks(n, p)[:2]})
-            targets = [new_target(r, n, levels_per_query(params.candidates)) for r in wanted]
-        else:
-            if n != memo["n"]:
-                raise ModelError(
-                    f"{params.variable} had {memo['n']} values at the start of the search and "
-                    f"{n} in round {ctx.round}: a site left or its data changed; run it again"
-                )
-            targets = [dict(t) for t in memo["targets"]]
+        targets = self._targets(n, params, ctx)
         for b, (lo, hi, level, points) in enumerate(checked_brackets(state, params.candidates)):
             group = [t for t in targets if t["status"] == "open" and (t["lo"], t["hi"]) == (lo, hi)]
             if group:
@@ -375,6 +364,22 @@ class Quantiles(Analysis[QuantilesParams]):
             if target["status"] == "open":
                 target["status"] = "limited"
         return self._search_result(n, targets, params, grid, ctx, notes)
+
+    @staticmethod
+    def _targets(n: int, params: QuantilesParams, ctx: AnalysisContext) -> list[dict[str, Any]]:
+        """The order statistics sought: new ones in round 0, else the memo's, checked against
+        this round's pooled count (a site that left or changed its data breaks the search)."""
+        if ctx.memo.get("n") is None:
+            if n == 0:
+                raise ModelError(f"no site has a value of {params.variable}; no quantiles")
+            wanted = sorted({r for p in params.probs for r in order_ranks(n, p)[:2]})
+            return [new_target(r, n, levels_per_query(params.candidates)) for r in wanted]
+        if n != ctx.memo["n"]:
+            raise ModelError(
+                f"{params.variable} had {ctx.memo['n']} values at the start of the search and "
+                f"{n} in round {ctx.round}: a site left or its data changed; run it again"
+            )
+        return [dict(t) for t in ctx.memo["targets"]]
 
     @staticmethod
     def _advance(

@@ -24,9 +24,10 @@ import logging
 import math
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -59,7 +60,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-class APIError(Exception):
+class APIError(AllianceError):
     """An error with an HTTP status, rendered in the one error shape."""
 
     def __init__(self, status: int, error: str, errors: list[str] | None = None) -> None:
@@ -176,6 +177,297 @@ def parse_body(raw: bytes) -> Any:
     return data
 
 
+@dataclass
+class Services:
+    """What the endpoints work with (kept on ``app.state.services``)."""
+
+    store: Store
+    registry: SiteRegistry
+    scheduler: Scheduler
+    tokens: TokenBook
+    studies: StudyBook
+    running: dict[str, asyncio.Task[dict[str, Any]]] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- error shape
+
+
+async def _api_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    # After a 413 the rest of the body is not wanted: close rather than drain it.
+    headers = {"Connection": "close"} if exc.status == 413 else None
+    return JSONResponse(
+        error_body(exc.status, exc.error, exc.errors), status_code=exc.status, headers=headers
+    )
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code)
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+    return JSONResponse(
+        error_body(422, errors[0] if errors else "invalid request", errors), status_code=422
+    )
+
+
+async def _alliance_error(_: Request, exc: Exception) -> JSONResponse:
+    status = 400 if isinstance(exc, (ValidationError, ConfigError)) else 500
+    lines = str(exc).splitlines() or [type(exc).__name__]
+    return JSONResponse(error_body(status, lines[0], lines), status_code=status)
+
+
+async def _bug(request: Request, exc: Exception) -> JSONResponse:
+    log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+    message = (
+        f"internal error: {type(exc).__name__}: {exc}; this is probably a bug, please "
+        "report it with the coordinator's log"
+    )
+    return JSONResponse(error_body(500, message), status_code=500)
+
+
+# ----------------------------------------------------------------------------- dependencies
+# async: FastAPI runs a plain function dependency in a worker thread on every request.
+
+
+async def services(request: Request) -> Services:
+    """The endpoints' services."""
+    found: Services = request.app.state.services
+    return found
+
+
+async def optional_principal(
+    request: Request, its: Services = Depends(services)
+) -> Principal | None:
+    """The caller, or None when no token was sent (an empty one counts as none)."""
+    scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+    if not scheme:
+        return None
+    if scheme.lower() != "bearer":
+        raise APIError(401, "the Authorization header must be 'Bearer <token>'")
+    if not token.strip():
+        return None
+    who = its.tokens.identify(token.strip())
+    if who is None:
+        raise APIError(401, "unknown API token")
+    return who
+
+
+async def principal(who: Principal | None = Depends(optional_principal)) -> Principal:
+    """The caller, who must have sent a token."""
+    if who is None:
+        raise APIError(401, "missing API token; send 'Authorization: Bearer <token>'")
+    return who
+
+
+def require(*roles: str) -> Callable[[Principal], Awaitable[Principal]]:
+    """A dependency admitting only ``roles``."""
+
+    async def check(who: Principal = Depends(principal)) -> Principal:
+        if who.role not in roles:
+            raise APIError(403, f"role {who.role!r} cannot do this; it needs: {', '.join(roles)}")
+        return who
+
+    return check
+
+
+def not_found(kind: str, ident: str, who: Principal) -> APIError:
+    """The same words whether it is missing or hidden from this caller: no existence oracle."""
+    hidden = "" if who.role == "lead" else " or is not shared with you"
+    return APIError(404, f"{kind} {ident!r} does not exist{hidden}")
+
+
+def visible_study(its: Services, study_id: str, who: Principal) -> tuple[StudyConfig, str]:
+    """A study the caller may read, or the 404 a missing one gets."""
+    loaded = its.studies.get(study_id)
+    if loaded is None or not who.can_read(loaded[0]):
+        raise not_found("study", study_id, who)
+    return loaded
+
+
+async def body_json(request: Request) -> Any:
+    """The request body, parsed and checked (:func:`parse_body`)."""
+    return parse_body(await request.body())
+
+
+# ----------------------------------------------------------------------------- endpoints
+
+router = APIRouter(prefix="/api")
+
+
+@router.get("/health")
+async def health(
+    who: Principal | None = Depends(optional_principal), its: Services = Depends(services)
+) -> dict[str, Any]:
+    if who is None:
+        return {"ok": True}  # liveness only: which sites are connected needs a token
+    connected = its.registry.connected()
+    if who.role == "site_admin":
+        connected = [name for name in connected if name == who.site]
+    return {"ok": True, "sites": connected}
+
+
+@router.get("/analyses")
+async def analyses_list(_: Principal = Depends(principal)) -> dict[str, Any]:
+    return {"ok": True, "analyses": registered_analyses()}
+
+
+@router.get("/sites")
+async def sites(
+    who: Principal = Depends(principal), its: Services = Depends(services)
+) -> dict[str, Any]:
+    known = {s["name"]: s for s in await asyncio.to_thread(its.store.sites)}
+    for name in its.registry.connected():
+        known.setdefault(name, {"name": name})["status"] = "connected"
+    fields = SITE_FIELDS.get(who.role, ("name",))
+    shown = [
+        {key: site.get(key) for key in fields}
+        for name, site in known.items()
+        if who.role != "site_admin" or name == who.site
+    ]
+    return {"ok": True, "sites": shown}
+
+
+@router.post("/studies")
+async def create_study(
+    request: Request, who: Principal = Depends(require("lead")), its: Services = Depends(services)
+) -> dict[str, Any]:
+    study = parse_model(StudyConfig, await body_json(request), "study")
+    await asyncio.to_thread(its.studies.create, study, who.user)
+    return {"ok": True, "study": study.model_dump(mode="json")}
+
+
+@router.get("/studies")
+async def list_studies(
+    who: Principal = Depends(principal), its: Services = Depends(services)
+) -> dict[str, Any]:
+    listed = await asyncio.to_thread(its.studies.all)
+    return {"ok": True, "studies": [row for row, study in listed if who.can_read(study)]}
+
+
+@router.get("/studies/{study_id}")
+async def show_study(
+    study_id: str, who: Principal = Depends(principal), its: Services = Depends(services)
+) -> dict[str, Any]:
+    study, status = visible_study(its, study_id, who)
+    reqs = await asyncio.to_thread(its.store.study_requests, study_id)
+    return {
+        "ok": True,
+        "study": study.model_dump(mode="json"),
+        "status": status,
+        "requests": [who.request_view(r) for r in reqs],
+    }
+
+
+@router.post("/studies/{study_id}/close")
+async def close_study(
+    study_id: str, who: Principal = Depends(require("lead")), its: Services = Depends(services)
+) -> dict[str, Any]:
+    visible_study(its, study_id, who)
+    await asyncio.to_thread(its.studies.close, study_id, who.user)
+    return {"ok": True, "study": study_id, "status": "closed"}
+
+
+@router.post("/studies/{study_id}/requests")
+async def submit(
+    study_id: str,
+    request: Request,
+    wait: bool = True,
+    who: Principal = Depends(require("researcher", "lead")),
+    its: Services = Depends(services),
+) -> JSONResponse:
+    study, status = visible_study(its, study_id, who)
+    if not who.can_run(study):  # the roles allowed here run what they may read
+        raise not_found("study", study_id, who)
+    if status != "open":
+        raise APIError(409, f"study {study_id!r} is {status}; it takes no more requests")
+    body = parse_model(AnalysisRequest, await body_json(request), "request")
+    # Bad requests fail here, before any task leaves. The check may build a model spec for a
+    # while: in a worker thread, so the site link and other requests go on meanwhile.
+    params = await asyncio.to_thread(its.studies.check_request, study, body)
+    request_id = uuid.uuid4().hex[:16]
+    # Stored before it runs, so a client that does not wait finds it at once. Store calls run
+    # inline: each is a sub-millisecond transaction, and a thread hop would cost more.
+    its.store.create_request(request_id, study.id, who.user, body.model_dump(mode="json"))
+    job = asyncio.create_task(
+        _execute(its, study, body, params, who.user, request_id), name=request_id
+    )
+    its.running[request_id] = job
+    job.add_done_callback(lambda _: its.running.pop(request_id, None))
+    if not wait:
+        return JSONResponse(
+            {"ok": True, "request_id": request_id, "status": "running"}, status_code=202
+        )
+    # shield: a client that hangs up does not cancel a request the sites already run.
+    outcome = await asyncio.shield(job)
+    return JSONResponse({"ok": True, **outcome})
+
+
+async def _execute(
+    its: Services,
+    study: StudyConfig,
+    body: AnalysisRequest,
+    params: Any,
+    researcher: str,
+    request_id: str,
+) -> dict[str, Any]:
+    """Run one request and store it; never raises, so nothing hangs in "running"."""
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    try:
+        result = (await its.scheduler.run(study, body, researcher, request_id, params)).to_dict()
+    except RequestFailed as exc:
+        error = str(exc)
+        result = {"analysis": body.analysis, "sites": [vars(s) for s in exc.sites]}
+    except AllianceError as exc:
+        error = str(exc)
+    except Exception as exc:  # stored as a failure so nothing hangs in "running"
+        log.exception("request %s failed", request_id)
+        error = f"internal error: {type(exc).__name__}: {exc}; this is probably a bug"
+    its.store.finish_request(request_id, result, error)
+    return {
+        "request_id": request_id,
+        "study_id": study.id,
+        "researcher": researcher,
+        "analysis": body.analysis,
+        "request": body.model_dump(mode="json"),
+        "status": "done" if error is None else "failed",
+        "error": error,
+        "result": result,
+    }
+
+
+@router.get("/requests/{request_id}")
+async def show_request(
+    request_id: str, who: Principal = Depends(principal), its: Services = Depends(services)
+) -> dict[str, Any]:
+    found = await asyncio.to_thread(its.store.request, request_id)
+    loaded = its.studies.get(found["study_id"]) if found is not None else None
+    if found is None or loaded is None or not who.can_read(loaded[0]):
+        raise not_found("request", request_id, who)
+    return {"ok": True, **who.request_view(found)}
+
+
+@router.get("/audit/verify")
+async def audit_verify(
+    _: Principal = Depends(require("lead")), its: Services = Depends(services)
+) -> dict[str, Any]:
+    report = await asyncio.to_thread(its.store.verify_audit)
+    return {
+        "ok": True,
+        "intact": report.ok,
+        "entries": report.entries,
+        "head": report.head,
+        "problem": report.problem,
+    }
+
+
+# ----------------------------------------------------------------------------- the app
+
+
 def create_app(
     store: Store,
     registry: SiteRegistry,
@@ -187,223 +479,12 @@ def create_app(
     """The FastAPI application over a store, a site registry, a scheduler and the studies."""
     app = FastAPI(title="Alliance coordinator", version=VERSION)
     app.add_middleware(BodyLimit, limit=max_request_bytes)
-    running: dict[str, asyncio.Task[dict[str, Any]]] = {}
     book = studies or StudyBook(store, scheduler.dictionary)
-
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        # After a 413 the rest of the body is not wanted: close rather than drain it.
-        headers = {"Connection": "close"} if exc.status == 413 else None
-        return JSONResponse(
-            error_body(exc.status, exc.error, exc.errors), status_code=exc.status, headers=headers
-        )
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(
-            error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code
-        )
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        return JSONResponse(
-            error_body(422, errors[0] if errors else "invalid request", errors), status_code=422
-        )
-
-    @app.exception_handler(AllianceError)
-    async def _alliance_error(_: Request, exc: AllianceError) -> JSONResponse:
-        status = 400 if isinstance(exc, (ValidationError, ConfigError)) else 500
-        lines = str(exc).splitlines() or [type(exc).__name__]
-        return JSONResponse(error_body(status, lines[0], lines), status_code=status)
-
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception) -> JSONResponse:
-        log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
-        message = (
-            f"internal error: {type(exc).__name__}: {exc}; this is probably a bug, please "
-            "report it with the coordinator's log"
-        )
-        return JSONResponse(error_body(500, message), status_code=500)
-
-    def optional_principal(request: Request) -> Principal | None:
-        """The caller, or None when no token was sent (an empty one counts as none)."""
-        scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
-        if not scheme:
-            return None
-        if scheme.lower() != "bearer":
-            raise APIError(401, "the Authorization header must be 'Bearer <token>'")
-        if not token.strip():
-            return None
-        who = tokens.identify(token.strip())
-        if who is None:
-            raise APIError(401, "unknown API token")
-        return who
-
-    def principal(who: Principal | None = Depends(optional_principal)) -> Principal:
-        if who is None:
-            raise APIError(401, "missing API token; send 'Authorization: Bearer <token>'")
-        return who
-
-    def require(*roles: str) -> Any:
-        def check(who: Principal = Depends(principal)) -> Principal:
-            if who.role not in roles:
-                raise APIError(
-                    403, f"role {who.role!r} cannot do this; it needs: {', '.join(roles)}"
-                )
-            return who
-
-        return check
-
-    def not_found(kind: str, ident: str, who: Principal) -> APIError:
-        # The same words whether it is missing or hidden from this caller: no existence oracle.
-        hidden = "" if who.role == "lead" else " or is not shared with you"
-        return APIError(404, f"{kind} {ident!r} does not exist{hidden}")
-
-    def visible_study(study_id: str, who: Principal) -> tuple[StudyConfig, str]:
-        loaded = book.get(study_id)
-        if loaded is None or not who.can_read(loaded[0]):
-            raise not_found("study", study_id, who)
-        return loaded
-
-    async def body_json(request: Request) -> Any:
-        return parse_body(await request.body())
-
-    @app.get("/api/health")
-    async def health(who: Principal | None = Depends(optional_principal)) -> dict[str, Any]:
-        if who is None:
-            return {"ok": True}  # liveness only: which sites are connected needs a token
-        connected = registry.connected()
-        if who.role == "site_admin":
-            connected = [name for name in connected if name == who.site]
-        return {"ok": True, "sites": connected}
-
-    @app.get("/api/analyses")
-    async def analyses_list(_: Principal = Depends(principal)) -> dict[str, Any]:
-        return {"ok": True, "analyses": registered_analyses()}
-
-    @app.get("/api/sites")
-    async def sites(who: Principal = Depends(principal)) -> dict[str, Any]:
-        known = {s["name"]: s for s in await asyncio.to_thread(store.sites)}
-        for name in registry.connected():
-            known.setdefault(name, {"name": name})["status"] = "connected"
-        fields = SITE_FIELDS.get(who.role, ("name",))
-        shown = [
-            {key: site.get(key) for key in fields}
-            for name, site in known.items()
-            if who.role != "site_admin" or name == who.site
-        ]
-        return {"ok": True, "sites": shown}
-
-    @app.post("/api/studies")
-    async def create_study(
-        request: Request, who: Principal = Depends(require("lead"))
-    ) -> dict[str, Any]:
-        study = parse_model(StudyConfig, await body_json(request), "study")
-        await asyncio.to_thread(book.create, study, who.user)
-        return {"ok": True, "study": study.model_dump(mode="json")}
-
-    def readable_studies(who: Principal) -> list[dict[str, Any]]:
-        return [row for row, study in book.all() if who.can_read(study)]
-
-    @app.get("/api/studies")
-    async def list_studies(who: Principal = Depends(principal)) -> dict[str, Any]:
-        return {"ok": True, "studies": await asyncio.to_thread(readable_studies, who)}
-
-    @app.get("/api/studies/{study_id}")
-    async def show_study(study_id: str, who: Principal = Depends(principal)) -> dict[str, Any]:
-        study, status = visible_study(study_id, who)
-        reqs = await asyncio.to_thread(store.study_requests, study_id)
-        return {
-            "ok": True,
-            "study": study.model_dump(mode="json"),
-            "status": status,
-            "requests": [who.request_view(r) for r in reqs],
-        }
-
-    @app.post("/api/studies/{study_id}/close")
-    async def close_study(
-        study_id: str, who: Principal = Depends(require("lead"))
-    ) -> dict[str, Any]:
-        visible_study(study_id, who)
-        await asyncio.to_thread(book.close, study_id, who.user)
-        return {"ok": True, "study": study_id, "status": "closed"}
-
-    @app.post("/api/studies/{study_id}/requests")
-    async def submit(
-        study_id: str,
-        request: Request,
-        wait: bool = True,
-        who: Principal = Depends(require("researcher", "lead")),
-    ) -> JSONResponse:
-        study, status = visible_study(study_id, who)
-        if not who.can_run(study):  # the roles allowed here run what they may read
-            raise not_found("study", study_id, who)
-        if status != "open":
-            raise APIError(409, f"study {study_id!r} is {status}; it takes no more requests")
-        body = parse_model(AnalysisRequest, await body_json(request), "request")
-        # Bad requests fail here, before any task leaves. Validation may build a model's design
-        # for a while: in a worker thread, so the site link and other requests go on meanwhile.
-        params = await asyncio.to_thread(book.check_request, study, body)
-        request_id = uuid.uuid4().hex[:16]
-        body_json_out = body.model_dump(mode="json")
-        # Store calls run inline: each is a sub-millisecond transaction, and a thread hop per
-        # call would cost more than the call on the request's hot path.
-        store.create_request(request_id, study_id, who.user, body_json_out)
-
-        async def execute() -> dict[str, Any]:
-            result: dict[str, Any] | None = None
-            error: str | None = None
-            try:
-                result = (await scheduler.run(study, body, who.user, request_id, params)).to_dict()
-            except RequestFailed as exc:
-                error = str(exc)
-                result = {"analysis": body.analysis, "sites": [vars(s) for s in exc.sites]}
-            except AllianceError as exc:
-                error = str(exc)
-            except Exception as exc:  # stored as a failure so nothing hangs in "running"
-                log.exception("request %s failed", request_id)
-                error = f"internal error: {type(exc).__name__}: {exc}; this is probably a bug"
-            store.finish_request(request_id, result, error)
-            return {
-                "request_id": request_id,
-                "study_id": study_id,
-                "researcher": who.user,
-                "analysis": body.analysis,
-                "request": body_json_out,
-                "status": "done" if error is None else "failed",
-                "error": error,
-                "result": result,
-            }
-
-        job = asyncio.create_task(execute())
-        running[request_id] = job
-        job.add_done_callback(lambda _: running.pop(request_id, None))
-        if not wait:
-            return JSONResponse(
-                {"ok": True, "request_id": request_id, "status": "running"}, status_code=202
-            )
-        # shield: a client that hangs up does not cancel a request the sites already run.
-        outcome = await asyncio.shield(job)
-        return JSONResponse({"ok": True, **outcome})
-
-    @app.get("/api/requests/{request_id}")
-    async def show_request(request_id: str, who: Principal = Depends(principal)) -> dict[str, Any]:
-        found = await asyncio.to_thread(store.request, request_id)
-        loaded = book.get(found["study_id"]) if found is not None else None
-        if found is None or loaded is None or not who.can_read(loaded[0]):
-            raise not_found("request", request_id, who)
-        return {"ok": True, **who.request_view(found)}
-
-    @app.get("/api/audit/verify")
-    async def audit_verify(_: Principal = Depends(require("lead"))) -> dict[str, Any]:
-        report = await asyncio.to_thread(store.verify_audit)
-        return {
-            "ok": True,
-            "intact": report.ok,
-            "entries": report.entries,
-            "head": report.head,
-            "problem": report.problem,
-        }
-
+    app.state.services = Services(store, registry, scheduler, tokens, book)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(AllianceError, _alliance_error)
+    app.add_exception_handler(Exception, _bug)
+    app.include_router(router)
     return app

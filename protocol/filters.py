@@ -59,6 +59,33 @@ def _number(node: ast.expr, text: str) -> float:
     )
 
 
+def _check_operator(op: ast.cmpop, right: ast.expr, text: str) -> None:
+    """One comparison's operator and right-hand side: ``in`` takes a list of numbers."""
+    if isinstance(op, (ast.In, ast.NotIn)):
+        if not isinstance(right, (ast.List, ast.Tuple)) or not right.elts:
+            raise FilterError(f"filter {text!r}: 'in' needs a non-empty list like [1, 2]")
+        for element in right.elts:
+            _number(element, text)
+    elif isinstance(right, (ast.List, ast.Tuple)):
+        raise FilterError(f"filter {text!r}: a list may only follow 'in' or 'not in'")
+    elif type(op) not in _COMPARE:
+        raise FilterError(
+            f"filter {text!r}: operator {type(op).__name__} is not allowed; allowed: {ALLOWED}"
+        )
+
+
+def _check_compare(node: ast.Compare, text: str, names: set[str]) -> None:
+    for op, right in zip(node.ops, node.comparators, strict=True):
+        _check_operator(op, right, text)
+    if isinstance(node.left, (ast.List, ast.Tuple)):
+        raise FilterError(f"filter {text!r}: a list may only follow 'in' or 'not in'")
+    for operand in [node.left, *node.comparators]:
+        if isinstance(operand, ast.Name):
+            names.add(operand.id)
+        elif not isinstance(operand, (ast.List, ast.Tuple)):
+            _number(operand, text)
+
+
 def _check(node: ast.expr, text: str, names: set[str]) -> None:
     if isinstance(node, ast.BoolOp):
         for value in node.values:
@@ -66,27 +93,7 @@ def _check(node: ast.expr, text: str, names: set[str]) -> None:
     elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
         _check(node.operand, text, names)
     elif isinstance(node, ast.Compare):
-        operands = [node.left, *node.comparators]
-        for op, right in zip(node.ops, node.comparators, strict=True):
-            if isinstance(op, (ast.In, ast.NotIn)):
-                if not isinstance(right, (ast.List, ast.Tuple)) or not right.elts:
-                    raise FilterError(f"filter {text!r}: 'in' needs a non-empty list like [1, 2]")
-                for element in right.elts:
-                    _number(element, text)
-            elif isinstance(right, (ast.List, ast.Tuple)):
-                raise FilterError(f"filter {text!r}: a list may only follow 'in' or 'not in'")
-            elif type(op) not in _COMPARE:
-                raise FilterError(
-                    f"filter {text!r}: operator {type(op).__name__} is not allowed; "
-                    f"allowed: {ALLOWED}"
-                )
-        if isinstance(node.left, (ast.List, ast.Tuple)):
-            raise FilterError(f"filter {text!r}: a list may only follow 'in' or 'not in'")
-        for operand in operands:
-            if isinstance(operand, ast.Name):
-                names.add(operand.id)
-            elif not isinstance(operand, (ast.List, ast.Tuple)):
-                _number(operand, text)
+        _check_compare(node, text, names)
     else:
         raise FilterError(
             f"filter {text!r}: {ast.unparse(node)!r} is not allowed here; allowed: {ALLOWED}"

@@ -104,47 +104,9 @@ def check_tls_files(
     key = _parse_key(files.key, key_bytes, advice.get_cert, problems)
 
     if ca is not None:
-        if not _is_ca(ca):
-            problems.append(
-                f"tls.ca: {files.ca}: not a CA certificate (its subject is "
-                f"{ca.subject.rfc4514_string()!r}); {advice.get_ca} and set tls.ca to its path"
-            )
-        elif ca.not_valid_after_utc < now:
-            problems.append(
-                f"tls.ca: {files.ca}: the CA certificate expired on "
-                f"{ca.not_valid_after_utc:%Y-%m-%d}; every certificate it issued stops working "
-                "with it, so the alliance needs a new CA (`alliance pki init` in a new folder)"
-            )
+        _check_ca(ca, files, advice, now, problems)
     if cert is not None:
-        if ca is not None and _is_ca(ca) and not _signed_by(cert, ca):
-            problems.append(
-                f"tls.cert: {files.cert}: not issued by the CA in tls.ca ({files.ca}) (issuer "
-                f"{cert.issuer.rfc4514_string()!r}, CA {ca.subject.rfc4514_string()!r}); "
-                f"{advice.get_cert}, or set tls.ca to the alliance CA that issued it"
-            )
-        _check_identity(cert, files.cert, role, name, problems)
-        if cert.not_valid_after_utc < now:
-            problems.append(
-                f"tls.cert: {files.cert}: expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} "
-                f"UTC; {advice.reissue}"
-            )
-        elif cert.not_valid_before_utc > now:
-            problems.append(
-                f"tls.cert: {files.cert}: not valid before "
-                f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC (it is now "
-                f"{now:%Y-%m-%d %H:%M} UTC here); check this machine's clock, or wait"
-            )
-        elif cert.not_valid_after_utc - now < EXPIRY_WARNING:
-            days = (cert.not_valid_after_utc - now).days
-            result.warnings.append(
-                f"tls.cert: {files.cert}: expires in {days} days, on "
-                f"{cert.not_valid_after_utc:%Y-%m-%d}; {advice.reissue}"
-            )
-        if key is not None and not _same_public_key(cert, key):
-            problems.append(
-                f"tls.key: {files.key}: does not belong to the certificate in tls.cert "
-                f"({files.cert}); use the key that was issued with that certificate"
-            )
+        _check_cert(cert, ca, key, files, role, name, advice, now, result)
     if key_bytes is not None:
         mode = stat.S_IMODE(files.key.stat().st_mode)
         if mode & 0o077:
@@ -162,6 +124,69 @@ def check_tls_files(
 
 
 # --------------------------------------------------------------------------- internals
+def _check_ca(
+    ca: x509.Certificate, files: TLSFiles, advice: _Advice, now: dt.datetime, problems: list[str]
+) -> None:
+    if not _is_ca(ca):
+        problems.append(
+            f"tls.ca: {files.ca}: not a CA certificate (its subject is "
+            f"{ca.subject.rfc4514_string()!r}); {advice.get_ca} and set tls.ca to its path"
+        )
+    elif ca.not_valid_after_utc < now:
+        problems.append(
+            f"tls.ca: {files.ca}: the CA certificate expired on "
+            f"{ca.not_valid_after_utc:%Y-%m-%d}; every certificate it issued stops working "
+            "with it, so the alliance needs a new CA (`alliance pki init` in a new folder)"
+        )
+
+
+def _check_cert(
+    cert: x509.Certificate,
+    ca: x509.Certificate | None,
+    key: PrivateKeyTypes | None,
+    files: TLSFiles,
+    role: Role,
+    name: str,
+    advice: _Advice,
+    now: dt.datetime,
+    result: TLSCheck,
+) -> None:
+    problems = result.problems
+    if ca is not None and _is_ca(ca) and not _signed_by(cert, ca):
+        problems.append(
+            f"tls.cert: {files.cert}: not issued by the CA in tls.ca ({files.ca}) (issuer "
+            f"{cert.issuer.rfc4514_string()!r}, CA {ca.subject.rfc4514_string()!r}); "
+            f"{advice.get_cert}, or set tls.ca to the alliance CA that issued it"
+        )
+    _check_identity(cert, files.cert, role, name, problems)
+    _check_dates(cert, files, advice, now, result)
+    if key is not None and not _same_public_key(cert, key):
+        problems.append(
+            f"tls.key: {files.key}: does not belong to the certificate in tls.cert "
+            f"({files.cert}); use the key that was issued with that certificate"
+        )
+
+
+def _check_dates(
+    cert: x509.Certificate, files: TLSFiles, advice: _Advice, now: dt.datetime, result: TLSCheck
+) -> None:
+    if cert.not_valid_after_utc < now:
+        result.problems.append(
+            f"tls.cert: {files.cert}: expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} "
+            f"UTC; {advice.reissue}"
+        )
+    elif cert.not_valid_before_utc > now:
+        result.problems.append(
+            f"tls.cert: {files.cert}: not valid before "
+            f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC (it is now "
+            f"{now:%Y-%m-%d %H:%M} UTC here); check this machine's clock, or wait"
+        )
+    elif cert.not_valid_after_utc - now < EXPIRY_WARNING:
+        days = (cert.not_valid_after_utc - now).days
+        result.warnings.append(
+            f"tls.cert: {files.cert}: expires in {days} days, on "
+            f"{cert.not_valid_after_utc:%Y-%m-%d}; {advice.reissue}"
+        )
 
 
 def _read(label: str, path: Path, remedy: str, problems: list[str]) -> bytes | None:

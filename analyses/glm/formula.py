@@ -173,21 +173,10 @@ def interval_product(a: tuple[float, float], b: tuple[float, float]) -> tuple[fl
     return (min(corners), max(corners))
 
 
-def build_model(
-    params: GLMParams, dictionary: DataDictionary, key: tuple[str, str, str]
-) -> GLMModel:
-    from formulaic import model_matrix
-
-    formula = parse_formula(params.formula)
-    numeric: dict[str, tuple[float, float]] = {}
-    levels: dict[str, list[int]] = {}
-    for name in formula.variables:
-        var = dictionary.variable(name)
-        if isinstance(var, (NumericVariable, BinaryVariable)):
-            # A 0/1 variable enters as the number it is, as in statsmodels on pooled data.
-            numeric[name] = dictionary.bounds(name)
-        else:
-            levels[name] = list(var.levels)
+def _template(
+    formula: ParsedFormula, numeric: dict[str, tuple[float, float]], levels: dict[str, list[int]]
+) -> pd.DataFrame:
+    """Rows that hold every public level and both bounds of every numeric variable."""
     rows = max([2] + [len(v) for v in levels.values()])
     template: dict[str, Any] = {}
     for name in formula.variables:
@@ -197,12 +186,14 @@ def build_model(
         else:
             low, high = numeric[name]
             template[name] = np.array([low if i % 2 == 0 else high for i in range(rows)])
-    try:
-        matrix = model_matrix(formula.rhs, pd.DataFrame(template, index=range(rows)))
-    except Exception as exc:
-        raise ValidationError(f"formula {params.formula!r} cannot be built: {exc}") from None
-    spec = matrix.model_spec
-    columns = tuple(str(c) for c in spec.column_names)
+    return pd.DataFrame(template, index=range(rows))
+
+
+def _column_bounds(
+    spec: Any, columns: tuple[str, ...], numeric: dict[str, tuple[float, float]]
+) -> tuple[dict[str, tuple[float, float]], int | None]:
+    """Each design column's public range (products of bounds for interactions; 0/1 dummies
+    widen it to include 0 and 1), and the intercept's index."""
     bounds: dict[str, tuple[float, float]] = {}
     intercept: int | None = None
     for structure in spec.structure:
@@ -220,7 +211,16 @@ def build_model(
             bounds[str(column)] = interval
             if not names:
                 intercept = columns.index(str(column))
-    values = np.asarray(matrix, dtype=np.float64)
+    return bounds, intercept
+
+
+def _standardisation(
+    values: FloatArray,
+    columns: tuple[str, ...],
+    bounds: dict[str, tuple[float, float]],
+    intercept: int | None,
+) -> tuple[FloatArray, FloatArray]:
+    """Public centre and half-range of each column, so that |x'| <= 1 (0/1 columns kept)."""
     centre = np.zeros(len(columns))
     half = np.ones(len(columns))
     for j, column in enumerate(columns):
@@ -235,6 +235,35 @@ def build_model(
             half[j] = max(abs(low), abs(high))
         if half[j] <= 0:
             centre[j], half[j] = 0.0, 1.0
+    return centre, half
+
+
+def build_model(
+    params: GLMParams, dictionary: DataDictionary, key: tuple[str, str, str]
+) -> GLMModel:
+    """The model spec from the formula and the dictionary's public levels and bounds only."""
+    from formulaic import model_matrix
+
+    formula = parse_formula(params.formula)
+    numeric: dict[str, tuple[float, float]] = {}
+    levels: dict[str, list[int]] = {}
+    for name in formula.variables:
+        var = dictionary.variable(name)
+        if isinstance(var, (NumericVariable, BinaryVariable)):
+            # A 0/1 variable enters as the number it is, as in statsmodels on pooled data.
+            numeric[name] = dictionary.bounds(name)
+        else:
+            levels[name] = list(var.levels)
+    try:
+        matrix = model_matrix(formula.rhs, _template(formula, numeric, levels))
+    except Exception as exc:
+        raise ValidationError(f"formula {params.formula!r} cannot be built: {exc}") from None
+    spec = matrix.model_spec
+    columns = tuple(str(c) for c in spec.column_names)
+    bounds, intercept = _column_bounds(spec, columns, numeric)
+    centre, half = _standardisation(
+        np.asarray(matrix, dtype=np.float64), columns, bounds, intercept
+    )
     y_low, y_high = dictionary.bounds(formula.response)
     y_centre, y_half = 0.0, 1.0
     if params.family == "gaussian":
