@@ -19,7 +19,7 @@ It owns what every carrier must get right the same way:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from analyses.base import Analysis, AnalysisContext, NextRound
@@ -70,7 +70,7 @@ class SiteReply:
 
     record: AggregateRecord
     mode: str
-    epsilon: float = 0.0
+    epsilon: PureDP = field(default_factory=lambda: PureDP(0.0))
 
 
 @dataclass(frozen=True)
@@ -261,7 +261,7 @@ class RoundDriver:
         self, result: AnalysisResult, records: Mapping[str, AggregateRecord], mode: str
     ) -> AnalysisResult:
         result.sites = self._sites()
-        spent = max((s.epsilon for s in result.sites), default=0.0)
+        spent = max((s.epsilon for s in result.sites), default=PureDP(0.0))
         mechanisms = sorted(
             {rel.mechanism for r in records.values() for rel in r.releases.values()} - {"none"}
         )
@@ -269,7 +269,7 @@ class RoundDriver:
             mode=mode,
             mechanism=", ".join(mechanisms) or "none",
             epsilon_per_site=spent,
-            guarantee=guarantee(mode, spent),
+            guarantee=guarantee(mode, spent.epsilon),
         )
         if self.restarts:
             result.notes.append(

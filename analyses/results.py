@@ -11,6 +11,8 @@ from typing import Any, ClassVar, Self
 import numpy as np
 import pandas as pd
 
+from protocol.budget import PureDP
+
 
 @dataclass
 class SiteContribution:
@@ -29,10 +31,18 @@ class SiteContribution:
     name: str
     status: str
     records: float | None = None
-    epsilon: float = 0.0
+    epsilon: PureDP = field(default_factory=lambda: PureDP(0.0))
     mode: str | None = None
     reason: str | None = None
     code: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.epsilon, PureDP):  # from JSON: a number
+            self.epsilon = PureDP(float(self.epsilon))
+
+    def to_json(self) -> dict[str, Any]:
+        """The contribution as the JSON contract holds it (epsilon as a number)."""
+        return {**asdict(self), "epsilon": self.epsilon.epsilon}
 
 
 @dataclass
@@ -45,8 +55,16 @@ class PrivacySummary:
 
     mode: str
     mechanism: str = "none"
-    epsilon_per_site: float = 0.0
+    epsilon_per_site: PureDP = field(default_factory=lambda: PureDP(0.0))
     guarantee: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.epsilon_per_site, PureDP):  # from JSON: a number
+            self.epsilon_per_site = PureDP(float(self.epsilon_per_site))
+
+    def to_json(self) -> dict[str, Any]:
+        """The summary as the JSON contract holds it (epsilon as a number)."""
+        return {**asdict(self), "epsilon_per_site": self.epsilon_per_site.epsilon}
 
 
 #: Columns that hold counts of records, events or people: printed as whole numbers.
@@ -160,8 +178,8 @@ class AnalysisResult:
         """The JSON contract: analysis, n, the analysis keys, sites, privacy, timings."""
         out: dict[str, Any] = {"analysis": self.analysis, "n": self.n}
         out.update(self.values())
-        out["sites"] = [asdict(s) for s in self.sites]
-        out["privacy"] = asdict(self.privacy)
+        out["sites"] = [s.to_json() for s in self.sites]
+        out["privacy"] = self.privacy.to_json()
         out["timings"] = dict(self.timings)
         out["notes"] = list(self.notes)
         return _jsonable(out)  # type: ignore[no-any-return]

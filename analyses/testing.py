@@ -92,8 +92,7 @@ def federate(
             arrays = analysis.local(frames[site], parsed, site_ctx)
             seconds[site] = time.perf_counter() - started
             record = release(site, spec, arrays, site_ctx, step.epsilon)
-            charged = step.epsilon.epsilon if step.epsilon is not None else 0.0
-            answers[site] = SiteReply(record, mode, charged)
+            answers[site] = SiteReply(record, mode, step.epsilon or PureDP(0.0))
         if on_round is not None:
             on_round(step, spec, answers)
         started = time.perf_counter()

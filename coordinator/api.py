@@ -421,7 +421,7 @@ async def _execute(
         result = (await its.scheduler.run(study, body, researcher, request_id, params)).to_dict()
     except RequestFailed as exc:
         error = str(exc)
-        result = {"analysis": body.analysis, "sites": [vars(s) for s in exc.sites]}
+        result = {"analysis": body.analysis, "sites": [s.to_json() for s in exc.sites]}
     except AllianceError as exc:
         error = str(exc)
     except Exception as exc:  # stored as a failure so nothing hangs in "running"

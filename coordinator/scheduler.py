@@ -68,7 +68,7 @@ class Scheduler:
         if params is None:
             params = check_request(study, request, self.dictionary)
         mode = study.privacy.mode
-        epsilon = PureDP(request.epsilon or study.privacy.epsilon_per_request)
+        epsilon = request.epsilon or study.privacy.epsilon_per_request
         names = study.sites or self.registry.connected()
         driver = RoundDriver(
             analysis, params, self.dictionary, mode, names, epsilon if mode == "dp" else None
@@ -130,7 +130,8 @@ class Scheduler:
         except RecordError as exc:
             reason = f"reply does not match the declared record: {exc}"
             return SiteFailure("error", reason, "record")
-        return SiteReply(reply.record, reply.privacy_mode, reply.epsilon_spent)
+        # The wire carries a number; from here on it is a typed budget.
+        return SiteReply(reply.record, reply.privacy_mode, PureDP(reply.epsilon_spent))
 
     async def _ask(self, site: str, task: TaskMessage) -> pb.SiteMessage | SiteUnavailable:
         try:

@@ -16,7 +16,7 @@ from typing import Any
 from analyses import get_analysis
 from analyses.model_size import COLUMN_COUNT_CAP, model_columns
 from coordinator.store import Store
-from protocol.budget import PureDP, over_request_cap
+from protocol.budget import over_request_cap
 from protocol.config import AnalysisRequest, DataDictionary, StudyConfig
 from protocol.errors import ValidationError
 from protocol.filters import parse_filter
@@ -43,7 +43,7 @@ def check_request(study: StudyConfig, request: AnalysisRequest, dictionary: Data
     cap = study.privacy.epsilon_per_request
     if request.epsilon is not None and request.epsilon > cap:
         # Sites refuse it too, in the same words; refusing here sends no task at all.
-        raise ValidationError(over_request_cap(study.id, PureDP(request.epsilon), PureDP(cap)))
+        raise ValidationError(over_request_cap(study.id, request.epsilon, cap))
     analysis = get_analysis(request.analysis)
     size = model_columns(request.analysis, request.params, dictionary)
     if size is not None and size[0] > study.max_model_columns:

@@ -17,15 +17,56 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
-from protocol.errors import ConfigError
+from protocol.budget import PureDP
+from protocol.errors import BudgetError, ConfigError
 
 PrivacyMode = Literal["dp", "sdc", "off"]
 PRIVACY_MODES: tuple[str, ...] = ("off", "sdc", "dp")  # ordered from least to most strict
 
 _NAME = r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"
 _VARIABLE = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
+
+
+def _epsilon(value: Any, positive: bool) -> PureDP:
+    if isinstance(value, PureDP):
+        budget = value
+    else:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"must be a number, got {value!r}")
+        try:
+            budget = PureDP(float(value))
+        except BudgetError as exc:
+            raise ValueError(str(exc)) from None
+    if positive and budget.epsilon <= 0:
+        raise ValueError("must be above 0")
+    return budget
+
+
+#: An epsilon held in a config: a typed ``PureDP`` in Python, a number in YAML and JSON.
+Epsilon = Annotated[
+    PureDP,
+    BeforeValidator(lambda v: _epsilon(v, positive=False)),
+    PlainSerializer(lambda b: b.epsilon, return_type=float),
+    WithJsonSchema({"type": "number", "minimum": 0}),
+]
+#: The same, above 0 (what a request may spend).
+PositiveEpsilon = Annotated[
+    PureDP,
+    BeforeValidator(lambda v: _epsilon(v, positive=True)),
+    PlainSerializer(lambda b: b.epsilon, return_type=float),
+    WithJsonSchema({"type": "number", "exclusiveMinimum": 0}),
+]
 
 
 def stricter_mode(first: str, second: str) -> str:
@@ -154,7 +195,9 @@ class AnalysisRequest(_Model):
     analysis: str
     filter: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
-    epsilon: float | None = Field(default=None, gt=0, description="per site, overrides study")
+    epsilon: PositiveEpsilon | None = Field(
+        default=None, description="per site, at most the study's epsilon_per_request"
+    )
 
 
 # --------------------------------------------------------------------------- studies
@@ -164,8 +207,10 @@ class StudyPrivacy(_Model):
     """A study's privacy request; each site's policy may be stricter."""
 
     mode: PrivacyMode = "dp"
-    epsilon_per_request: float = Field(default=0.5, gt=0)
-    budget: float = Field(default=3.0, gt=0, description="epsilon per site for the study")
+    epsilon_per_request: PositiveEpsilon = Field(default=PureDP(0.5))
+    budget: PositiveEpsilon = Field(
+        default=PureDP(3.0), description="epsilon per site for the study"
+    )
 
 
 class StudyConfig(_Model):
@@ -208,10 +253,9 @@ class StudyApproval(_Model):
 
     id: str = Field(pattern=_NAME)
     mode: PrivacyMode = "dp"
-    budget: float = Field(default=3.0, ge=0, description="epsilon this site allows the study")
-    epsilon_per_request: float = Field(
-        default=0.5,
-        gt=0,
+    budget: Epsilon = Field(default=PureDP(3.0), description="epsilon this site allows the study")
+    epsilon_per_request: PositiveEpsilon = Field(
+        default=PureDP(0.5),
         description="the most epsilon one request may spend here, summed over its rounds",
     )
     analyses: list[str] | None = Field(default=None, description="None: the site allow-list")

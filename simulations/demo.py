@@ -67,7 +67,8 @@ def _render(title: str, result: AnalysisResult) -> None:
     for site in result.sites:
         if site.status == "ok":
             records = show_count(max(0.0, site.records or 0.0), noisy=site.mode == "dp")
-            _out(f"  - {site.name:<12} used {records} records, spent epsilon {site.epsilon:.2f}")
+            spent = site.epsilon.epsilon
+            _out(f"  - {site.name:<12} used {records} records, spent epsilon {spent:.2f}")
 
 
 def _ledger(db_path: Path) -> tuple[float, int, bool]:

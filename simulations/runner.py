@@ -27,7 +27,7 @@ def simulate_requests(
     budget: float = 3.0,
 ) -> int:
     """Run every request in order in one study; return how many failed."""
-    cap = study.privacy.epsilon_per_request
+    cap = study.privacy.epsilon_per_request.epsilon
     specs = [
         SiteSpec(name, data, mode=study.privacy.mode, budget=budget, epsilon_per_request=cap)
         for name, data in sites

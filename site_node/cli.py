@@ -131,7 +131,7 @@ def site_check(config: CONFIG) -> None:
         for approval in policy.studies:
             spent = store.spent(approval.id).epsilon if store else 0.0
             typer.echo(
-                f"study {approval.id}: mode {approval.mode}, budget {approval.budget:g}, "
+                f"study {approval.id}: mode {approval.mode}, budget {approval.budget.epsilon:g}, "
                 f"spent {spent:.4g}"
             )
         if store is None:
@@ -171,7 +171,7 @@ def site_ledger(
             totals[row.study_id] = totals.get(row.study_id, 0.0) + row.epsilon
         for study_id, total in totals.items():
             approval = settings.policy.approval(study_id)
-            budget = f" of {approval.budget:g}" if approval else ""
+            budget = f" of {approval.budget.epsilon:g}" if approval else ""
             typer.echo(f"total {study_id}: epsilon {total:.4g}{budget}")
         if not rows:
             typer.echo("the ledger is empty")

@@ -194,8 +194,7 @@ class SiteRuntime:
             task.privacy_mode,
         )
         charge: PureDP | None = None
-        budget = PureDP(approval.budget)
-        cap = PureDP(approval.epsilon_per_request)
+        budget, cap = approval.budget, approval.epsilon_per_request
         if mode == "dp":
             if not (math.isfinite(task.epsilon) and task.epsilon > 0):
                 raise ValidationError(
