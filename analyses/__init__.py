@@ -7,6 +7,7 @@ from analyses import (  # noqa: F401
     descriptive,
     glm,
     mantel_haenszel,
+    proportion,
     quantiles,
     survival,
     tables,

@@ -28,6 +28,7 @@ from tests import dp_noise
 #: One request per analysis, over the synthetic cohort's dictionary.
 REQUESTS: dict[str, dict[str, Any]] = {
     "count": {},
+    "proportion": {"variable": "event"},
     "mean": {"variable": "age"},
     "histogram": {"variable": "age", "edges": [18, 50, 70, 100]},
     "quantiles": {"variable": "age", "probs": [0.25, 0.5]},
