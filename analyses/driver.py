@@ -153,6 +153,7 @@ class RoundDriver:
         self.restarts = 0
         self._round = 0
         self._records: dict[str, AggregateRecord] = {}
+        self._specs: dict[tuple[int, str], RecordSpec] = {}
         self._result: AnalysisResult | None = None
         self._start()
 
@@ -188,8 +189,13 @@ class RoundDriver:
         return RoundTask(self._round, dict(self._state), self.epsilon_round, tuple(self.active))
 
     def spec(self, mode: str | None = None) -> RecordSpec:
-        """The record this round declares, for a site that applied ``mode``."""
-        return self.analysis.declare(self.params, self._ctx(self._round, self._state, None, mode))
+        """The record this round declares, for a site that applied ``mode`` (declared once
+        per round and mode, however many sites answer)."""
+        key = (self.rounds_run, mode or self.mode)
+        if key not in self._specs:
+            ctx = self._ctx(self._round, self._state, None, mode)
+            self._specs = {key: self.analysis.declare(self.params, ctx), **self._specs}
+        return self._specs[key]
 
     def receive(self, answers: Mapping[str, SiteAnswer]) -> None:
         """Take one answer per asked site, then combine, restart or finish.

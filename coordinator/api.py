@@ -36,7 +36,7 @@ from analyses import registered_analyses
 from coordinator.auth import Principal, TokenBook
 from coordinator.link import SiteRegistry
 from coordinator.scheduler import RequestFailed, Scheduler
-from coordinator.store import Store
+from coordinator.store import Store, now
 from coordinator.studies import StudyBook
 from protocol.config import AnalysisRequest, StudyConfig, parse_model
 from protocol.errors import AllianceError, ConfigError, ValidationError
@@ -187,6 +187,9 @@ class Services:
     tokens: TokenBook
     studies: StudyBook
     running: dict[str, asyncio.Task[dict[str, Any]]] = field(default_factory=dict)
+    #: Requests still running, as ``GET /api/requests/{id}`` shows them (the store gets a
+    #: request once, when it finishes: one transaction per request).
+    pending: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- error shape
@@ -354,6 +357,7 @@ async def show_study(
 ) -> dict[str, Any]:
     study, status = visible_study(its, study_id, who)
     reqs = await asyncio.to_thread(its.store.study_requests, study_id)
+    reqs += [view for view in its.pending.values() if view["study_id"] == study_id]
     return {
         "ok": True,
         "study": study.model_dump(mode="json"),
@@ -389,9 +393,19 @@ async def submit(
     # while: in a worker thread, so the site link and other requests go on meanwhile.
     params = await asyncio.to_thread(its.studies.check_request, study, body)
     request_id = uuid.uuid4().hex[:16]
-    # Stored before it runs, so a client that does not wait finds it at once. Store calls run
-    # inline: each is a sub-millisecond transaction, and a thread hop would cost more.
-    its.store.create_request(request_id, study.id, who.user, body.model_dump(mode="json"))
+    # Shown as running at once, so a client that does not wait finds it; stored when done.
+    its.pending[request_id] = {
+        "request_id": request_id,
+        "study_id": study.id,
+        "researcher": who.user,
+        "analysis": body.analysis,
+        "request": body.model_dump(mode="json"),
+        "status": "running",
+        "error": None,
+        "created": now(),
+        "finished": None,
+        "result": None,
+    }
     job = asyncio.create_task(
         _execute(its, study, body, params, who.user, request_id), name=request_id
     )
@@ -427,7 +441,22 @@ async def _execute(
     except Exception as exc:  # stored as a failure so nothing hangs in "running"
         log.exception("request %s failed", request_id)
         error = f"internal error: {type(exc).__name__}: {exc}; this is probably a bug"
-    its.store.finish_request(request_id, result, error)
+    submitted = its.pending[request_id]["created"]
+    try:  # inline: one sub-millisecond transaction; a thread hop would cost more than it
+        its.store.record_request(
+            request_id=request_id,
+            study_id=study.id,
+            researcher=researcher,
+            request=body.model_dump(mode="json"),
+            submitted=submitted,
+            result=result,
+            error=error,
+        )
+    except Exception as exc:  # the caller still gets the result; the log says it was not kept
+        log.exception("request %s could not be stored", request_id)
+        error = error or f"the result could not be stored ({type(exc).__name__}: {exc})"
+    finally:
+        its.pending.pop(request_id, None)
     return {
         "request_id": request_id,
         "study_id": study.id,
@@ -444,7 +473,7 @@ async def _execute(
 async def show_request(
     request_id: str, who: Principal = Depends(principal), its: Services = Depends(services)
 ) -> dict[str, Any]:
-    found = await asyncio.to_thread(its.store.request, request_id)
+    found = its.pending.get(request_id) or await asyncio.to_thread(its.store.request, request_id)
     loaded = its.studies.get(found["study_id"]) if found is not None else None
     if found is None or loaded is None or not who.can_read(loaded[0]):
         raise not_found("request", request_id, who)

@@ -35,6 +35,13 @@ from protocol.wire.messages import RefusalMessage, ReplyMessage, TaskMessage
 __all__ = ["RequestFailed", "Scheduler"]
 
 
+def _with_id(wire: pb.Task, task_id: str) -> pb.Task:
+    task = pb.Task()
+    task.CopyFrom(wire)
+    task.task_id = task_id
+    return task
+
+
 class Scheduler:
     """Turns requests into tasks and replies into results."""
 
@@ -109,8 +116,9 @@ class Scheduler:
             state=step.state,
             epsilon=step.epsilon.epsilon if step.epsilon is not None else 0.0,
         )
+        wire = task.to_proto().task  # serialised once; each site's copy differs by its id
         messages = await asyncio.gather(
-            *[self._ask(site, replace(task, task_id=f"{prefix}.{site}")) for site in step.sites]
+            *[self._ask(site, _with_id(wire, f"{prefix}.{site}")) for site in step.sites]
         )
         return {
             site: self._collect(driver, message)
@@ -133,8 +141,8 @@ class Scheduler:
         # The wire carries a number; from here on it is a typed budget.
         return SiteReply(reply.record, reply.privacy_mode, PureDP(reply.epsilon_spent))
 
-    async def _ask(self, site: str, task: TaskMessage) -> pb.SiteMessage | SiteUnavailable:
+    async def _ask(self, site: str, task: pb.Task) -> pb.SiteMessage | SiteUnavailable:
         try:
-            return await self.registry.run_task(site, task.to_proto().task, self.task_timeout)
+            return await self.registry.run_task(site, task, self.task_timeout)
         except SiteUnavailable as exc:
             return exc

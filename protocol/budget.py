@@ -14,6 +14,7 @@ the site, before the work and inside the ledger's transaction alike.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ def _check_non_negative(name: str, value: float) -> float:
     return value
 
 
+@functools.lru_cache(maxsize=4096)
 def _exact(value: float) -> Fraction:
     """The decimal a float stands for (its shortest round-trip form), as an exact fraction."""
     return Fraction(Decimal(repr(value)))

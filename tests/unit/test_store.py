@@ -57,16 +57,25 @@ def test_studies_requests_results_and_audit_round_trip(store: Store) -> None:
     store.create_study({"id": "s1", "title": "T", "purpose": "research"}, "lead")
     with pytest.raises(ValidationError, match="study 's1' exists already"):
         store.create_study({"id": "s1", "title": "T", "purpose": "research"}, "lead")
-    store.create_request("r1", "s1", "r.chen", {"analysis": "count"})
     result = {
         "analysis": "count",
         "count": 3.0,
         "sites": [{"name": "a", "status": "ok", "epsilon": 0.5}],
     }
-    store.finish_request("r1", result, None)
+    submitted = "2026-12-02T10:00:00.000000+00:00"
+    store.record_request(
+        request_id="r1",
+        study_id="s1",
+        researcher="r.chen",
+        request={"analysis": "count"},
+        submitted=submitted,
+        result=result,
+        error=None,
+    )
     store.site_seen("a", "connected", {"version": "0.1.0", "dictionary_digest": "abc"})
     got = store.request("r1")
     assert got is not None and got["status"] == "done" and got["result"] == result
+    assert got["created"] == submitted
     assert [s["id"] for s in store.studies()] == ["s1"]
     assert store.sites()[0]["version"] == "0.1.0"
     assert "records" not in store.sites()[0]  # no site's exact size is kept
@@ -87,8 +96,15 @@ def test_an_edited_audit_entry_is_detected(store: Store) -> None:
 
 def test_a_failed_request_keeps_its_error(store: Store) -> None:
     store.create_study({"id": "s3", "title": "T", "purpose": "research"}, "lead")
-    store.create_request("r2", "s3", "r.chen", {"analysis": "mean"})
-    store.finish_request("r2", None, "no site contributed")
+    store.record_request(
+        request_id="r2",
+        study_id="s3",
+        researcher="r.chen",
+        request={"analysis": "mean"},
+        submitted="2026-12-02T10:00:00.000000+00:00",
+        result=None,
+        error="no site contributed",
+    )
     got = store.request("r2")
     assert got is not None and (got["status"], got["error"]) == ("failed", "no site contributed")
 
@@ -96,3 +112,30 @@ def test_a_failed_request_keeps_its_error(store: Store) -> None:
 def test_a_bad_store_url_is_one_clear_line() -> None:
     with pytest.raises(ConfigError, match="store: 'nosuchdb://x' is not a usable database URL"):
         Store("nosuchdb://x")
+
+
+def test_a_request_that_fails_to_store_moves_no_chain_head(store: Store) -> None:
+    store.create_study({"id": "s4", "title": "T", "purpose": "research"}, "lead")
+    record = {
+        "study_id": "s4",
+        "researcher": "r.chen",
+        "request": {"analysis": "count"},
+        "submitted": "2026-12-02T10:00:00.000000+00:00",
+        "result": None,
+        "error": "x",
+    }
+    store.record_request(request_id="dup", **record)
+    with pytest.raises(Exception, match=r"(?i)unique|duplicate"):
+        store.record_request(request_id="dup", **record)  # the same id again: rolled back
+    store.close_study("s4", "lead")  # the chain goes on from the last committed entry
+    assert store.verify_audit().ok
+
+
+def test_a_reopened_store_continues_the_chain(store: Store) -> None:
+    store.create_study({"id": "s5", "title": "T", "purpose": "research"}, "lead")
+    again = Store(str(store.engine.url.render_as_string(hide_password=False)))
+    try:
+        again.close_study("s5", "lead")
+        assert again.verify_audit().ok and len(again.audit_entries()) == 2
+    finally:
+        again.close()
