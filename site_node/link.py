@@ -248,35 +248,41 @@ class SiteLink:
             self.connected.set()
             heartbeat = asyncio.create_task(self._heartbeats(call, write_lock))
             stopper = asyncio.create_task(self._stopping.wait())
+            # One reader for the whole session, raced once against a stop request (not a new
+            # task and wait per message: that cost more than a small task's answer).
+            reader = asyncio.create_task(self._read_tasks(call, write_lock, target))
             try:
-                while True:
-                    reader = asyncio.ensure_future(call.read())
-                    done, _ = await asyncio.wait(
-                        {reader, stopper}, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    if stopper in done:
-                        reader.cancel()
-                        await call.done_writing()
-                        return
-                    message = reader.result()
-                    if message is _EOF:
-                        log.warning(
-                            "lost the link to the coordinator at %s (it closed the stream)",
-                            target,
-                        )
-                        return
-                    if message.HasField("task"):
-                        log.debug(
-                            "received task %s (%s, study %s, round %d)",
-                            message.task.task_id,
-                            message.task.analysis,
-                            message.task.study_id,
-                            message.task.round,
-                        )
-                        await self._answer(call, write_lock, message.task)
+                done, _ = await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                if reader in done:
+                    reader.result()  # the stream ended, or failed: raise what it raised
+                    return
+                reader.cancel()  # a stored reply is never lost: a resent task id gets it
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+                await call.done_writing()
             finally:
                 heartbeat.cancel()
                 stopper.cancel()
+                reader.cancel()
+
+    async def _read_tasks(
+        self, call: grpc.aio.StreamStreamCall[Any, Any], lock: asyncio.Lock, target: str
+    ) -> None:
+        """Answer tasks as they come, until the coordinator closes the stream."""
+        while True:
+            message: Any = await call.read()
+            if message is _EOF:
+                log.warning("lost the link to the coordinator at %s (it closed the stream)", target)
+                return
+            if message.HasField("task"):
+                log.debug(
+                    "received task %s (%s, study %s, round %d)",
+                    message.task.task_id,
+                    message.task.analysis,
+                    message.task.study_id,
+                    message.task.round,
+                )
+                await self._answer(call, lock, message.task)
 
     async def _answer(
         self, call: grpc.aio.StreamStreamCall[Any, Any], lock: asyncio.Lock, task: pb.Task
