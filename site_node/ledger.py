@@ -51,6 +51,7 @@ CREATE TRIGGER IF NOT EXISTS ledger_no_delete BEFORE DELETE ON ledger
 LEDGER_NO_UPDATE = """
 CREATE TRIGGER IF NOT EXISTS ledger_no_update BEFORE UPDATE ON ledger
     BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
+CREATE INDEX IF NOT EXISTS ledger_spent ON ledger (study_id, request_id, units);
 """
 
 
