@@ -13,11 +13,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from sqlalchemy.exc import SQLAlchemyError
 
 from analyses import get_analysis
 from coordinator.cli import coordinator_app, pki_app, run_command, study_app, token_app
-from coordinator.store import Store
 from protocol.config import AnalysisRequest, DataDictionary, DataSource, StudyConfig, load_yaml
 from protocol.errors import AllianceError
 from protocol.logs import LEVEL_HELP, QUIET_HELP, configure, resolve_level
@@ -54,6 +52,11 @@ def _setup(
 @audit_app.command("verify")
 def audit_verify(path: Path) -> None:
     """Verify the audit chain of a site folder or a coordinator folder (read-only)."""
+    # Here, not at the top: a site node starts through this module and needs no SQLAlchemy.
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from coordinator.store import Store
+
     candidates = [path / "state" / "site.db", path / "site.db", path / "coordinator.db", path]
     for candidate in candidates:
         if candidate.is_file():
