@@ -57,9 +57,11 @@ demo: env-demo
 	$(BIN)/alliance demo
 
 test: env-dev lint
+	@echo "==> the test suite on the locked versions"
 	$(BIN)/python -m pytest -q
 
 lint: env-dev
+	@echo "==> lint: ruff check, ruff format --check, mypy"
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
