@@ -10,13 +10,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
-from protocol.config import DataDictionary, DataSource
-from site_node.connectors import load
+from protocol.config import DataDictionary, SiteConfig, dump_yaml
 from site_node.harmonize import conform
+from site_node.runtime import SiteRuntime
 
 PANDAS_MAJOR = int(pd.__version__.split(".")[0])
 
@@ -76,23 +75,25 @@ def test_conform_sets_out_of_range_values_missing_under_copy_on_write(
     pd.testing.assert_frame_equal(raw, before)
 
 
-def test_conformed_arrays_are_writable_copies(dictionary: DataDictionary) -> None:
-    raw = pd.DataFrame({"age": [30.0, 40.0], "chol": [200.0, 220.0]})
-    data, _ = conform(raw, dictionary)
-    data.loc[0, "age"] = 99.0  # the conformed frame is the site's own, editable as usual
-    assert raw["age"].tolist() == [30.0, 40.0]
-
-
-def test_a_site_starts_on_a_csv_under_copy_on_write(
+def test_a_site_starts_on_its_csv_under_copy_on_write(
     tmp_path: Path, dictionary: DataDictionary
 ) -> None:
     # The failure a hospital saw on pandas 3: the site died reading its CSV at start.
-    path = tmp_path / "data.csv"
-    path.write_text("age,chol,sex,num\n30,0,1,0\n200,250,0,2\n55,,1,1\n")
-    source = DataSource(path=path, derive={"disease": "num > 0"})
-    data, report = conform(load(source), dictionary, source.rename, source.derive)
-    assert report.above_max == {"age": 1}
-    assert report.below_min == {"chol": 1}
-    assert data["chol"].isna().sum() == 2
-    assert np.isnan(data["age"].to_numpy()[1])
-    assert data["disease"].tolist() == [0.0, 1.0, 1.0]
+    (tmp_path / "dictionary.yaml").write_text(dump_yaml(dictionary))
+    (tmp_path / "data.csv").write_text("age,chol,sex,num\n30,0,1,0\n200,250,0,2\n55,,1,1\n")
+    config = SiteConfig.model_validate(
+        {
+            "name": "testsite",
+            "coordinator": "127.0.0.1:1",
+            "dictionary": str(tmp_path / "dictionary.yaml"),
+            "data": {"path": str(tmp_path / "data.csv"), "derive": {"disease": "num > 0"}},
+            "state_dir": str(tmp_path / "state"),
+            "insecure": True,
+        }
+    )
+    runtime = SiteRuntime.from_config(config, record_start=False)
+    assert runtime.report.above_max == {"age": 1}
+    assert runtime.report.below_min == {"chol": 1}
+    assert runtime.data["chol"].isna().tolist() == [True, False, True]
+    assert runtime.data["age"].isna().tolist() == [False, True, False]
+    assert runtime.data["disease"].tolist() == [0.0, 1.0, 1.0]
