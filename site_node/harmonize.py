@@ -67,7 +67,9 @@ def conform(
         bad = int((values.isna() & frame[name].notna()).sum())
         if bad:
             report.not_numeric[name] = bad
-        out[name] = values.to_numpy(dtype=np.float64, na_value=np.nan)
+        # A private copy: under copy-on-write (pandas 3) to_numpy() may return a read-only
+        # view of the caller's data, and out-of-range values are set missing in place below.
+        out[name] = values.to_numpy(dtype=np.float64, na_value=np.nan, copy=True)
     for name, expression in (derive or {}).items():
         dictionary.variable(name)
         rule = parse_filter(expression, set(out))
