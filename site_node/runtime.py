@@ -31,7 +31,7 @@ from protocol.wire import alliance_pb2 as pb
 from protocol.wire.messages import RefusalMessage, ReplyMessage, TaskMessage, record_to_proto
 from site_node.connectors import load
 from site_node.harmonize import DataReport, conform
-from site_node.ledger import SiteStore
+from site_node.ledger import Charge, SiteStore
 from site_node.policy import check_task
 from site_node.privacy import privatize
 
@@ -193,16 +193,22 @@ class SiteRuntime:
             variables,
             task.privacy_mode,
         )
-        charge: PureDP | None = None
-        budget, cap = approval.budget, approval.epsilon_per_request
+        charge: Charge | None = None
         if mode == "dp":
             if not (math.isfinite(task.epsilon) and task.epsilon > 0):
                 raise ValidationError(
                     f"a dp task needs an epsilon that is a finite number above 0, got "
                     f"{task.epsilon!r}"
                 )
-            charge = PureDP(task.epsilon)
-            self.store.precheck_charge(task.study_id, task.request_id, charge, budget, cap)
+            charge = Charge(
+                task.study_id,
+                task.request_id,
+                PureDP(task.epsilon),
+                approval.budget,
+                approval.epsilon_per_request,
+            )
+            self.store.precheck_charge(charge)
+        epsilon = charge.epsilon.epsilon if charge is not None else 0.0
         base = AnalysisContext(self.dictionary, mode, self.config.policy.sdc, task.round)
         state = analysis.parse_state(task.state, params, base)
         scope = self.work.scope(_scope(row_filter.text if row_filter else None))
@@ -215,12 +221,12 @@ class SiteRuntime:
             spec,
             analysis.local(data, params, ctx),
             mode,
-            charge.epsilon if charge is not None else 0.0,
+            epsilon,
             self.config.policy.sdc,
         )
-        if charge is not None and record.epsilon > charge.epsilon:
+        if charge is not None and record.epsilon > epsilon:
             raise InternalError(
-                f"the release spent epsilon {record.epsilon!r}, above the task's {charge.epsilon!r}"
+                f"the release spent epsilon {record.epsilon!r}, above the task's {epsilon!r}"
             )
         records_used = analysis.site_records(record)
         receipt = hashlib.sha256(
@@ -230,20 +236,17 @@ class SiteRuntime:
             task_id=task.task_id,
             record=record,
             privacy_mode=mode,
-            epsilon_spent=charge.epsilon if charge is not None else 0.0,
+            epsilon_spent=epsilon,
             records_used=None if mode == "dp" or records_used is None else int(records_used),
             receipt=receipt,
         )
         payload = reply.to_proto().SerializeToString(deterministic=True)
         committed = self.store.commit_reply(
             task_id=task.task_id,
-            request_id=task.request_id,
             study_id=task.study_id,
             researcher=task.researcher,
             analysis=task.analysis,
             charge=charge,
-            budget=budget if mode == "dp" else None,
-            cap=cap if mode == "dp" else None,
             payload=payload,
             receipt=receipt,
             detail={

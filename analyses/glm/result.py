@@ -13,6 +13,7 @@ import pandas as pd
 
 from analyses._lazy import stats
 from analyses.base import AnalysisContext
+from analyses.common import wald_row
 from analyses.glm.formula import FloatArray, GLMModel, GLMParams
 from analyses.results import AnalysisResult
 from protocol.errors import ValidationError
@@ -166,11 +167,21 @@ class GLMResult(AnalysisResult):
 # ----------------------------------------------------------------------------- analysis
 
 
+@dataclass(frozen=True)
+class GLMRound:
+    """What the coordinator holds in one round of ``glm``: the sites' records, their pooled
+    sums with X'WX unpacked (``h``), the model, its parameters and the round's context."""
+
+    records: Mapping[str, AggregateRecord]
+    pooled: dict[str, FloatArray]
+    h: FloatArray
+    model: GLMModel
+    params: GLMParams
+    ctx: AnalysisContext
+
+
 def glm_result(
-    records: Mapping[str, AggregateRecord],
-    model: GLMModel,
-    params: GLMParams,
-    ctx: AnalysisContext,
+    step: GLMRound,
     beta_std: FloatArray,
     h_inv: FloatArray,
     deviance_std: float,
@@ -179,6 +190,7 @@ def glm_result(
     converged: bool,
     noise_cov: FloatArray | None = None,
 ) -> GLMResult:
+    records, model, params, ctx = step.records, step.model, step.params, step.ctx
     p = model.p
     df_resid = n_total - p
     scale_std = 1.0
@@ -197,17 +209,7 @@ def glm_result(
             for t, v in zip(model.columns, np.diag(noise_orig), strict=True)
         }
     crit = float(stats.norm.ppf(0.5 + params.ci_level / 2))
-    coefficients: dict[str, dict[str, float]] = {}
-    for j, term in enumerate(model.columns):
-        z = float(beta[j] / se[j]) if se[j] > 0 else float("nan")
-        coefficients[term] = {
-            "estimate": float(beta[j]),
-            "std_error": float(se[j]),
-            "z": z,
-            "p": float(2 * stats.norm.sf(abs(z))),
-            "ci_lower": float(beta[j] - crit * se[j]),
-            "ci_upper": float(beta[j] + crit * se[j]),
-        }
+    coefficients = {term: wald_row(beta[j], se[j], crit) for j, term in enumerate(model.columns)}
     result = GLMResult(
         analysis="glm",
         n=n_total,
