@@ -33,8 +33,8 @@ class GLMResult(AnalysisResult):
     formula: str = ""
     response: str = ""
     terms: list[str] = field(default_factory=list)
-    coefficients: dict[str, dict[str, float]] = field(default_factory=dict)
     cov_params: list[list[float]] = field(default_factory=list)
+    coefficients: dict[str, dict[str, float]] = field(default_factory=dict)
     deviance: float = float("nan")
     scale: float = 1.0
     df_resid: float = float("nan")
@@ -45,26 +45,8 @@ class GLMResult(AnalysisResult):
     noise_std_error: dict[str, float] = field(default_factory=dict)
     noise_method: str = ""
 
-    def values(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "family": self.family,
-            "formula": self.formula,
-            "response": self.response,
-            "terms": list(self.terms),
-            "cov_params": self.cov_params,
-            "coefficients": self.coefficients,
-            "deviance": self.deviance,
-            "scale": self.scale,
-            "df_resid": self.df_resid,
-            "iterations": self.iterations,
-            "rounds": self.rounds,
-            "converged": self.converged,
-            "ci_level": self.ci_level,
-        }
-        if self.noise_method:
-            out["noise_std_error"] = dict(self.noise_std_error)
-            out["noise_method"] = self.noise_method
-        return out
+    #: Only a result with dp noise has these.
+    optional_values = frozenset({"noise_std_error", "noise_method"})
 
     @property
     def _pct(self) -> str:

@@ -194,8 +194,7 @@ class KaplanMeier(Counting[KaplanMeierParams]):
     params_model = KaplanMeierParams
 
     def _finish(self, pooled: PooledCounts[KaplanMeierParams]) -> KaplanMeierResult:
-        counts, noise_var = pooled.counts, pooled.noise_var
-        params, notes = pooled.params, pooled.notes
+        params, counts, noise_var = pooled.params, pooled.counts, pooled.noise_var
         points = pooled.grid.points()
         labels = [str(level) for level in self._levels(params, pooled.ctx.dictionary)]
         curves = {
@@ -205,14 +204,14 @@ class KaplanMeier(Counting[KaplanMeierParams]):
             for i, label in enumerate(labels)
         }
         if noise_var > 0:
-            notes.append(
+            pooled.notes.append(
                 f"dp: counts carry noise of variance {noise_var:.3g} per cell (pooled over "
                 "sites); the bands include it (delta method), see noise_sd"
             )
         return KaplanMeierResult(
             analysis="kaplan_meier",
             n=float(counts.sum()),
-            notes=notes,
+            notes=pooled.notes,
             time=params.time,
             group=params.group,
             ci_level=params.ci_level,

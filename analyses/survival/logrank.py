@@ -32,16 +32,6 @@ class LogrankResult(AnalysisResult):
     observed: dict[str, float] = field(default_factory=dict)
     expected: dict[str, float] = field(default_factory=dict)
 
-    def values(self) -> dict[str, Any]:
-        return {
-            "group": self.group,
-            "chi2": self.chi2,
-            "dof": self.dof,
-            "p": self.p,
-            "observed": self.observed,
-            "expected": self.expected,
-        }
-
     @property
     def summary(self) -> pd.DataFrame:
         frame = pd.DataFrame({"observed": self.observed, "expected": self.expected})

@@ -28,28 +28,14 @@ class CoxResult(AnalysisResult):
 
     time: str = ""
     event: str = ""
-    ties: str = "efron"
-    strata_by_site: bool = False
-    ci_level: float = 0.95
     coefficients: dict[str, dict[str, float]] = field(default_factory=dict)
     log_likelihood: float = float("nan")
     iterations: int = 0
     converged: bool = False
+    ties: str = "efron"
+    strata_by_site: bool = False
     events: float = 0.0
-
-    def values(self) -> dict[str, Any]:
-        return {
-            "time": self.time,
-            "event": self.event,
-            "coefficients": self.coefficients,
-            "log_likelihood": self.log_likelihood,
-            "iterations": self.iterations,
-            "converged": self.converged,
-            "ties": self.ties,
-            "strata_by_site": self.strata_by_site,
-            "events": self.events,
-            "ci_level": self.ci_level,
-        }
+    ci_level: float = 0.95
 
     @property
     def terms(self) -> list[str]:
