@@ -195,7 +195,7 @@ class KaplanMeier(Counting[KaplanMeierParams]):
 
     def _finish(self, pooled: PooledCounts[KaplanMeierParams]) -> KaplanMeierResult:
         params, counts, noise_var = pooled.params, pooled.counts, pooled.noise_var
-        points = pooled.grid.points()
+        points, notes = pooled.grid.points(), pooled.notes
         labels = [str(level) for level in self._levels(params, pooled.ctx.dictionary)]
         curves = {
             (label if params.group else "all"): km_curve(
@@ -204,14 +204,14 @@ class KaplanMeier(Counting[KaplanMeierParams]):
             for i, label in enumerate(labels)
         }
         if noise_var > 0:
-            pooled.notes.append(
+            notes.append(
                 f"dp: counts carry noise of variance {noise_var:.3g} per cell (pooled over "
                 "sites); the bands include it (delta method), see noise_sd"
             )
         return KaplanMeierResult(
             analysis="kaplan_meier",
             n=float(counts.sum()),
-            notes=pooled.notes,
+            notes=notes,
             time=params.time,
             group=params.group,
             ci_level=params.ci_level,

@@ -11,7 +11,7 @@ from lifelines import CoxPHFitter, KaplanMeierFitter
 
 from protocol.config import DataSource
 from simulations.federation import LocalFederation, SiteSpec
-from simulations.synthetic import synthetic_dictionary, write_sites
+from simulations.synthetic import generate_sites, synthetic_dictionary, write_sites
 from tests.system.conftest import study
 
 pytestmark = pytest.mark.system
@@ -22,7 +22,7 @@ def synthetic(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[LocalFederation, pd.DataFrame]]:
     folder = tmp_path_factory.mktemp("synthetic")
-    files = write_sites(folder / "data", 3, 1500, seed=11)
+    files = write_sites(folder / "data", generate_sites(3, 1500, seed=11))
     pooled = pd.concat([pd.read_csv(p) for p in files.sites.values()], ignore_index=True)
     sites = [
         SiteSpec(name, DataSource(path=path), mode="off") for name, path in files.sites.items()
