@@ -8,6 +8,7 @@ terms as formulaic does (``sex[T.1]``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,19 +45,42 @@ def assert_equals_pooled(result: Any, reference: Any) -> None:
     assert result.n == reference.nobs
 
 
+FAMILIES = {
+    "gaussian": sm.families.Gaussian,
+    "binomial": sm.families.Binomial,
+    "poisson": sm.families.Poisson,
+}
+
+
+def glm_and_pooled(
+    frames: Mapping[str, pd.DataFrame],
+    dictionary: DataDictionary,
+    formula: str,
+    family: str = "gaussian",
+    categorical: Sequence[str] = (),
+    **fit: Any,
+) -> tuple[Any, Any]:
+    """``glm`` over the sites (mode off), and its reference on the sites' records pooled, with
+    the ``categorical`` variables given the dictionary's levels:
+    ``smf.glm(formula, pooled, family=sm.families.<family>()).fit(**fit)``."""
+    result = federate("glm", frames, {"formula": formula, "family": family}, dictionary)
+    pooled = pd.concat(list(frames.values()), ignore_index=True)
+    reference = smf.glm(
+        formula, with_levels(pooled, dictionary, list(categorical)), family=FAMILIES[family]()
+    ).fit(**fit)
+    return result, reference
+
+
 # ----------------------------------------------------------------------------- UCI heart
 
 
 def test_heart_logistic_with_categorical_terms_and_interaction(
-    heart_frames: dict[str, pd.DataFrame], heart_pooled: pd.DataFrame, heart_dict: DataDictionary
+    heart_frames: dict[str, pd.DataFrame], heart_dict: DataDictionary
 ) -> None:
-    formula = "disease ~ age*sex + cp + trestbps + chol"
-    result = federate("glm", heart_frames, {"formula": formula, "family": "binomial"}, heart_dict)
     # statsmodels 0.15: smf.glm("disease ~ age*sex + cp + trestbps + chol", pooled,
     #                           family=sm.families.Binomial()).fit()
-    reference = smf.glm(
-        formula, with_levels(heart_pooled, heart_dict, ["sex", "cp"]), family=sm.families.Binomial()
-    ).fit()
+    formula = "disease ~ age*sex + cp + trestbps + chol"
+    result, reference = glm_and_pooled(heart_frames, heart_dict, formula, "binomial", ["sex", "cp"])
     assert_equals_pooled(result, reference)
     assert "age:sex[T.1]" in result.terms and "cp[T.4]" in result.terms
     # Switzerland's chol is missing in every record after conformance: it contributes nothing.
@@ -65,27 +89,23 @@ def test_heart_logistic_with_categorical_terms_and_interaction(
 
 
 def test_heart_gaussian_with_categorical_terms_and_interaction(
-    heart_frames: dict[str, pd.DataFrame], heart_pooled: pd.DataFrame, heart_dict: DataDictionary
+    heart_frames: dict[str, pd.DataFrame], heart_dict: DataDictionary
 ) -> None:
-    formula = "thalach ~ age + sex*exang + cp + trestbps"
-    result = federate("glm", heart_frames, {"formula": formula, "family": "gaussian"}, heart_dict)
     # statsmodels 0.15: smf.glm("thalach ~ age + sex*exang + cp + trestbps", pooled).fit()
-    reference = smf.glm(formula, with_levels(heart_pooled, heart_dict, ["sex", "cp"])).fit()
+    formula = "thalach ~ age + sex*exang + cp + trestbps"
+    result, reference = glm_and_pooled(heart_frames, heart_dict, formula, "gaussian", ["sex", "cp"])
     assert_equals_pooled(result, reference)
     assert result.scale == pytest.approx(reference.scale, rel=1e-8)
 
 
 def test_heart_poisson_where_sites_have_few_rows(
-    heart_frames: dict[str, pd.DataFrame], heart_pooled: pd.DataFrame, heart_dict: DataDictionary
+    heart_frames: dict[str, pd.DataFrame], heart_dict: DataDictionary
 ) -> None:
     # ca is recorded for 299 Cleveland patients but 3 Hungarian, 5 Swiss and 2 VA ones.
-    formula = "ca ~ age + sex + age:sex + thalach"
-    result = federate("glm", heart_frames, {"formula": formula, "family": "poisson"}, heart_dict)
     # statsmodels 0.15: smf.glm("ca ~ age + sex + age:sex + thalach", pooled,
     #                           family=sm.families.Poisson()).fit()
-    reference = smf.glm(
-        formula, with_levels(heart_pooled, heart_dict, ["sex"]), family=sm.families.Poisson()
-    ).fit()
+    formula = "ca ~ age + sex + age:sex + thalach"
+    result, reference = glm_and_pooled(heart_frames, heart_dict, formula, "poisson", ["sex"])
     assert_equals_pooled(result, reference)
     assert {s.name: s.records for s in result.sites}["va"] == 2
 
@@ -95,14 +115,10 @@ def test_heart_column_constant_at_one_site(
 ) -> None:
     # fbs set to 0 for every Hungarian record: a constant column there, not in the pool.
     frames = dict(heart_frames, hungarian=heart_frames["hungarian"].assign(fbs=0.0))
-    pooled = pd.concat(list(frames.values()), ignore_index=True)
-    formula = "disease ~ age + sex + fbs + thalach"
-    result = federate("glm", frames, {"formula": formula, "family": "binomial"}, heart_dict)
     # statsmodels 0.15: smf.glm("disease ~ age + sex + fbs + thalach", pooled,
     #                           family=sm.families.Binomial()).fit()
-    reference = smf.glm(
-        formula, with_levels(pooled, heart_dict, ["sex"]), family=sm.families.Binomial()
-    ).fit()
+    formula = "disease ~ age + sex + fbs + thalach"
+    result, reference = glm_and_pooled(frames, heart_dict, formula, "binomial", ["sex"])
     assert_equals_pooled(result, reference)
 
 
@@ -135,16 +151,12 @@ def test_cnsim_logistic_matches_datashield_and_statsmodels(
     cnsim: tuple[dict[str, pd.DataFrame], DataDictionary],
 ) -> None:
     frames, dictionary = cnsim
-    formula = "DIS_DIAB ~ GENDER*PM_BMI_CONTINUOUS + LAB_HDL"
-    result = federate("glm", frames, {"formula": formula, "family": "binomial"}, dictionary)
-    # DataSHIELD (dsBaseClient ds.glm test, CNSIM1-3): deviance 1036.031.
-    assert round(result.deviance, 3) == 1036.031
     # statsmodels 0.15: smf.glm("DIS_DIAB ~ GENDER*PM_BMI_CONTINUOUS + LAB_HDL", pooled,
     #                           family=sm.families.Binomial()).fit()
-    pooled = pd.concat(list(frames.values()), ignore_index=True)
-    reference = smf.glm(
-        formula, with_levels(pooled, dictionary, ["GENDER"]), family=sm.families.Binomial()
-    ).fit()
+    formula = "DIS_DIAB ~ GENDER*PM_BMI_CONTINUOUS + LAB_HDL"
+    result, reference = glm_and_pooled(frames, dictionary, formula, "binomial", ["GENDER"])
+    # DataSHIELD (dsBaseClient ds.glm test, CNSIM1-3): deviance 1036.031.
+    assert round(result.deviance, 3) == 1036.031
     assert_equals_pooled(result, reference)
     assert "GENDER[T.1]:PM_BMI_CONTINUOUS" in result.terms
 
@@ -153,12 +165,10 @@ def test_cnsim_gaussian_matches_datashield_and_statsmodels(
     cnsim: tuple[dict[str, pd.DataFrame], DataDictionary],
 ) -> None:
     frames, dictionary = cnsim
-    result = federate("glm", frames, {"formula": "LAB_TSC ~ LAB_TRIG"}, dictionary)
+    # statsmodels 0.15: smf.glm("LAB_TSC ~ LAB_TRIG", pooled).fit()
+    result, reference = glm_and_pooled(frames, dictionary, "LAB_TSC ~ LAB_TRIG")
     # DataSHIELD (dsBaseClient ds.glm test, CNSIM1-3): deviance 8936.32.
     assert round(result.deviance, 2) == 8936.32
-    # statsmodels 0.15: smf.glm("LAB_TSC ~ LAB_TRIG", pooled).fit()
-    pooled = pd.concat(list(frames.values()), ignore_index=True)
-    reference = smf.glm("LAB_TSC ~ LAB_TRIG", pooled).fit()
     assert_equals_pooled(result, reference)
 
 
@@ -171,14 +181,11 @@ def test_cnsim_reaches_the_maximum_likelihood_estimate(
     differ from the optimum's by about 4e-6, its tightly converged ones by < 1e-13."""
     frames, dictionary = cnsim
     formula = "MEDI_LPD ~ LAB_TSC + LAB_TRIG + GENDER + PM_BMI_CATEGORICAL + LAB_GLUC_ADJUSTED"
-    result = federate("glm", frames, {"formula": formula, "family": "binomial"}, dictionary)
     # statsmodels 0.15: smf.glm(formula, pooled, family=sm.families.Binomial()).fit(tol=1e-12)
-    pooled = with_levels(
-        pd.concat(list(frames.values()), ignore_index=True),
-        dictionary,
-        ["GENDER", "PM_BMI_CATEGORICAL"],
+    categorical = ["GENDER", "PM_BMI_CATEGORICAL"]
+    result, reference = glm_and_pooled(
+        frames, dictionary, formula, "binomial", categorical, tol=1e-12
     )
-    reference = smf.glm(formula, pooled, family=sm.families.Binomial()).fit(tol=1e-12)
     for term in reference.params.index:
         assert result.coef(term) == pytest.approx(reference.params[term], rel=1e-10)
         se = result.coefficients[term]["std_error"]
