@@ -25,6 +25,7 @@ from protocol.audit import AuditEntry, VerifyReport, verify_chain
 from protocol.budget import PureDP, check_budget, format_epsilon, over_request_cap
 from protocol.errors import InternalError, RefusedError
 from protocol.storage import connect_read_only
+from protocol.wire.messages import TaskMessage
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
@@ -250,17 +251,14 @@ class SiteStore:
 
     def commit_reply(
         self,
-        *,
-        task_id: str,
-        study_id: str,
-        researcher: str,
-        analysis: str,
+        task: TaskMessage,
         charge: Charge | None,
         payload: bytes,
         receipt: str,
         detail: dict[str, Any],
     ) -> bytes:
-        """Charge, store and audit a reply in one transaction; return what may leave the site.
+        """Charge, store and audit the reply to ``task`` in one transaction; return what may
+        leave the site.
 
         The budget is checked again inside the transaction with the same predicate as
         :meth:`precheck_charge`, so two tasks racing for the last of a study's budget cannot
@@ -270,15 +268,16 @@ class SiteStore:
         Raises:
             RefusedError: code ``budget`` when the charge no longer fits; nothing is written.
         """
+        task_id, study_id = task.task_id, task.study_id
         with self._transaction() as db:
             row = db.execute("SELECT payload FROM replies WHERE task_id = ?", (task_id,)).fetchone()
             if row is not None:
                 return bytes(row[0])
             if charge is not None and charge.epsilon.epsilon > 0:
-                if charge.study_id != study_id:
+                if (charge.study_id, charge.request_id) != (study_id, task.request_id):
                     raise InternalError(
-                        f"task {task_id} of study {study_id} carries a charge to study "
-                        f"{charge.study_id}"
+                        f"task {task_id} (study {study_id}, request {task.request_id}) carries "
+                        f"a charge to study {charge.study_id}, request {charge.request_id}"
                     )
                 self._check_charge(db, charge)
                 db.execute(
@@ -287,9 +286,9 @@ class SiteStore:
                     (
                         now(),
                         study_id,
-                        researcher,
+                        task.researcher,
                         task_id,
-                        analysis,
+                        task.analysis,
                         charge.epsilon.epsilon,
                         charge.epsilon.charge_units(),
                         charge.request_id,

@@ -17,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 
@@ -56,6 +57,16 @@ def _scope(filter_text: str | None) -> str:
 
 def _refusal(task_id: str, code: str, reason: str) -> pb.SiteMessage:
     return RefusalMessage(task_id, code, reason).to_proto()
+
+
+def _task_detail(task: pb.Task | TaskMessage) -> dict[str, Any]:
+    """What every audit entry about a task names."""
+    return {
+        "task": task.task_id,
+        "study": task.study_id,
+        "analysis": task.analysis,
+        "researcher": task.researcher,
+    }
 
 
 class SiteRuntime:
@@ -160,17 +171,7 @@ class SiteRuntime:
             reason = f"internal error at {self.name}: {type(exc).__name__}; this is probably a bug"
             code = "error"
         try:
-            self.store.audit(
-                "refused",
-                {
-                    "task": task.task_id,
-                    "study": task.study_id,
-                    "analysis": task.analysis,
-                    "researcher": task.researcher,
-                    "code": code,
-                    "reason": reason,
-                },
-            )
+            self.store.audit("refused", {**_task_detail(task), "code": code, "reason": reason})
         except Exception:  # nothing was released; the refusal itself must still go out
             log.exception("could not audit the refusal of task %s", task.task_id)
         return Outcome(_refusal(task.task_id, code, reason), "refused", reason)
@@ -241,25 +242,14 @@ class SiteRuntime:
             receipt=receipt,
         )
         payload = reply.to_proto().SerializeToString(deterministic=True)
-        committed = self.store.commit_reply(
-            task_id=task.task_id,
-            study_id=task.study_id,
-            researcher=task.researcher,
-            analysis=task.analysis,
-            charge=charge,
-            payload=payload,
-            receipt=receipt,
-            detail={
-                "task": task.task_id,
-                "request": task.request_id,
-                "study": task.study_id,
-                "analysis": task.analysis,
-                "researcher": task.researcher,
-                "mode": mode,
-                "epsilon": reply.epsilon_spent,
-                "receipt": receipt,
-            },
-        )
+        detail = {
+            **_task_detail(task),
+            "request": task.request_id,
+            "mode": mode,
+            "epsilon": reply.epsilon_spent,
+            "receipt": receipt,
+        }
+        committed = self.store.commit_reply(task, charge, payload, receipt, detail)
         if committed != payload:  # another delivery of this task id committed first
             return self._replayed(committed)
         return Outcome(pb.SiteMessage.FromString(committed), "reply")
