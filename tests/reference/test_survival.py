@@ -14,9 +14,7 @@ leaves coefficients about 3e-6 from the optimum, while the federation converges 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -28,9 +26,9 @@ from lifelines.statistics import logrank_test, multivariate_logrank_test
 
 import analyses  # noqa: F401  (registers every analysis)
 from analyses.survival import CoxResult, KaplanMeierResult
-from analyses.testing import federate
 from protocol.config import DataDictionary, load_yaml
 from site_node.harmonize import conform
+from tests.datasets import Split
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "simulations" / "configs"
@@ -39,25 +37,6 @@ TIGHT = {"precision": 1e-12}
 
 
 # ----------------------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class Split:
-    """A reference dataset split into sites: its dictionary, each site's rows conformed as a
-    site node conforms them, and those rows pooled with a ``site`` column (the peers' input)."""
-
-    dictionary: DataDictionary
-    frames: dict[str, pd.DataFrame]
-    pooled: pd.DataFrame
-
-    @classmethod
-    def of(cls, frames: dict[str, pd.DataFrame], dictionary: DataDictionary) -> Split:
-        pooled = pd.concat([f.assign(site=s) for s, f in frames.items()], ignore_index=True)
-        return cls(dictionary, frames, pooled)
-
-    def federate(self, name: str, params: dict[str, Any], mode: str = "off") -> Any:
-        """Analysis ``name`` over the sites."""
-        return federate(name, self.frames, params, self.dictionary, mode=mode)
 
 
 def _split(raw: pd.DataFrame, site: pd.Series, dictionary_file: str) -> Split:
