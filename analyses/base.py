@@ -20,13 +20,13 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
 import pydantic
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo
 
 from analyses.results import AnalysisResult
 from protocol.config import DataDictionary, SDCThresholds, format_validation_error
@@ -43,6 +43,16 @@ class Params(BaseModel):
     """Base of every analysis's parameter model: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _distinct(names: list[str], info: ValidationInfo) -> list[str]:
+    if len(set(names)) != len(names):
+        raise ValueError(f"{info.field_name} must be distinct, got {names}")
+    return names
+
+
+#: A parameter listing variables, none twice (the error names the field).
+DistinctNames = Annotated[list[str], AfterValidator(_distinct)]
 
 
 class RoundState(BaseModel):

@@ -13,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from analyses._lazy import stats
 from protocol.config import DataDictionary, NumericVariable
 from protocol.errors import ValidationError
 from protocol.records import AggregateRecord
@@ -82,6 +83,24 @@ def pooled(records: Mapping[str, AggregateRecord], name: str) -> FloatArray:
 def pooled_noise_variance(records: Mapping[str, AggregateRecord], name: str) -> float:
     """Noise variance of one cell of the pooled array ``name`` (independent site noises)."""
     return float(sum(r.releases[name].variance() for r in records.values()))
+
+
+# ----------------------------------------------------------------------------- estimates
+
+
+def wald_row(estimate: float, std_error: float, crit: float) -> dict[str, float]:
+    """One coefficient's row of a model summary: the estimate, its standard error, the Wald
+    z (NaN when the error is 0) and two-sided p, and the interval estimate +/- crit * error."""
+    estimate, std_error = float(estimate), float(std_error)
+    z = estimate / std_error if std_error > 0 else float("nan")
+    return {
+        "estimate": estimate,
+        "std_error": std_error,
+        "z": z,
+        "p": float(2 * stats.norm.sf(abs(z))),
+        "ci_lower": estimate - crit * std_error,
+        "ci_upper": estimate + crit * std_error,
+    }
 
 
 # ----------------------------------------------------------------------------- packed triangles

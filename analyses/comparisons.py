@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from analyses._lazy import stats
-from analyses.base import Analysis, AnalysisContext, Arrays, Params, rows_used
+from analyses.base import Analysis, AnalysisContext, Arrays, DistinctNames, Params, rows_used
 from analyses.common import (
     level_names,
     one_hot,
@@ -321,14 +321,7 @@ class TTest(Analysis[TTestParams]):
 
 
 class CorrelationParams(Params):
-    variables: list[str] = Field(min_length=2, max_length=50)
-
-    @field_validator("variables")
-    @classmethod
-    def _distinct(cls, names: list[str]) -> list[str]:
-        if len(set(names)) != len(names):
-            raise ValueError(f"variables must be distinct, got {names}")
-        return names
+    variables: DistinctNames = Field(min_length=2, max_length=50)
 
 
 @dataclass
@@ -339,11 +332,8 @@ class CorrelationResult(AnalysisResult):
     matrix: dict[str, dict[str, float]] = field(default_factory=dict)
     noise_sd: dict[str, dict[str, float]] | None = None
 
-    def values(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"variables": self.variables, "matrix": self.matrix}
-        if self.noise_sd is not None:
-            out["noise_sd"] = self.noise_sd
-        return out
+    #: Only a noisy matrix has one.
+    optional_values = frozenset({"noise_sd"})
 
     @property
     def summary(self) -> pd.DataFrame:

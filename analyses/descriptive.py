@@ -38,9 +38,6 @@ class CountResult(AnalysisResult):
     count: float = 0.0
     per_site: dict[str, float] = field(default_factory=dict)
 
-    def values(self) -> dict[str, Any]:
-        return {"count": self.count, "per_site": self.per_site}
-
     @property
     def summary(self) -> pd.DataFrame:
         rows = [{"site": s, "count": c} for s, c in self.per_site.items()]
@@ -93,17 +90,6 @@ class MeanResult(AnalysisResult):
     noise_sd: float = 0.0
     variance_noise_sd: float = 0.0
     per_site: dict[str, dict[str, float]] = field(default_factory=dict)
-
-    def values(self) -> dict[str, Any]:
-        return {
-            "variable": self.variable,
-            "mean": self.mean,
-            "variance": self.variance,
-            "std_error": self.std_error,
-            "noise_sd": self.noise_sd,
-            "variance_noise_sd": self.variance_noise_sd,
-            "per_site": self.per_site,
-        }
 
     @property
     def summary(self) -> pd.DataFrame:
@@ -225,15 +211,7 @@ class HistogramResult(AnalysisResult):
     counts: Any = None  # list of counts, or {level: list of counts} when grouped
     group: str | None = None
 
-    def values(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "variable": self.variable,
-            "edges": self.edges,
-            "counts": self.counts,
-        }
-        if self.group:
-            out["group"] = self.group
-        return out
+    optional_values = frozenset({"group"})
 
     @property
     def summary(self) -> pd.DataFrame:

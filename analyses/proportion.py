@@ -51,19 +51,6 @@ class ProportionResult(AnalysisResult):
     method: str = "wilson"
     noise_sd: float = 0.0
 
-    def values(self) -> dict[str, Any]:
-        return {
-            "variable": self.variable,
-            "successes": self.successes,
-            "proportion": self.proportion,
-            "std_error": self.std_error,
-            "ci_lower": self.ci_lower,
-            "ci_upper": self.ci_upper,
-            "ci_level": self.ci_level,
-            "method": self.method,
-            "noise_sd": self.noise_sd,
-        }
-
     @property
     def summary(self) -> pd.DataFrame:
         return pd.DataFrame([self.values()]).drop(columns=["variable"]).set_index("method")

@@ -140,12 +140,15 @@ class QuantilesResult(AnalysisResult):
     """
 
     variable: str = ""
-    method: str = ""
     quantiles: dict[float, float] = field(default_factory=dict)
     intervals: dict[float, list[float]] = field(default_factory=dict)
     exact: dict[float, bool] = field(default_factory=dict)
-    expected_error: dict[float, float] | None = None
+    method: str = ""
     rounds: int = 0
+    expected_error: dict[float, float] | None = None
+
+    #: Only dp results have an expected error.
+    optional_values = frozenset({"expected_error"})
 
     @classmethod
     def fields_from(cls, data: Mapping[str, Any]) -> dict[str, Any]:
@@ -153,19 +156,6 @@ class QuantilesResult(AnalysisResult):
         for key in ("quantiles", "intervals", "exact", "expected_error"):
             if out.get(key) is not None:  # JSON turned the probabilities into text
                 out[key] = {float(p): v for p, v in out[key].items()}
-        return out
-
-    def values(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "variable": self.variable,
-            "quantiles": self.quantiles,
-            "intervals": self.intervals,
-            "exact": self.exact,
-            "method": self.method,
-            "rounds": self.rounds,
-        }
-        if self.expected_error is not None:
-            out["expected_error"] = self.expected_error
         return out
 
     @property

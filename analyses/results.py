@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from typing import Any, ClassVar, Self
 
 import numpy as np
@@ -107,6 +107,14 @@ def _finite_or_nan(value: Any) -> float:
     return math.nan if value is None else float(value)
 
 
+def _holds_default(spec: Field[Any], value: Any) -> bool:
+    factory = spec.default_factory
+    default = spec.default if factory is MISSING else factory()
+    if default is None or value is None:
+        return value is default
+    return bool(value == default)
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -126,10 +134,14 @@ def _jsonable(value: Any) -> Any:
 
 @dataclass
 class AnalysisResult:
-    """Base of every result. Subclasses add their keys through :meth:`values`."""
+    """Base of every result. Subclasses add their keys through :meth:`values`: by default
+    their own fields, in the order they are declared."""
 
     #: Whether every cell of ``summary`` is a count (a histogram, a contingency table).
     count_table: ClassVar[bool] = False
+    #: Fields left out of the JSON contract while they hold their default (a noise figure that
+    #: only dp results carry, an optional grouping variable).
+    optional_values: ClassVar[frozenset[str]] = frozenset()
 
     analysis: str
     n: float
@@ -139,8 +151,19 @@ class AnalysisResult:
     notes: list[str] = field(default_factory=list)
 
     def values(self) -> dict[str, Any]:
-        """The analysis-specific keys of the JSON contract."""
-        return {}
+        """The analysis-specific keys of the JSON contract: by default the subclass's own
+        fields by name, in the order they are declared (what :meth:`fields_from` reads back),
+        less the ``optional_values`` that hold their default."""
+        base = {f.name for f in fields(AnalysisResult)}
+        out: dict[str, Any] = {}
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if spec.name in base or (
+                spec.name in self.optional_values and _holds_default(spec, value)
+            ):
+                continue
+            out[spec.name] = value
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Self:

@@ -69,7 +69,6 @@ class TableResult(AnalysisResult):
     count_table = True
 
     rows: str = ""
-    cols: str | None = None
     counts: dict[str, Any] = field(default_factory=dict)
     chi2: float | None = None
     dof: int = 0
@@ -80,27 +79,11 @@ class TableResult(AnalysisResult):
     col_names: list[str] = field(default_factory=list)
     table: list[Any] = field(default_factory=list)
     expected: list[Any] | None = None
+    cols: str | None = None
     noise_sd: float = 0.0
 
-    def values(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "rows": self.rows,
-            "counts": self.counts,
-            "chi2": self.chi2,
-            "dof": self.dof,
-            "p": self.p,
-            "correction": self.correction,
-            "test": self.test,
-            "row_names": self.row_names,
-            "col_names": self.col_names,
-            "table": self.table,
-            "expected": self.expected,
-        }
-        if self.cols is not None:
-            out["cols"] = self.cols
-        if self.noise_sd:
-            out["noise_sd"] = self.noise_sd
-        return out
+    #: A one-way table has no ``cols``; only a noisy one has ``noise_sd``.
+    optional_values = frozenset({"cols", "noise_sd"})
 
     @property
     def summary(self) -> pd.DataFrame:

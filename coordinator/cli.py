@@ -16,7 +16,8 @@ from coordinator import pki, tokens
 from coordinator.client import NO_TOKEN, AllianceClient
 from protocol.config import AnalysisRequest, CoordinatorConfig, StudyConfig, load_yaml
 from protocol.errors import ConfigError
-from protocol.logs import LEVEL_HELP, QUIET_HELP, configure, resolve_level
+from protocol.logs import LOG_LEVEL, QUIET, configure, resolve_level
+from protocol.tlsfiles import INSECURE
 
 coordinator_app = typer.Typer(help="Run the coordinator.", no_args_is_help=True)
 pki_app = typer.Typer(help="The alliance CA and its certificates.", no_args_is_help=True)
@@ -38,11 +39,9 @@ def coordinator_serve(
     ctx: typer.Context,
     config: Annotated[Path, typer.Option("--config", help="coordinator.yaml")],
     ready_file: Annotated[Path | None, typer.Option(help="write the bound ports here")] = None,
-    insecure: Annotated[
-        bool, typer.Option("--insecure", help="no TLS: loopback experiments ONLY")
-    ] = False,
-    log_level: Annotated[str | None, typer.Option("--log-level", help=LEVEL_HELP)] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help=QUIET_HELP)] = False,
+    insecure: INSECURE = False,
+    log_level: LOG_LEVEL = None,
+    quiet: QUIET = False,
 ) -> None:
     """Start the site link (gRPC) and the HTTP API; stop with Ctrl-C.
 

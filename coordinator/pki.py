@@ -138,29 +138,7 @@ def init_ca(folder: str | Path, alliance_name: str, days: int = CA_DAYS) -> CAFi
     now = dt.datetime.now(dt.UTC)
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - CLOCK_SKEW)
-        .not_valid_after(now + dt.timedelta(days=days))
-        # path_length=0: the CA signs leaves only, never another CA.
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        _builder(name, name, key, now, now + dt.timedelta(days=days), ca=True)
         .add_extension(ski, critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -353,29 +331,7 @@ def _issue(
     attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
     key = ec.generate_private_key(ec.SECP256R1())
     builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name(attributes))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - CLOCK_SKEW)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            # ECDSA keys sign the handshake (digitalSignature); ECDHE needs no keyAgreement bit.
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        _builder(x509.Name(attributes), ca_cert.subject, key, now, not_after, ca=False)
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
@@ -391,6 +347,55 @@ def _issue(
     _write_new(files.key, _key_pem(key), private=True)
     _write_new(files.cert, cert.public_bytes(serialization.Encoding.PEM), private=False)
     return files
+
+
+def _builder(
+    subject: x509.Name,
+    issuer: x509.Name,
+    key: ec.EllipticCurvePrivateKey,
+    now: dt.datetime,
+    not_after: dt.datetime,
+    ca: bool,
+) -> x509.CertificateBuilder:
+    """What the CA's and a leaf's certificates share: names, key, serial, dates, and the basic
+    constraints and key usage of the one or the other.
+
+    The CA signs certificates only, and leaves only (path_length=0: never another CA). A
+    leaf's ECDSA key signs the handshake (digitalSignature); ECDHE needs no keyAgreement bit.
+    """
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
+        .add_extension(
+            _key_usage("key_cert_sign", "crl_sign") if ca else _key_usage("digital_signature"),
+            critical=True,
+        )
+    )
+
+
+#: Every bit of the key usage extension, in x509.KeyUsage's own names.
+KEY_USAGE_BITS = (
+    "digital_signature",
+    "content_commitment",
+    "key_encipherment",
+    "data_encipherment",
+    "key_agreement",
+    "key_cert_sign",
+    "crl_sign",
+    "encipher_only",
+    "decipher_only",
+)
+
+
+def _key_usage(*granted: str) -> x509.KeyUsage:
+    """A key usage extension with the ``granted`` bits set and every other bit clear."""
+    return x509.KeyUsage(**{bit: bit in granted for bit in KEY_USAGE_BITS})
 
 
 def _load_ca(folder: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:

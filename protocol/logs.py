@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
+
+import typer
 
 from protocol.errors import ConfigError
 
@@ -20,6 +22,9 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 LEVEL_HELP = "how much to log: DEBUG, INFO, WARNING or ERROR"
 QUIET_HELP = "log warnings and errors only"
+#: The two options every command that logs takes (typer types, shared by both roles' CLIs).
+LOG_LEVEL = Annotated[str | None, typer.Option("--log-level", help=LEVEL_HELP)]
+QUIET = Annotated[bool, typer.Option("--quiet", help=QUIET_HELP)]
 #: Libraries whose own chatter stays out of an admin's log unless DEBUG is asked for.
 _CHATTY = ("uvicorn", "uvicorn.error", "asyncio", "grpc")
 

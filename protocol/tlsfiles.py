@@ -17,8 +17,9 @@ import datetime as dt
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
+import typer
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -28,6 +29,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from protocol.config import TLSFiles
 
 Role = Literal["site", "coordinator"]
+#: Both servers' ``--insecure``: drop TLS (typer type, shared by both roles' CLIs).
+INSECURE = Annotated[bool, typer.Option("--insecure", help="no TLS: loopback experiments ONLY")]
 #: A certificate closer than this to its end date gets a warning (not a failure).
 EXPIRY_WARNING = dt.timedelta(days=30)
 

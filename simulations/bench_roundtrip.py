@@ -25,7 +25,7 @@ from pathlib import Path
 
 from protocol.config import DataSource, StudyConfig
 from simulations.federation import LocalFederation, SiteSpec, child_env
-from simulations.synthetic import synthetic_dictionary, write_sites
+from simulations.synthetic import generate_sites, synthetic_dictionary, write_sites
 
 #: Result lines skipped before gaps count: first connections, first imports on the sites.
 WARM_UP = 5
@@ -33,7 +33,7 @@ WARM_UP = 5
 
 def run_outside(n_sites: int, requests: int, rows: int, folder: Path) -> list[float]:
     """Gaps between consecutive result lines of ``alliance simulate --json``, in seconds."""
-    files = write_sites(folder / "data", n_sites, rows, seed=1)
+    files = write_sites(folder / "data", generate_sites(n_sites, rows, seed=1))
     request = folder / "mean.yaml"
     request.write_text("analysis: mean\nparams: {variable: sbp}\n")
     command = [sys.executable, "-m", "simulations.cli", "simulate"]
@@ -57,7 +57,7 @@ def run_outside(n_sites: int, requests: int, rows: int, folder: Path) -> list[fl
 
 
 def run(n_sites: int, requests: int, rows: int, folder: Path) -> tuple[list[float], list[float]]:
-    files = write_sites(folder / "data", n_sites, rows, seed=1)
+    files = write_sites(folder / "data", generate_sites(n_sites, rows, seed=1))
     specs = [
         SiteSpec(name, DataSource(path=path), mode="dp", budget=1e6)
         for name, path in files.sites.items()

@@ -18,7 +18,7 @@ from analyses import get_analysis
 from coordinator.cli import coordinator_app, pki_app, run_command, study_app, token_app
 from protocol.config import AnalysisRequest, DataDictionary, DataSource, StudyConfig, load_yaml
 from protocol.errors import AllianceError
-from protocol.logs import LEVEL_HELP, QUIET_HELP, configure, resolve_level
+from protocol.logs import LOG_LEVEL, QUIET, configure, resolve_level
 from site_node.cli import site_app
 from site_node.ledger import SiteStore
 
@@ -40,8 +40,8 @@ app.command("run")(run_command)
 
 @app.callback()
 def _setup(
-    log_level: Annotated[str | None, typer.Option("--log-level", help=LEVEL_HELP)] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help=QUIET_HELP)] = False,
+    log_level: LOG_LEVEL = None,
+    quiet: QUIET = False,
 ) -> None:
     """Alliance: federated analysis for hospital alliances."""
     # Servers log each change of state by default; they re-apply these options with INFO as

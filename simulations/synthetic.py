@@ -204,14 +204,22 @@ def _site_frame(
     return pd.DataFrame({name: cols[name] for name in bounds.variables})
 
 
-def _check_args(
-    n_sites: int,
-    rows_per_site: int | Sequence[int],
-    size_spread: float,
-    heterogeneity: float,
-    missing: Mapping[str, float],
-) -> tuple[list[int], float]:
+@dataclass(frozen=True)
+class SiteDraw:
+    """Which sites to draw: how many, how large, from which seed, and how much they differ
+    (each as ``generate_sites`` takes it)."""
+
+    n_sites: int
+    rows_per_site: int | Sequence[int]
+    seed: int
+    size_spread: float = 0.5
+    heterogeneity: float = 1.0
+
+
+def _check_args(draw: SiteDraw, missing: Mapping[str, float]) -> tuple[list[int], float]:
     """Validate; return the size each site's draw starts from and the spread applied to it."""
+    n_sites, rows_per_site = draw.n_sites, draw.rows_per_site
+    size_spread, heterogeneity = draw.size_spread, draw.heterogeneity
     if isinstance(n_sites, bool) or not isinstance(n_sites, int) or not 1 <= n_sites <= 9999:
         raise ValidationError(f"n_sites must be a whole number from 1 to 9999, got {n_sites!r}")
     if isinstance(rows_per_site, Sequence):
@@ -247,33 +255,20 @@ def site_names(n_sites: int) -> list[str]:
     return [f"site{i + 1:0{width}d}" for i in range(n_sites)]
 
 
-def _site_streams(
-    n_sites: int,
-    rows_per_site: int | Sequence[int],
-    seed: int,
-    size_spread: float,
-    heterogeneity: float,
-) -> list[tuple[str, SiteProfile, np.random.Generator]]:
+def _site_streams(draw: SiteDraw) -> list[tuple[str, SiteProfile, np.random.Generator]]:
     """Per site: name, case mix and the random stream positioned after the case-mix draws."""
-    sizes, spread = _check_args(n_sites, rows_per_site, size_spread, heterogeneity, {})
+    sizes, spread = _check_args(draw, {})
     out = []
-    children = np.random.SeedSequence(seed).spawn(n_sites)
-    for name, child, rows in zip(site_names(n_sites), children, sizes, strict=True):
+    children = np.random.SeedSequence(draw.seed).spawn(draw.n_sites)
+    for name, child, rows in zip(site_names(draw.n_sites), children, sizes, strict=True):
         rng = np.random.default_rng(child)
-        out.append((name, _profile(rng, rows, spread, heterogeneity), rng))
+        out.append((name, _profile(rng, rows, spread, draw.heterogeneity), rng))
     return out
 
 
-def site_profiles(
-    n_sites: int,
-    rows_per_site: int | Sequence[int],
-    seed: int,
-    size_spread: float = 0.5,
-    heterogeneity: float = 1.0,
-) -> dict[str, SiteProfile]:
+def site_profiles(draw: SiteDraw) -> dict[str, SiteProfile]:
     """Each site's case mix, exactly as ``generate_sites`` draws it for the same arguments."""
-    streams = _site_streams(n_sites, rows_per_site, seed, size_spread, heterogeneity)
-    return {name: profile for name, profile, _ in streams}
+    return {name: profile for name, profile, _ in _site_streams(draw)}
 
 
 def generate_sites(
@@ -304,10 +299,10 @@ def generate_sites(
     Raises:
         ValidationError: for a bad count, size, rate or column name.
     """
+    draw = SiteDraw(n_sites, rows_per_site, seed, size_spread, heterogeneity)
     rates = dict(DEFAULT_MISSING if missing is None else missing)
-    _check_args(n_sites, rows_per_site, size_spread, heterogeneity, rates)
-    streams = _site_streams(n_sites, rows_per_site, seed, size_spread, heterogeneity)
-    return {name: _site_frame(rng, profile, rates) for name, profile, rng in streams}
+    _check_args(draw, rates)
+    return {name: _site_frame(rng, profile, rates) for name, profile, rng in _site_streams(draw)}
 
 
 @dataclass(frozen=True)
@@ -318,27 +313,11 @@ class SyntheticFiles:
     sites: dict[str, Path]
 
 
-def write_sites(
-    folder: str | Path,
-    n_sites: int,
-    rows_per_site: int | Sequence[int],
-    seed: int,
-    *,
-    size_spread: float = 0.5,
-    heterogeneity: float = 1.0,
-    missing: Mapping[str, float] | None = None,
-) -> SyntheticFiles:
-    """Write ``<folder>/<site>.csv`` per site (empty cell = missing) and ``dictionary.yaml``."""
+def write_sites(folder: str | Path, frames: Mapping[str, pd.DataFrame]) -> SyntheticFiles:
+    """Write ``<folder>/<site>.csv`` per site of ``generate_sites``'s frames (empty cell =
+    missing) and ``dictionary.yaml``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    frames = generate_sites(
-        n_sites,
-        rows_per_site,
-        seed,
-        size_spread=size_spread,
-        heterogeneity=heterogeneity,
-        missing=missing,
-    )
     dictionary = folder / "dictionary.yaml"
     header = (
         "# Synthetic alliance dictionary (simulations/synthetic.py). Bounds are public and fixed\n"
@@ -402,8 +381,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"generated {total} rows in {generated:.2f} s ({total / generated / 1e6:.1f} M rows/s)")
     if args.folder is not None:
         start = time.perf_counter()
-        write_sites(args.folder, args.sites, args.rows, args.seed)
-        print(f"wrote {args.folder} in {time.perf_counter() - start:.2f} s (incl. regeneration)")
+        write_sites(args.folder, frames)
+        print(f"wrote {args.folder} in {time.perf_counter() - start:.2f} s")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ from typing import Annotated
 import typer
 
 from protocol.config import DataDictionary, SiteConfig, load_yaml
-from protocol.logs import LEVEL_HELP, QUIET_HELP, configure, resolve_level
-from protocol.tlsfiles import check_tls_files
+from protocol.logs import LOG_LEVEL, QUIET, configure, resolve_level
+from protocol.tlsfiles import INSECURE, check_tls_files
 from site_node.connectors import load
 from site_node.harmonize import conform
 from site_node.ledger import SiteStore
@@ -74,11 +74,9 @@ CONFIG = Annotated[Path, typer.Option("--config", help="site.yaml")]
 def site_serve(
     ctx: typer.Context,
     config: CONFIG,
-    insecure: Annotated[
-        bool, typer.Option("--insecure", help="no TLS: loopback experiments ONLY")
-    ] = False,
-    log_level: Annotated[str | None, typer.Option("--log-level", help=LEVEL_HELP)] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help=QUIET_HELP)] = False,
+    insecure: INSECURE = False,
+    log_level: LOG_LEVEL = None,
+    quiet: QUIET = False,
 ) -> None:
     """Dial the coordinator and answer approved tasks; stop with Ctrl-C.
 

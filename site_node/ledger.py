@@ -23,8 +23,9 @@ from typing import Any
 
 from protocol.audit import AuditEntry, VerifyReport, verify_chain
 from protocol.budget import PureDP, check_budget, format_epsilon, over_request_cap
-from protocol.errors import RefusedError
+from protocol.errors import InternalError, RefusedError
 from protocol.storage import connect_read_only
+from protocol.wire.messages import TaskMessage
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
@@ -58,6 +59,18 @@ CREATE INDEX IF NOT EXISTS ledger_spent ON ledger (study_id, request_id, units);
 def now() -> str:
     """UTC time as ISO 8601 with microseconds."""
     return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
+
+
+@dataclass(frozen=True)
+class Charge:
+    """What one dp task asks of the ledger: ``epsilon`` against the study's ``budget`` at this
+    site, and against the approval's ``cap`` on what one request may spend over its rounds."""
+
+    study_id: str
+    request_id: str
+    epsilon: PureDP
+    budget: PureDP
+    cap: PureDP | None
 
 
 @dataclass(frozen=True)
@@ -182,51 +195,37 @@ class SiteStore:
         (total,) = db.execute(query, args).fetchone()
         return int(total)
 
-    def _check_charge(
-        self,
-        db: sqlite3.Connection,
-        study_id: str,
-        request_id: str,
-        charge: PureDP,
-        budget: PureDP,
-        cap: PureDP | None,
-    ) -> None:
+    def _check_charge(self, db: sqlite3.Connection, charge: Charge) -> None:
         """Refuse ``charge`` unless it fits the study's budget and the per-request cap."""
-        check = check_budget(budget, self._spent_units(db, study_id), charge)
+        study_id, epsilon = charge.study_id, charge.epsilon
+        check = check_budget(charge.budget, self._spent_units(db, study_id), epsilon)
         if not check.allowed:
             raise RefusedError(
                 f"refused by {self.actor}: study {study_id} has epsilon "
                 f"{format_epsilon(check.remaining.epsilon)} left at this site; this request "
-                f"needs {format_epsilon(charge.epsilon)} (short by "
+                f"needs {format_epsilon(epsilon.epsilon)} (short by "
                 f"{format_epsilon(check.short.epsilon)}). Ask the site admin for more budget, "
                 "or lower `epsilon` in the request",
                 code="budget",
             )
-        if cap is None:
+        if charge.cap is None:
             return
-        used = self._spent_units(db, study_id, request_id)
-        if not check_budget(cap, used, charge).allowed:
-            asked = PureDP.from_units(used) + charge
+        used = self._spent_units(db, study_id, charge.request_id)
+        if not check_budget(charge.cap, used, epsilon).allowed:
+            asked = PureDP.from_units(used) + epsilon
             raise RefusedError(
-                f"refused by {self.actor}: {over_request_cap(study_id, asked, cap)}",
+                f"refused by {self.actor}: {over_request_cap(study_id, asked, charge.cap)}",
                 code="budget",
             )
 
-    def precheck_charge(
-        self,
-        study_id: str,
-        request_id: str,
-        charge: PureDP,
-        budget: PureDP,
-        cap: PureDP | None,
-    ) -> None:
+    def precheck_charge(self, charge: Charge) -> None:
         """The commit's own budget check, run before any work so a refusal costs nothing.
 
         Raises:
             RefusedError: code ``budget``, saying requested, remaining and the difference.
         """
         with self._lock:
-            self._check_charge(self._db, study_id, request_id, charge, budget, cap)
+            self._check_charge(self._db, charge)
 
     def ledger(self, study_id: str | None = None) -> list[LedgerRow]:
         """Ledger rows, oldest first (optionally for one study)."""
@@ -252,20 +251,14 @@ class SiteStore:
 
     def commit_reply(
         self,
-        *,
-        task_id: str,
-        request_id: str,
-        study_id: str,
-        researcher: str,
-        analysis: str,
-        charge: PureDP | None,
-        budget: PureDP | None,
-        cap: PureDP | None,
+        task: TaskMessage,
+        charge: Charge | None,
         payload: bytes,
         receipt: str,
         detail: dict[str, Any],
     ) -> bytes:
-        """Charge, store and audit a reply in one transaction; return what may leave the site.
+        """Charge, store and audit the reply to ``task`` in one transaction; return what may
+        leave the site.
 
         The budget is checked again inside the transaction with the same predicate as
         :meth:`precheck_charge`, so two tasks racing for the last of a study's budget cannot
@@ -275,30 +268,30 @@ class SiteStore:
         Raises:
             RefusedError: code ``budget`` when the charge no longer fits; nothing is written.
         """
+        task_id, study_id = task.task_id, task.study_id
         with self._transaction() as db:
             row = db.execute("SELECT payload FROM replies WHERE task_id = ?", (task_id,)).fetchone()
             if row is not None:
                 return bytes(row[0])
-            if charge is not None and charge.epsilon > 0:
-                if budget is None:
-                    raise RefusedError(
-                        f"refused by {self.actor}: a charge without a budget; this is probably "
-                        "a bug",
-                        code="error",
+            if charge is not None and charge.epsilon.epsilon > 0:
+                if (charge.study_id, charge.request_id) != (study_id, task.request_id):
+                    raise InternalError(
+                        f"task {task_id} (study {study_id}, request {task.request_id}) carries "
+                        f"a charge to study {charge.study_id}, request {charge.request_id}"
                     )
-                self._check_charge(db, study_id, request_id, charge, budget, cap)
+                self._check_charge(db, charge)
                 db.execute(
                     "INSERT INTO ledger (time, study_id, researcher, task_id, analysis, epsilon, "
                     "units, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         now(),
                         study_id,
-                        researcher,
+                        task.researcher,
                         task_id,
-                        analysis,
-                        charge.epsilon,
-                        charge.charge_units(),
-                        request_id,
+                        task.analysis,
+                        charge.epsilon.epsilon,
+                        charge.epsilon.charge_units(),
+                        charge.request_id,
                     ),
                 )
             db.execute(

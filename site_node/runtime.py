@@ -17,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 
@@ -31,7 +32,7 @@ from protocol.wire import alliance_pb2 as pb
 from protocol.wire.messages import RefusalMessage, ReplyMessage, TaskMessage, record_to_proto
 from site_node.connectors import load
 from site_node.harmonize import DataReport, conform
-from site_node.ledger import SiteStore
+from site_node.ledger import Charge, SiteStore
 from site_node.policy import check_task
 from site_node.privacy import privatize
 
@@ -56,6 +57,16 @@ def _scope(filter_text: str | None) -> str:
 
 def _refusal(task_id: str, code: str, reason: str) -> pb.SiteMessage:
     return RefusalMessage(task_id, code, reason).to_proto()
+
+
+def _task_detail(task: pb.Task | TaskMessage) -> dict[str, Any]:
+    """What every audit entry about a task names."""
+    return {
+        "task": task.task_id,
+        "study": task.study_id,
+        "analysis": task.analysis,
+        "researcher": task.researcher,
+    }
 
 
 class SiteRuntime:
@@ -160,17 +171,7 @@ class SiteRuntime:
             reason = f"internal error at {self.name}: {type(exc).__name__}; this is probably a bug"
             code = "error"
         try:
-            self.store.audit(
-                "refused",
-                {
-                    "task": task.task_id,
-                    "study": task.study_id,
-                    "analysis": task.analysis,
-                    "researcher": task.researcher,
-                    "code": code,
-                    "reason": reason,
-                },
-            )
+            self.store.audit("refused", {**_task_detail(task), "code": code, "reason": reason})
         except Exception:  # nothing was released; the refusal itself must still go out
             log.exception("could not audit the refusal of task %s", task.task_id)
         return Outcome(_refusal(task.task_id, code, reason), "refused", reason)
@@ -193,16 +194,22 @@ class SiteRuntime:
             variables,
             task.privacy_mode,
         )
-        charge: PureDP | None = None
-        budget, cap = approval.budget, approval.epsilon_per_request
+        charge: Charge | None = None
         if mode == "dp":
             if not (math.isfinite(task.epsilon) and task.epsilon > 0):
                 raise ValidationError(
                     f"a dp task needs an epsilon that is a finite number above 0, got "
                     f"{task.epsilon!r}"
                 )
-            charge = PureDP(task.epsilon)
-            self.store.precheck_charge(task.study_id, task.request_id, charge, budget, cap)
+            charge = Charge(
+                task.study_id,
+                task.request_id,
+                PureDP(task.epsilon),
+                approval.budget,
+                approval.epsilon_per_request,
+            )
+            self.store.precheck_charge(charge)
+        epsilon = charge.epsilon.epsilon if charge is not None else 0.0
         base = AnalysisContext(self.dictionary, mode, self.config.policy.sdc, task.round)
         state = analysis.parse_state(task.state, params, base)
         scope = self.work.scope(_scope(row_filter.text if row_filter else None))
@@ -215,12 +222,12 @@ class SiteRuntime:
             spec,
             analysis.local(data, params, ctx),
             mode,
-            charge.epsilon if charge is not None else 0.0,
+            epsilon,
             self.config.policy.sdc,
         )
-        if charge is not None and record.epsilon > charge.epsilon:
+        if charge is not None and record.epsilon > epsilon:
             raise InternalError(
-                f"the release spent epsilon {record.epsilon!r}, above the task's {charge.epsilon!r}"
+                f"the release spent epsilon {record.epsilon!r}, above the task's {epsilon!r}"
             )
         records_used = analysis.site_records(record)
         receipt = hashlib.sha256(
@@ -230,33 +237,19 @@ class SiteRuntime:
             task_id=task.task_id,
             record=record,
             privacy_mode=mode,
-            epsilon_spent=charge.epsilon if charge is not None else 0.0,
+            epsilon_spent=epsilon,
             records_used=None if mode == "dp" or records_used is None else int(records_used),
             receipt=receipt,
         )
         payload = reply.to_proto().SerializeToString(deterministic=True)
-        committed = self.store.commit_reply(
-            task_id=task.task_id,
-            request_id=task.request_id,
-            study_id=task.study_id,
-            researcher=task.researcher,
-            analysis=task.analysis,
-            charge=charge,
-            budget=budget if mode == "dp" else None,
-            cap=cap if mode == "dp" else None,
-            payload=payload,
-            receipt=receipt,
-            detail={
-                "task": task.task_id,
-                "request": task.request_id,
-                "study": task.study_id,
-                "analysis": task.analysis,
-                "researcher": task.researcher,
-                "mode": mode,
-                "epsilon": reply.epsilon_spent,
-                "receipt": receipt,
-            },
-        )
+        detail = {
+            **_task_detail(task),
+            "request": task.request_id,
+            "mode": mode,
+            "epsilon": reply.epsilon_spent,
+            "receipt": receipt,
+        }
+        committed = self.store.commit_reply(task, charge, payload, receipt, detail)
         if committed != payload:  # another delivery of this task id committed first
             return self._replayed(committed)
         return Outcome(pb.SiteMessage.FromString(committed), "reply")

@@ -7,6 +7,7 @@ import pytest
 
 from protocol.config import DataDictionary
 from simulations.heart import heart_dictionary, heart_sites
+from tests.datasets import Split
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +28,9 @@ def heart_pooled(heart_frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(
         [frame.assign(site=name) for name, frame in heart_frames.items()], ignore_index=True
     )
+
+
+@pytest.fixture(scope="session")
+def heart(heart_dict: DataDictionary, heart_frames: dict[str, pd.DataFrame]) -> Split:
+    """The four hospitals as one :class:`~tests.datasets.Split` (frames, pooled, dictionary)."""
+    return Split.of(heart_frames, heart_dict)

@@ -12,7 +12,7 @@ from analyses.base import AnalysisContext, NextRound
 from analyses.common import unpack
 from analyses.glm.design import state_beta
 from analyses.glm.formula import FloatArray, GLMModel, GLMParams, dp_round_count, glm_model
-from analyses.glm.result import BOOTSTRAP, GLMResult, glm_result
+from analyses.glm.result import BOOTSTRAP, GLMResult, GLMRound, glm_result
 from analyses.glm.sensitivity import DP_BETA_LIMIT
 from protocol.errors import ModelError
 from protocol.records import AggregateRecord
@@ -103,26 +103,21 @@ def combine(
             f"glm {params.formula!r}: {n_total:.0f} complete records for {p} parameters; "
             "a model needs more records than parameters"
         )
+    step = GLMRound(records, pooled, h, model, params, ctx)
     if noisy:
-        return dp_round(records, pooled, h, model, params, ctx, n_history)
+        return dp_round(step, n_history)
     if ctx.round == 0:
         check_rank(h, model, params, separation=False)
         beta = np.linalg.solve(h, pooled["xwz"])
         return NextRound(
             {"beta": beta.tolist()}, {"iteration": 1, "halvings": 0, "n_history": n_history}
         )
-    return exact_round(records, pooled, h, model, params, ctx, n_total)
+    return exact_round(step, n_total)
 
 
-def exact_round(
-    records: Mapping[str, AggregateRecord],
-    pooled: dict[str, FloatArray],
-    h: FloatArray,
-    model: GLMModel,
-    params: GLMParams,
-    ctx: AnalysisContext,
-    n_total: float,
-) -> GLMResult | NextRound:
+def exact_round(step: GLMRound, n_total: float) -> GLMResult | NextRound:
+    """One IRLS step on the exact pooled sums, halving it while the deviance grows."""
+    pooled, h, model, params, ctx = step.pooled, step.h, step.model, step.params, step.ctx
     memo = dict(ctx.memo)
     beta = state_beta(ctx, model.p)
     deviance = float(pooled["deviance"])
@@ -141,17 +136,14 @@ def exact_round(
     if model.family == "binomial" and deviance <= 1e-8 * max(n_total, 1.0):
         raise ModelError(separation_message(params, model, beta, complete=True))
     check_rank(h, model, params, separation=model.family != "gaussian", beta=beta)
-    step = np.linalg.solve(h, pooled["score"])
-    new = beta + step
+    delta = np.linalg.solve(h, pooled["score"])
+    new = beta + delta
     iteration = int(memo["iteration"]) + 1
-    change = float(np.abs(step).max()) / max(1.0, float(np.abs(beta).max()))
+    change = float(np.abs(delta).max()) / max(1.0, float(np.abs(beta).max()))
     if not math.isfinite(change):
         raise ModelError(f"glm {params.formula!r}: the IRLS step is not finite")
     if change <= params.tol:
-        return glm_result(
-            records, model, params, ctx, new, inverse(h), deviance, n_total,
-            iteration, converged=True,
-        )  # fmt: skip
+        return glm_result(step, new, inverse(h), deviance, n_total, iteration, converged=True)
     if iteration >= params.max_iter:
         if model.family != "gaussian" and float(np.abs(new).max()) > SEPARATION_BETA:
             raise ModelError(separation_message(params, model, new, complete=False))
@@ -166,15 +158,11 @@ def exact_round(
     )
 
 
-def dp_round(
-    records: Mapping[str, AggregateRecord],
-    pooled: dict[str, FloatArray],
-    h: FloatArray,
-    model: GLMModel,
-    params: GLMParams,
-    ctx: AnalysisContext,
-    n_history: list[float],
-) -> GLMResult | NextRound:
+def dp_round(step: GLMRound, n_history: list[float]) -> GLMResult | NextRound:
+    """One of the fixed dp rounds: a Newton step on the noisy sums; the last one bootstraps
+    the sites' noise into the standard errors."""
+    records, pooled, h, model = step.records, step.pooled, step.h, step.model
+    params, ctx = step.params, step.ctx
     p = model.p
     upper = np.triu_indices(p)
     cell_sd = math.sqrt(sum(r.releases["xwx"].variance() for r in records.values()))
@@ -211,7 +199,4 @@ def dp_round(
     noise_cov = np.zeros((p, p))
     if any(r.releases[k].noisy for r in records.values() for k in ("xwx", vec_name)):
         noise_cov = np.atleast_2d(np.cov(draws, rowvar=False))
-    return glm_result(
-        records, model, params, ctx, new, inverse(h_pd), deviance, n_total,
-        ctx.round + 1, converged=False, noise_cov=noise_cov,
-    )  # fmt: skip
+    return glm_result(step, new, inverse(h_pd), deviance, n_total, ctx.round + 1, False, noise_cov)

@@ -13,6 +13,7 @@ import pandas as pd
 
 from analyses._lazy import stats
 from analyses.base import AnalysisContext
+from analyses.common import wald_row
 from analyses.glm.formula import FloatArray, GLMModel, GLMParams
 from analyses.results import AnalysisResult
 from protocol.errors import ValidationError
@@ -32,8 +33,8 @@ class GLMResult(AnalysisResult):
     formula: str = ""
     response: str = ""
     terms: list[str] = field(default_factory=list)
-    coefficients: dict[str, dict[str, float]] = field(default_factory=dict)
     cov_params: list[list[float]] = field(default_factory=list)
+    coefficients: dict[str, dict[str, float]] = field(default_factory=dict)
     deviance: float = float("nan")
     scale: float = 1.0
     df_resid: float = float("nan")
@@ -44,26 +45,8 @@ class GLMResult(AnalysisResult):
     noise_std_error: dict[str, float] = field(default_factory=dict)
     noise_method: str = ""
 
-    def values(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "family": self.family,
-            "formula": self.formula,
-            "response": self.response,
-            "terms": list(self.terms),
-            "cov_params": self.cov_params,
-            "coefficients": self.coefficients,
-            "deviance": self.deviance,
-            "scale": self.scale,
-            "df_resid": self.df_resid,
-            "iterations": self.iterations,
-            "rounds": self.rounds,
-            "converged": self.converged,
-            "ci_level": self.ci_level,
-        }
-        if self.noise_method:
-            out["noise_std_error"] = dict(self.noise_std_error)
-            out["noise_method"] = self.noise_method
-        return out
+    #: Only a result with dp noise has these.
+    optional_values = frozenset({"noise_std_error", "noise_method"})
 
     @property
     def _pct(self) -> str:
@@ -166,11 +149,21 @@ class GLMResult(AnalysisResult):
 # ----------------------------------------------------------------------------- analysis
 
 
+@dataclass(frozen=True)
+class GLMRound:
+    """What the coordinator holds in one round of ``glm``: the sites' records, their pooled
+    sums with X'WX unpacked (``h``), the model, its parameters and the round's context."""
+
+    records: Mapping[str, AggregateRecord]
+    pooled: dict[str, FloatArray]
+    h: FloatArray
+    model: GLMModel
+    params: GLMParams
+    ctx: AnalysisContext
+
+
 def glm_result(
-    records: Mapping[str, AggregateRecord],
-    model: GLMModel,
-    params: GLMParams,
-    ctx: AnalysisContext,
+    step: GLMRound,
     beta_std: FloatArray,
     h_inv: FloatArray,
     deviance_std: float,
@@ -179,6 +172,7 @@ def glm_result(
     converged: bool,
     noise_cov: FloatArray | None = None,
 ) -> GLMResult:
+    records, model, params, ctx = step.records, step.model, step.params, step.ctx
     p = model.p
     df_resid = n_total - p
     scale_std = 1.0
@@ -197,17 +191,7 @@ def glm_result(
             for t, v in zip(model.columns, np.diag(noise_orig), strict=True)
         }
     crit = float(stats.norm.ppf(0.5 + params.ci_level / 2))
-    coefficients: dict[str, dict[str, float]] = {}
-    for j, term in enumerate(model.columns):
-        z = float(beta[j] / se[j]) if se[j] > 0 else float("nan")
-        coefficients[term] = {
-            "estimate": float(beta[j]),
-            "std_error": float(se[j]),
-            "z": z,
-            "p": float(2 * stats.norm.sf(abs(z))),
-            "ci_lower": float(beta[j] - crit * se[j]),
-            "ci_upper": float(beta[j] + crit * se[j]),
-        }
+    coefficients = {term: wald_row(beta[j], se[j], crit) for j, term in enumerate(model.columns)}
     result = GLMResult(
         analysis="glm",
         n=n_total,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
 import numpy as np
@@ -52,6 +53,19 @@ class CountingState(GridState):
     """Public state of ``kaplan_meier`` and ``logrank``: the probe, then the counts."""
 
     phase: Literal["probe", "counts"]
+
+
+@dataclass(frozen=True)
+class PooledCounts(Generic[CP]):
+    """What the counting rounds end with: the pooled (levels, 2, grid) event and censoring
+    counts, their noise variance per cell, the grid, the request and the notes so far."""
+
+    counts: FloatArray
+    noise_var: float
+    grid: TimeGrid
+    params: CP
+    ctx: AnalysisContext
+    notes: list[str]
 
 
 class Counting(Analysis[CP], Generic[CP]):
@@ -145,19 +159,11 @@ class Counting(Analysis[CP], Generic[CP]):
         if noise_var > 0:
             counts = np.maximum(counts, 0.0)  # noisy counts: post-processing keeps them >= 0
         note = grid_note(grid, params, ctx, time_unit(ctx.dictionary, params.time))
-        return self._finish(counts, noise_var, grid, params, ctx, [note])
+        return self._finish(PooledCounts(counts, noise_var, grid, params, ctx, [note]))
 
     @abstractmethod
-    def _finish(
-        self,
-        counts: FloatArray,
-        noise_var: float,
-        grid: TimeGrid,
-        params: CP,
-        ctx: AnalysisContext,
-        notes: list[str],
-    ) -> AnalysisResult:
-        """The result from the pooled (levels, 2, grid) counts and their noise per cell."""
+    def _finish(self, pooled: PooledCounts[CP]) -> AnalysisResult:
+        """The result from the pooled counts and their noise per cell."""
 
 
 def at_risk_counts(deaths: FloatArray, censored: FloatArray) -> FloatArray:

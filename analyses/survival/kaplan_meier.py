@@ -11,13 +11,10 @@ import pandas as pd
 from pydantic import Field
 
 from analyses._lazy import stats
-from analyses.base import (
-    AnalysisContext,
-)
 from analyses.registry import analysis
 from analyses.results import AnalysisResult, table_text
-from analyses.survival.counting import Counting, CountingParams, at_risk_counts
-from analyses.survival.grid import FloatArray, TimeGrid
+from analyses.survival.counting import Counting, CountingParams, PooledCounts, at_risk_counts
+from analyses.survival.grid import FloatArray
 
 
 class KaplanMeierParams(CountingParams):
@@ -196,17 +193,10 @@ class KaplanMeier(Counting[KaplanMeierParams]):
 
     params_model = KaplanMeierParams
 
-    def _finish(
-        self,
-        counts: FloatArray,
-        noise_var: float,
-        grid: TimeGrid,
-        params: KaplanMeierParams,
-        ctx: AnalysisContext,
-        notes: list[str],
-    ) -> KaplanMeierResult:
-        points = grid.points()
-        labels = [str(level) for level in self._levels(params, ctx.dictionary)]
+    def _finish(self, pooled: PooledCounts[KaplanMeierParams]) -> KaplanMeierResult:
+        params, counts, noise_var = pooled.params, pooled.counts, pooled.noise_var
+        points, notes = pooled.grid.points(), pooled.notes
+        labels = [str(level) for level in self._levels(params, pooled.ctx.dictionary)]
         curves = {
             (label if params.group else "all"): km_curve(
                 counts[i, 0], counts[i, 1], points, noise_var, params.ci_level

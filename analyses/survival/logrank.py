@@ -10,13 +10,10 @@ import pandas as pd
 from pydantic import Field
 
 from analyses._lazy import stats
-from analyses.base import (
-    AnalysisContext,
-)
 from analyses.registry import analysis
 from analyses.results import AnalysisResult
-from analyses.survival.counting import Counting, CountingParams, at_risk_counts
-from analyses.survival.grid import FloatArray, TimeGrid
+from analyses.survival.counting import Counting, CountingParams, PooledCounts, at_risk_counts
+from analyses.survival.grid import FloatArray
 from protocol.errors import ModelError
 
 
@@ -34,16 +31,6 @@ class LogrankResult(AnalysisResult):
     p: float = float("nan")
     observed: dict[str, float] = field(default_factory=dict)
     expected: dict[str, float] = field(default_factory=dict)
-
-    def values(self) -> dict[str, Any]:
-        return {
-            "group": self.group,
-            "chi2": self.chi2,
-            "dof": self.dof,
-            "p": self.p,
-            "observed": self.observed,
-            "expected": self.expected,
-        }
 
     @property
     def summary(self) -> pd.DataFrame:
@@ -104,16 +91,10 @@ class Logrank(Counting[LogrankParams]):
 
     params_model = LogrankParams
 
-    def _finish(
-        self,
-        counts: FloatArray,
-        noise_var: float,
-        grid: TimeGrid,
-        params: LogrankParams,
-        ctx: AnalysisContext,
-        notes: list[str],
-    ) -> LogrankResult:
-        levels = [str(level) for level in self._levels(params, ctx.dictionary)]
+    def _finish(self, pooled: PooledCounts[LogrankParams]) -> LogrankResult:
+        counts, noise_var = pooled.counts, pooled.noise_var
+        params, notes = pooled.params, pooled.notes
+        levels = [str(level) for level in self._levels(params, pooled.ctx.dictionary)]
         present = counts.sum(axis=(1, 2)) > 0
         if present.sum() < 2:
             raise ModelError(

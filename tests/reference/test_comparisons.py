@@ -13,6 +13,7 @@ from scipy import stats
 import analyses  # noqa: F401  (registers every analysis)
 from analyses.testing import federate
 from protocol.config import DataDictionary
+from tests.datasets import Split
 
 # ----------------------------------------------------------------------------- ttest
 
@@ -20,13 +21,11 @@ from protocol.config import DataDictionary
 @pytest.mark.parametrize("equal_var", [False, True])
 def test_heart_ttest_age_by_disease_equals_scipy(
     equal_var: bool,
-    heart_frames: dict[str, pd.DataFrame],
-    heart_pooled: pd.DataFrame,
-    heart_dict: DataDictionary,
+    heart: Split,
 ) -> None:
     params = {"variable": "age", "group": "disease", "equal_var": equal_var}
-    result = federate("ttest", heart_frames, params, heart_dict)
-    used = heart_pooled.dropna(subset=["age", "disease"])
+    result = heart.federate("ttest", params)
+    used = heart.pooled.dropna(subset=["age", "disease"])
     diseased, healthy = used.loc[used.disease == 1, "age"], used.loc[used.disease == 0, "age"]
     # scipy 1.17: stats.ttest_ind(diseased, healthy, equal_var=equal_var) and its 95% interval
     reference = stats.ttest_ind(diseased, healthy, equal_var=equal_var)
@@ -45,11 +44,9 @@ def test_heart_ttest_age_by_disease_equals_scipy(
         assert group["variance"] == pytest.approx(values.var(), rel=1e-10)
 
 
-def test_heart_welch_ttest_chol_by_sex_equals_scipy(
-    heart_frames: dict[str, pd.DataFrame], heart_pooled: pd.DataFrame, heart_dict: DataDictionary
-) -> None:
-    result = federate("ttest", heart_frames, {"variable": "chol", "group": "sex"}, heart_dict)
-    used = heart_pooled.dropna(subset=["chol", "sex"])
+def test_heart_welch_ttest_chol_by_sex_equals_scipy(heart: Split) -> None:
+    result = heart.federate("ttest", {"variable": "chol", "group": "sex"})
+    used = heart.pooled.dropna(subset=["chol", "sex"])
     # scipy 1.17: stats.ttest_ind(chol[sex == 1], chol[sex == 0], equal_var=False)
     reference = stats.ttest_ind(
         used.loc[used.sex == 1, "chol"], used.loc[used.sex == 0, "chol"], equal_var=False
@@ -63,12 +60,10 @@ def test_heart_welch_ttest_chol_by_sex_equals_scipy(
 # ----------------------------------------------------------------------------- correlation
 
 
-def test_heart_correlation_equals_pandas_on_complete_cases(
-    heart_frames: dict[str, pd.DataFrame], heart_pooled: pd.DataFrame, heart_dict: DataDictionary
-) -> None:
+def test_heart_correlation_equals_pandas_on_complete_cases(heart: Split) -> None:
     names = ["age", "trestbps", "chol", "thalach"]
-    result = federate("correlation", heart_frames, {"variables": names}, heart_dict)
-    complete = heart_pooled[names].dropna()
+    result = heart.federate("correlation", {"variables": names})
+    complete = heart.pooled[names].dropna()
     # pandas 2.3: DataFrame.corr() (Pearson) on the pooled complete cases
     reference = complete.corr()
     for a in names:

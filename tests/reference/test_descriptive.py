@@ -8,6 +8,7 @@ import pytest
 
 from analyses.testing import federate
 from protocol.config import DataDictionary
+from tests.datasets import Split
 
 
 def test_cnsim_mean_matches_datashield(
@@ -23,18 +24,16 @@ def test_cnsim_mean_matches_datashield(
     assert result.variance == pytest.approx(pooled.var(ddof=1), rel=1e-10)
 
 
-def test_heart_count_mean_histogram_equal_numpy(
-    heart_frames: dict[str, pd.DataFrame], heart_pooled: pd.DataFrame, heart_dict: DataDictionary
-) -> None:
-    count = federate("count", heart_frames, {"variable": "chol"}, heart_dict)
-    # numpy: heart_pooled.chol.notna().sum() (chol == 0 at Switzerland and VA is missing)
-    assert count.count == heart_pooled.chol.notna().sum() == 920 - 123 - 49 - 7 - 23
-    mean = federate("mean", heart_frames, {"variable": "thalach"}, heart_dict)
-    thalach = heart_pooled.thalach.dropna()
+def test_heart_count_mean_histogram_equal_numpy(heart: Split) -> None:
+    count = heart.federate("count", {"variable": "chol"})
+    # numpy: heart.pooled.chol.notna().sum() (chol == 0 at Switzerland and VA is missing)
+    assert count.count == heart.pooled.chol.notna().sum() == 920 - 123 - 49 - 7 - 23
+    mean = heart.federate("mean", {"variable": "thalach"})
+    thalach = heart.pooled.thalach.dropna()
     # numpy: thalach.mean(), thalach.var(ddof=1)
     assert mean.mean == pytest.approx(thalach.mean(), rel=1e-12)
     assert mean.variance == pytest.approx(thalach.var(ddof=1), rel=1e-10)
     edges = [60, 100, 140, 180, 220]
-    hist = federate("histogram", heart_frames, {"variable": "thalach", "edges": edges}, heart_dict)
+    hist = heart.federate("histogram", {"variable": "thalach", "edges": edges})
     # numpy: np.histogram(thalach, bins=edges)
     assert hist.counts == np.histogram(thalach, bins=edges)[0].tolist()

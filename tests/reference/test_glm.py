@@ -8,6 +8,7 @@ terms as formulaic does (``sex[T.1]``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from analyses.registry import get_analysis
 from analyses.testing import federate
 from protocol.config import DataDictionary, SDCThresholds
 from protocol.errors import DisclosureError
+from tests.datasets import Split
 
 
 def with_levels(frame: pd.DataFrame, dictionary: DataDictionary, names: list[str]) -> pd.DataFrame:
@@ -44,19 +46,33 @@ def assert_equals_pooled(result: Any, reference: Any) -> None:
     assert result.n == reference.nobs
 
 
+FAMILIES = {
+    "gaussian": sm.families.Gaussian,
+    "binomial": sm.families.Binomial,
+    "poisson": sm.families.Poisson,
+}
+
+
+def glm_and_pooled(
+    data: Split, formula: str, family: str = "gaussian", categorical: Sequence[str] = (), **fit: Any
+) -> tuple[Any, Any]:
+    """``glm`` over the sites (mode off), and its reference on the sites' records pooled, with
+    the ``categorical`` variables given the dictionary's levels:
+    ``smf.glm(formula, pooled, family=sm.families.<family>()).fit(**fit)``."""
+    result = data.federate("glm", {"formula": formula, "family": family})
+    pooled = with_levels(data.pooled, data.dictionary, list(categorical))
+    reference = smf.glm(formula, pooled, family=FAMILIES[family]()).fit(**fit)
+    return result, reference
+
+
 # ----------------------------------------------------------------------------- UCI heart
 
 
-def test_heart_logistic_with_categorical_terms_and_interaction(
-    heart_frames: dict[str, pd.DataFrame], heart_pooled: pd.DataFrame, heart_dict: DataDictionary
-) -> None:
-    formula = "disease ~ age*sex + cp + trestbps + chol"
-    result = federate("glm", heart_frames, {"formula": formula, "family": "binomial"}, heart_dict)
+def test_heart_logistic_with_categorical_terms_and_interaction(heart: Split) -> None:
     # statsmodels 0.15: smf.glm("disease ~ age*sex + cp + trestbps + chol", pooled,
     #                           family=sm.families.Binomial()).fit()
-    reference = smf.glm(
-        formula, with_levels(heart_pooled, heart_dict, ["sex", "cp"]), family=sm.families.Binomial()
-    ).fit()
+    formula = "disease ~ age*sex + cp + trestbps + chol"
+    result, reference = glm_and_pooled(heart, formula, "binomial", ["sex", "cp"])
     assert_equals_pooled(result, reference)
     assert "age:sex[T.1]" in result.terms and "cp[T.4]" in result.terms
     # Switzerland's chol is missing in every record after conformance: it contributes nothing.
@@ -64,65 +80,51 @@ def test_heart_logistic_with_categorical_terms_and_interaction(
     assert result.converged and result.family == "binomial"
 
 
-def test_heart_gaussian_with_categorical_terms_and_interaction(
-    heart_frames: dict[str, pd.DataFrame], heart_pooled: pd.DataFrame, heart_dict: DataDictionary
-) -> None:
-    formula = "thalach ~ age + sex*exang + cp + trestbps"
-    result = federate("glm", heart_frames, {"formula": formula, "family": "gaussian"}, heart_dict)
+def test_heart_gaussian_with_categorical_terms_and_interaction(heart: Split) -> None:
     # statsmodels 0.15: smf.glm("thalach ~ age + sex*exang + cp + trestbps", pooled).fit()
-    reference = smf.glm(formula, with_levels(heart_pooled, heart_dict, ["sex", "cp"])).fit()
+    formula = "thalach ~ age + sex*exang + cp + trestbps"
+    result, reference = glm_and_pooled(heart, formula, "gaussian", ["sex", "cp"])
     assert_equals_pooled(result, reference)
     assert result.scale == pytest.approx(reference.scale, rel=1e-8)
 
 
-def test_heart_poisson_where_sites_have_few_rows(
-    heart_frames: dict[str, pd.DataFrame], heart_pooled: pd.DataFrame, heart_dict: DataDictionary
-) -> None:
+def test_heart_poisson_where_sites_have_few_rows(heart: Split) -> None:
     # ca is recorded for 299 Cleveland patients but 3 Hungarian, 5 Swiss and 2 VA ones.
-    formula = "ca ~ age + sex + age:sex + thalach"
-    result = federate("glm", heart_frames, {"formula": formula, "family": "poisson"}, heart_dict)
     # statsmodels 0.15: smf.glm("ca ~ age + sex + age:sex + thalach", pooled,
     #                           family=sm.families.Poisson()).fit()
-    reference = smf.glm(
-        formula, with_levels(heart_pooled, heart_dict, ["sex"]), family=sm.families.Poisson()
-    ).fit()
+    formula = "ca ~ age + sex + age:sex + thalach"
+    result, reference = glm_and_pooled(heart, formula, "poisson", ["sex"])
     assert_equals_pooled(result, reference)
     assert {s.name: s.records for s in result.sites}["va"] == 2
 
 
-def test_heart_column_constant_at_one_site(
-    heart_frames: dict[str, pd.DataFrame], heart_dict: DataDictionary
-) -> None:
+def test_heart_column_constant_at_one_site(heart: Split) -> None:
     # fbs set to 0 for every Hungarian record: a constant column there, not in the pool.
-    frames = dict(heart_frames, hungarian=heart_frames["hungarian"].assign(fbs=0.0))
-    pooled = pd.concat(list(frames.values()), ignore_index=True)
-    formula = "disease ~ age + sex + fbs + thalach"
-    result = federate("glm", frames, {"formula": formula, "family": "binomial"}, heart_dict)
+    frames = dict(heart.frames, hungarian=heart.frames["hungarian"].assign(fbs=0.0))
     # statsmodels 0.15: smf.glm("disease ~ age + sex + fbs + thalach", pooled,
     #                           family=sm.families.Binomial()).fit()
-    reference = smf.glm(
-        formula, with_levels(pooled, heart_dict, ["sex"]), family=sm.families.Binomial()
-    ).fit()
+    formula = "disease ~ age + sex + fbs + thalach"
+    result, reference = glm_and_pooled(
+        Split.of(frames, heart.dictionary), formula, "binomial", ["sex"]
+    )
     assert_equals_pooled(result, reference)
 
 
-def test_heart_sdc_refuses_small_sites_and_stays_exact_on_the_rest(
-    heart_frames: dict[str, pd.DataFrame], heart_dict: DataDictionary
-) -> None:
+def test_heart_sdc_refuses_small_sites_and_stays_exact_on_the_rest(heart: Split) -> None:
     glm = get_analysis("glm")
     params = {"formula": "ca ~ age + sex + thalach", "family": "poisson"}
-    parsed = glm.parse_params(params, heart_dict)
-    sdc = AnalysisContext(heart_dict, "sdc", SDCThresholds())
+    parsed = glm.parse_params(params, heart.dictionary)
+    sdc = AnalysisContext(heart.dictionary, "sdc", SDCThresholds())
     # VA has 2 complete records for 4 parameters: 4 > 0.33 x 2 (the refusal never says 2).
     with pytest.raises(DisclosureError, match=r"4 parameters but this site has fewer than 13"):
-        glm.local(heart_frames["va"], parsed, sdc)
-    kept = {"cleveland": heart_frames["cleveland"]}
-    result = federate("glm", kept, params, heart_dict, mode="sdc")
+        glm.local(heart.frames["va"], parsed, sdc)
+    kept = {"cleveland": heart.frames["cleveland"]}
+    result = federate("glm", kept, params, heart.dictionary, mode="sdc")
     # statsmodels 0.15: smf.glm("ca ~ age + sex + thalach", cleveland,
     #                           family=sm.families.Poisson()).fit()
     reference = smf.glm(
         "ca ~ age + sex + thalach",
-        with_levels(heart_frames["cleveland"], heart_dict, ["sex"]),
+        with_levels(heart.frames["cleveland"], heart.dictionary, ["sex"]),
         family=sm.families.Poisson(),
     ).fit()
     assert_equals_pooled(result, reference)
@@ -134,17 +136,12 @@ def test_heart_sdc_refuses_small_sites_and_stays_exact_on_the_rest(
 def test_cnsim_logistic_matches_datashield_and_statsmodels(
     cnsim: tuple[dict[str, pd.DataFrame], DataDictionary],
 ) -> None:
-    frames, dictionary = cnsim
-    formula = "DIS_DIAB ~ GENDER*PM_BMI_CONTINUOUS + LAB_HDL"
-    result = federate("glm", frames, {"formula": formula, "family": "binomial"}, dictionary)
-    # DataSHIELD (dsBaseClient ds.glm test, CNSIM1-3): deviance 1036.031.
-    assert round(result.deviance, 3) == 1036.031
     # statsmodels 0.15: smf.glm("DIS_DIAB ~ GENDER*PM_BMI_CONTINUOUS + LAB_HDL", pooled,
     #                           family=sm.families.Binomial()).fit()
-    pooled = pd.concat(list(frames.values()), ignore_index=True)
-    reference = smf.glm(
-        formula, with_levels(pooled, dictionary, ["GENDER"]), family=sm.families.Binomial()
-    ).fit()
+    formula = "DIS_DIAB ~ GENDER*PM_BMI_CONTINUOUS + LAB_HDL"
+    result, reference = glm_and_pooled(Split.of(*cnsim), formula, "binomial", ["GENDER"])
+    # DataSHIELD (dsBaseClient ds.glm test, CNSIM1-3): deviance 1036.031.
+    assert round(result.deviance, 3) == 1036.031
     assert_equals_pooled(result, reference)
     assert "GENDER[T.1]:PM_BMI_CONTINUOUS" in result.terms
 
@@ -152,13 +149,10 @@ def test_cnsim_logistic_matches_datashield_and_statsmodels(
 def test_cnsim_gaussian_matches_datashield_and_statsmodels(
     cnsim: tuple[dict[str, pd.DataFrame], DataDictionary],
 ) -> None:
-    frames, dictionary = cnsim
-    result = federate("glm", frames, {"formula": "LAB_TSC ~ LAB_TRIG"}, dictionary)
+    # statsmodels 0.15: smf.glm("LAB_TSC ~ LAB_TRIG", pooled).fit()
+    result, reference = glm_and_pooled(Split.of(*cnsim), "LAB_TSC ~ LAB_TRIG")
     # DataSHIELD (dsBaseClient ds.glm test, CNSIM1-3): deviance 8936.32.
     assert round(result.deviance, 2) == 8936.32
-    # statsmodels 0.15: smf.glm("LAB_TSC ~ LAB_TRIG", pooled).fit()
-    pooled = pd.concat(list(frames.values()), ignore_index=True)
-    reference = smf.glm("LAB_TSC ~ LAB_TRIG", pooled).fit()
     assert_equals_pooled(result, reference)
 
 
@@ -169,16 +163,12 @@ def test_cnsim_reaches_the_maximum_likelihood_estimate(
     optimum. statsmodels' default stops on an absolute deviance change of 1e-8 and takes its
     covariance from the previous iterate's weights: on this model its default standard errors
     differ from the optimum's by about 4e-6, its tightly converged ones by < 1e-13."""
-    frames, dictionary = cnsim
     formula = "MEDI_LPD ~ LAB_TSC + LAB_TRIG + GENDER + PM_BMI_CATEGORICAL + LAB_GLUC_ADJUSTED"
-    result = federate("glm", frames, {"formula": formula, "family": "binomial"}, dictionary)
     # statsmodels 0.15: smf.glm(formula, pooled, family=sm.families.Binomial()).fit(tol=1e-12)
-    pooled = with_levels(
-        pd.concat(list(frames.values()), ignore_index=True),
-        dictionary,
-        ["GENDER", "PM_BMI_CATEGORICAL"],
+    categorical = ["GENDER", "PM_BMI_CATEGORICAL"]
+    result, reference = glm_and_pooled(
+        Split.of(*cnsim), formula, "binomial", categorical, tol=1e-12
     )
-    reference = smf.glm(formula, pooled, family=sm.families.Binomial()).fit(tol=1e-12)
     for term in reference.params.index:
         assert result.coef(term) == pytest.approx(reference.params[term], rel=1e-10)
         se = result.coefficients[term]["std_error"]

@@ -5,27 +5,21 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 from statsmodels.stats.proportion import proportion_confint
 
-from analyses.testing import federate
 from coordinator.client import result_from_json
-from protocol.config import DataDictionary
 from tests import dp_noise
+from tests.datasets import Split
 
 
 @pytest.mark.parametrize("method", ["wilson", "normal"])
 def test_pooled_proportion_equals_statsmodels(
     method: str,
-    heart_frames: dict[str, pd.DataFrame],
-    heart_pooled: pd.DataFrame,
-    heart_dict: DataDictionary,
+    heart: Split,
 ) -> None:
-    result = federate(
-        "proportion", heart_frames, {"variable": "disease", "method": method}, heart_dict
-    )
-    known = heart_pooled["disease"].dropna()
+    result = heart.federate("proportion", {"variable": "disease", "method": method})
+    known = heart.pooled["disease"].dropna()
     count, nobs = int(known.sum()), len(known)
     # statsmodels 0.15: proportion_confint(count, nobs, alpha=0.05, method=method)
     low, high = proportion_confint(count, nobs, alpha=0.05, method=method)
@@ -37,17 +31,15 @@ def test_pooled_proportion_equals_statsmodels(
     assert str(again) == str(result) and again.to_dict() == result.to_dict()
 
 
-def test_dp_proportion_states_its_noise_and_it_matches_the_spread(
-    heart_frames: dict[str, pd.DataFrame], heart_pooled: pd.DataFrame, heart_dict: DataDictionary
-) -> None:
+def test_dp_proportion_states_its_noise_and_it_matches_the_spread(heart: Split) -> None:
     rng = np.random.default_rng(12)
     runs = [
         dp_noise.release_dp(
-            "proportion", heart_frames, {"variable": "disease"}, 0.5, rng, heart_dict
+            "proportion", heart.frames, {"variable": "disease"}, 0.5, rng, heart.dictionary
         )
         for _ in range(400)
     ]
-    truth = heart_pooled["disease"].dropna().mean()
+    truth = heart.pooled["disease"].dropna().mean()
     estimates = np.array([r.proportion for r in runs])
     stated = np.median([r.noise_sd for r in runs])
     # Discrete Laplace of scale 2 in each of 2 cells at 4 sites, through the delta method:

@@ -14,6 +14,7 @@ import pytest
 import analyses  # noqa: F401  (registers every analysis)
 from analyses.testing import federate
 from protocol.config import DataDictionary
+from tests.datasets import Split
 
 PROBS = [0.01, 0.05, 0.1, 0.25, 1 / 3, 0.5, 0.75, 0.9, 0.95, 0.99]
 
@@ -24,12 +25,10 @@ PROBS = [0.01, 0.05, 0.1, 0.25, 1 / 3, 0.5, 0.75, 0.9, 0.95, 0.99]
 @pytest.mark.parametrize("variable", ["age", "chol", "oldpeak", "thalach"])
 def test_heart_quantiles_equal_pooled_numpy_and_pandas(
     variable: str,
-    heart_frames: dict[str, pd.DataFrame],
-    heart_pooled: pd.DataFrame,
-    heart_dict: DataDictionary,
+    heart: Split,
 ) -> None:
-    result = federate("quantiles", heart_frames, {"variable": variable, "probs": PROBS}, heart_dict)
-    values = heart_pooled[variable].dropna()
+    result = heart.federate("quantiles", {"variable": variable, "probs": PROBS})
+    values = heart.pooled[variable].dropna()
     # numpy 2.4: np.quantile(values, PROBS) (method="linear"); pandas 2.3: Series.quantile(PROBS)
     expected = np.quantile(values, PROBS)
     expected_pandas = values.quantile(PROBS).to_numpy()
@@ -43,16 +42,12 @@ def test_heart_quantiles_equal_pooled_numpy_and_pandas(
     assert not result.notes
 
 
-def test_heart_quantiles_sdc_bounds_hold_the_pooled_quantile(
-    heart_frames: dict[str, pd.DataFrame], heart_pooled: pd.DataFrame, heart_dict: DataDictionary
-) -> None:
+def test_heart_quantiles_sdc_bounds_hold_the_pooled_quantile(heart: Split) -> None:
     probs = [0.05, 0.25, 0.5, 0.75, 0.95]
     for variable in ("age", "chol", "thalach"):
-        result = federate(
-            "quantiles", heart_frames, {"variable": variable, "probs": probs}, heart_dict, "sdc"
-        )
+        result = heart.federate("quantiles", {"variable": variable, "probs": probs}, mode="sdc")
         # numpy 2.4: np.quantile(pooled[variable].dropna(), probs)
-        expected = np.quantile(heart_pooled[variable].dropna(), probs)
+        expected = np.quantile(heart.pooled[variable].dropna(), probs)
         for p, want in zip(probs, expected, strict=True):
             low, high = result.intervals[p]
             assert low - 1e-9 <= want <= high + 1e-9, (variable, p)
@@ -62,28 +57,24 @@ def test_heart_quantiles_sdc_bounds_hold_the_pooled_quantile(
         if not all(result.exact.values()):
             assert any("precision reached" in note for note in result.notes)
     # Every site holds 0 or >= 3 patients aged 53, 54 and 55, so the median resolves exactly.
-    age = federate(
-        "quantiles", heart_frames, {"variable": "age", "probs": [0.5]}, heart_dict, "sdc"
-    )
+    age = heart.federate("quantiles", {"variable": "age", "probs": [0.5]}, mode="sdc")
     assert age.exact[0.5]
-    assert age.quantiles[0.5] == np.quantile(heart_pooled["age"].dropna(), 0.5)
+    assert age.quantiles[0.5] == np.quantile(heart.pooled["age"].dropna(), 0.5)
 
 
-def test_heart_quantiles_dp_path_without_noise_is_within_one_bin(
-    heart_frames: dict[str, pd.DataFrame], heart_pooled: pd.DataFrame, heart_dict: DataDictionary
-) -> None:
+def test_heart_quantiles_dp_path_without_noise_is_within_one_bin(heart: Split) -> None:
     # federate releases exact counts, so this checks the histogram estimator alone.
     probs = [0.1, 0.5, 0.9]
     result = federate(
         "quantiles",
-        heart_frames,
+        heart.frames,
         {"variable": "age", "probs": probs, "bins": 120},
-        heart_dict,
+        heart.dictionary,
         "dp",
         epsilon=1.0,  # split and charged as at a site; the exact release adds no noise
     )
     # numpy 2.4: np.quantile(pooled.age.dropna(), probs); bins of 1 year over [0, 120]
-    expected = np.quantile(heart_pooled["age"].dropna(), probs)
+    expected = np.quantile(heart.pooled["age"].dropna(), probs)
     for p, want in zip(probs, expected, strict=True):
         assert abs(result.quantiles[p] - want) <= 1.0
         assert not result.exact[p]

@@ -26,9 +26,9 @@ from lifelines.statistics import logrank_test, multivariate_logrank_test
 
 import analyses  # noqa: F401  (registers every analysis)
 from analyses.survival import CoxResult, KaplanMeierResult
-from analyses.testing import federate
 from protocol.config import DataDictionary, load_yaml
 from site_node.harmonize import conform
+from tests.datasets import Split
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "simulations" / "configs"
@@ -39,54 +39,30 @@ TIGHT = {"precision": 1e-12}
 # ----------------------------------------------------------------------------- data
 
 
-def _split(
-    raw: pd.DataFrame, site: pd.Series, dictionary: DataDictionary
-) -> dict[str, pd.DataFrame]:
-    """Each site's rows conformed to the dictionary as a site node conforms them."""
-    return {
+def _split(raw: pd.DataFrame, site: pd.Series, dictionary_file: str) -> Split:
+    """``raw`` split into sites by ``site``, conformed to the dictionary in ``configs``."""
+    dictionary = load_yaml(CONFIGS / dictionary_file, DataDictionary)
+    frames = {
         str(name): conform(rows.reset_index(drop=True), dictionary)[0]
         for name, rows in raw.groupby(site, sort=True)
     }
-
-
-def _pool(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    return pd.concat([f.assign(site=s) for s, f in frames.items()], ignore_index=True)
+    return Split.of(frames, dictionary)
 
 
 @pytest.fixture(scope="module")
-def lung_dict() -> DataDictionary:
-    return load_yaml(CONFIGS / "lung_dictionary.yaml", DataDictionary)
-
-
-@pytest.fixture(scope="module")
-def lung_frames(lung_dict: DataDictionary) -> dict[str, pd.DataFrame]:
+def lung() -> Split:
     raw = load_lung()
     raw.columns = [c.replace(".", "_") for c in raw.columns]
     site = raw["inst"].map(lambda v: "inst_unknown" if pd.isna(v) else f"inst{int(v):02d}")
-    return _split(raw.drop(columns="inst"), site, lung_dict)
+    return _split(raw.drop(columns="inst"), site, "lung_dictionary.yaml")
 
 
 @pytest.fixture(scope="module")
-def lung_pooled(lung_frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    return _pool(lung_frames)
-
-
-@pytest.fixture(scope="module")
-def rossi_dict() -> DataDictionary:
-    return load_yaml(CONFIGS / "rossi_dictionary.yaml", DataDictionary)
-
-
-@pytest.fixture(scope="module")
-def rossi_frames(rossi_dict: DataDictionary) -> dict[str, pd.DataFrame]:
+def rossi() -> Split:
     raw = load_rossi()
     # Three sites by age at release: a rule that makes the sites differ, as hospitals do.
     site = pd.cut(raw["age"], [0, 20, 25, 100], labels=["young", "middle", "older"])
-    return _split(raw, site.astype(str), rossi_dict)
-
-
-@pytest.fixture(scope="module")
-def rossi_pooled(rossi_frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    return _pool(rossi_frames)
+    return _split(raw, site.astype(str), "rossi_dictionary.yaml")
 
 
 ROSSI_COVARIATES = ["fin", "age", "race", "wexp", "mar", "paro", "prio"]
@@ -133,20 +109,16 @@ def _assert_km(curve: dict[str, list[float]], reference: KaplanMeierFitter) -> N
 # ----------------------------------------------------------------------------- lung
 
 
-def test_lung_km_by_sex_equals_lifelines(
-    lung_frames: dict[str, pd.DataFrame], lung_pooled: pd.DataFrame, lung_dict: DataDictionary
-) -> None:
-    result = federate(
-        "kaplan_meier", lung_frames, {"time": "time", "event": "status", "group": "sex"}, lung_dict
-    )
+def test_lung_km_by_sex_equals_lifelines(lung: Split) -> None:
+    result = lung.federate("kaplan_meier", {"time": "time", "event": "status", "group": "sex"})
     assert isinstance(result, KaplanMeierResult)
     assert len(result.contributing_sites) == 19
     for level in (1, 2):
-        rows = lung_pooled[lung_pooled["sex"] == level]
+        rows = lung.pooled[lung.pooled["sex"] == level]
         # lifelines 0.30: KaplanMeierFitter().fit(time, status) on the pooled rows of one sex
         reference = KaplanMeierFitter().fit(rows["time"], rows["status"])
         _assert_km(result.curves[str(level)], reference)
-    assert result.medians()["1"] == reference_median(lung_pooled, 1)
+    assert result.medians()["1"] == reference_median(lung.pooled, 1)
 
 
 def reference_median(pooled: pd.DataFrame, sex: int) -> float:
@@ -155,25 +127,19 @@ def reference_median(pooled: pd.DataFrame, sex: int) -> float:
     return float(KaplanMeierFitter().fit(rows["time"], rows["status"]).median_survival_time_)
 
 
-def test_lung_km_ungrouped_with_90_percent_bands(
-    lung_frames: dict[str, pd.DataFrame], lung_pooled: pd.DataFrame, lung_dict: DataDictionary
-) -> None:
+def test_lung_km_ungrouped_with_90_percent_bands(lung: Split) -> None:
     params = {"time": "time", "event": "status", "ci_level": 0.9}
-    result = federate("kaplan_meier", lung_frames, params, lung_dict)
+    result = lung.federate("kaplan_meier", params)
     # lifelines 0.30: KaplanMeierFitter(alpha=0.1).fit(time, status) on the pooled rows
-    reference = KaplanMeierFitter(alpha=0.1).fit(lung_pooled["time"], lung_pooled["status"])
+    reference = KaplanMeierFitter(alpha=0.1).fit(lung.pooled["time"], lung.pooled["status"])
     _assert_km(result.curves["all"], reference)
     assert result.values()["survival"] == result.curves["all"]["survival"]
-    assert result.n == len(lung_pooled)
+    assert result.n == len(lung.pooled)
 
 
-def test_lung_logrank_by_sex_equals_lifelines(
-    lung_frames: dict[str, pd.DataFrame], lung_pooled: pd.DataFrame, lung_dict: DataDictionary
-) -> None:
-    result = federate(
-        "logrank", lung_frames, {"time": "time", "event": "status", "group": "sex"}, lung_dict
-    )
-    men, women = (lung_pooled[lung_pooled["sex"] == s] for s in (1, 2))
+def test_lung_logrank_by_sex_equals_lifelines(lung: Split) -> None:
+    result = lung.federate("logrank", {"time": "time", "event": "status", "group": "sex"})
+    men, women = (lung.pooled[lung.pooled["sex"] == s] for s in (1, 2))
     # lifelines 0.30: logrank_test(T_men, T_women, E_men, E_women)
     reference = logrank_test(men["time"], women["time"], men["status"], women["status"])
     assert result.chi2 == pytest.approx(reference.test_statistic, rel=1e-10)
@@ -181,13 +147,9 @@ def test_lung_logrank_by_sex_equals_lifelines(
     assert result.dof == 1
 
 
-def test_lung_multivariate_logrank_by_ecog_drops_empty_level(
-    lung_frames: dict[str, pd.DataFrame], lung_pooled: pd.DataFrame, lung_dict: DataDictionary
-) -> None:
-    result = federate(
-        "logrank", lung_frames, {"time": "time", "event": "status", "group": "ph_ecog"}, lung_dict
-    )
-    rows = lung_pooled.dropna(subset=["ph_ecog"])
+def test_lung_multivariate_logrank_by_ecog_drops_empty_level(lung: Split) -> None:
+    result = lung.federate("logrank", {"time": "time", "event": "status", "group": "ph_ecog"})
+    rows = lung.pooled.dropna(subset=["ph_ecog"])
     # lifelines 0.30: multivariate_logrank_test(time, ph_ecog, status) on the pooled rows
     reference = multivariate_logrank_test(rows["time"], rows["ph_ecog"], rows["status"])
     assert result.chi2 == pytest.approx(reference.test_statistic, rel=1e-10)
@@ -206,12 +168,10 @@ def _lung_design(pooled: pd.DataFrame) -> pd.DataFrame:
     return design
 
 
-def test_lung_cox_efron_equals_lifelines(
-    lung_frames: dict[str, pd.DataFrame], lung_pooled: pd.DataFrame, lung_dict: DataDictionary
-) -> None:
+def test_lung_cox_efron_equals_lifelines(lung: Split) -> None:
     params = {"time": "time", "event": "status", "covariates": LUNG_COX}
-    result = federate("cox", lung_frames, params, lung_dict)
-    design = _lung_design(lung_pooled).drop(columns="site")
+    result = lung.federate("cox", params)
+    design = _lung_design(lung.pooled).drop(columns="site")
     # lifelines 0.30: CoxPHFitter().fit(pooled complete cases, "time", "status",
     #                                   fit_options={"precision": 1e-12})  (Efron ties)
     reference = CoxPHFitter().fit(design, "time", "status", fit_options=TIGHT)
@@ -220,24 +180,20 @@ def test_lung_cox_efron_equals_lifelines(
     assert result.events == design["status"].sum()
 
 
-def test_lung_cox_stratified_by_site_equals_lifelines_strata(
-    lung_frames: dict[str, pd.DataFrame], lung_pooled: pd.DataFrame, lung_dict: DataDictionary
-) -> None:
+def test_lung_cox_stratified_by_site_equals_lifelines_strata(lung: Split) -> None:
     params = {"time": "time", "event": "status", "covariates": LUNG_COX, "strata_by_site": True}
-    result = federate("cox", lung_frames, params, lung_dict)
+    result = lung.federate("cox", params)
     # lifelines 0.30: CoxPHFitter().fit(pooled, "time", "status", strata=["site"],
     #                                   fit_options={"precision": 1e-12})
     reference = CoxPHFitter().fit(
-        _lung_design(lung_pooled), "time", "status", strata=["site"], fit_options=TIGHT
+        _lung_design(lung.pooled), "time", "status", strata=["site"], fit_options=TIGHT
     )
     _assert_cox(result, reference)
 
 
 @pytest.mark.parametrize("strata_by_site", [False, True])
 def test_lung_cox_breslow_equals_statsmodels(
-    lung_frames: dict[str, pd.DataFrame],
-    lung_pooled: pd.DataFrame,
-    lung_dict: DataDictionary,
+    lung: Split,
     strata_by_site: bool,
 ) -> None:
     params = {
@@ -247,8 +203,8 @@ def test_lung_cox_breslow_equals_statsmodels(
         "ties": "breslow",
         "strata_by_site": strata_by_site,
     }
-    result = federate("cox", lung_frames, params, lung_dict)
-    design = _lung_design(lung_pooled)
+    result = lung.federate("cox", params)
+    design = _lung_design(lung.pooled)
     exog = design[["age", "sex[T.2]", "ph_karno", "wt_loss"]]
     # statsmodels 0.15: PHReg(time, exog, status=status, ties="breslow",
     #                         strata=site if stratified).fit()
@@ -268,32 +224,28 @@ def test_lung_cox_breslow_equals_statsmodels(
 # ----------------------------------------------------------------------------- rossi
 
 
-def test_rossi_cox_all_covariates_equals_lifelines(
-    rossi_frames: dict[str, pd.DataFrame], rossi_pooled: pd.DataFrame, rossi_dict: DataDictionary
-) -> None:
+def test_rossi_cox_all_covariates_equals_lifelines(rossi: Split) -> None:
     params = {"time": "week", "event": "arrest", "covariates": ROSSI_COVARIATES}
-    result = federate("cox", rossi_frames, params, rossi_dict)
+    result = rossi.federate("cox", params)
     # lifelines 0.30: CoxPHFitter().fit(load_rossi(), "week", "arrest",
     #                                   fit_options={"precision": 1e-12})
     reference = CoxPHFitter().fit(
-        _rossi_design(rossi_pooled).drop(columns="site"), "week", "arrest", fit_options=TIGHT
+        _rossi_design(rossi.pooled).drop(columns="site"), "week", "arrest", fit_options=TIGHT
     )
     _assert_cox(result, reference)
     # lifelines' documented Rossi example: prio 0.09, exp(coef) 1.10 (a sanity anchor).
     assert result.coefficients["prio"]["hazard_ratio"] == pytest.approx(1.0960, abs=5e-4)
 
 
-def test_rossi_cox_stratified_equals_lifelines_strata(
-    rossi_frames: dict[str, pd.DataFrame], rossi_pooled: pd.DataFrame, rossi_dict: DataDictionary
-) -> None:
+def test_rossi_cox_stratified_equals_lifelines_strata(rossi: Split) -> None:
     covariates = ["fin", "race", "wexp", "prio"]
     params = {"time": "week", "event": "arrest", "covariates": covariates, "strata_by_site": True}
-    result = federate("cox", rossi_frames, params, rossi_dict)
-    design = _rossi_design(rossi_pooled)[["week", "arrest", "fin[T.1]", "race", "wexp", "prio"]]
+    result = rossi.federate("cox", params)
+    design = _rossi_design(rossi.pooled)[["week", "arrest", "fin[T.1]", "race", "wexp", "prio"]]
     # lifelines 0.30: CoxPHFitter().fit(pooled, "week", "arrest", strata=["site"],
     #                                   fit_options={"precision": 1e-12})
     reference = CoxPHFitter().fit(
-        design.assign(site=rossi_pooled["site"]),
+        design.assign(site=rossi.pooled["site"]),
         "week",
         "arrest",
         strata=["site"],
@@ -302,19 +254,17 @@ def test_rossi_cox_stratified_equals_lifelines_strata(
     _assert_cox(result, reference)
 
 
-def test_rossi_km_and_logrank_by_financial_aid(
-    rossi_frames: dict[str, pd.DataFrame], rossi_pooled: pd.DataFrame, rossi_dict: DataDictionary
-) -> None:
+def test_rossi_km_and_logrank_by_financial_aid(rossi: Split) -> None:
     params = {"time": "week", "event": "arrest", "group": "fin"}
-    km = federate("kaplan_meier", rossi_frames, params, rossi_dict)
-    test = federate("logrank", rossi_frames, params, rossi_dict)
+    km = rossi.federate("kaplan_meier", params)
+    test = rossi.federate("logrank", params)
     for level in (0, 1):
-        rows = rossi_pooled[rossi_pooled["fin"] == level]
+        rows = rossi.pooled[rossi.pooled["fin"] == level]
         # lifelines 0.30: KaplanMeierFitter().fit(week, arrest) on one arm
         _assert_km(km.curves[str(level)], KaplanMeierFitter().fit(rows["week"], rows["arrest"]))
     # lifelines 0.30: multivariate_logrank_test(week, fin, arrest)
     reference = multivariate_logrank_test(
-        rossi_pooled["week"], rossi_pooled["fin"], rossi_pooled["arrest"]
+        rossi.pooled["week"], rossi.pooled["fin"], rossi.pooled["arrest"]
     )
     assert test.chi2 == pytest.approx(reference.test_statistic, rel=1e-10)
     assert test.p == pytest.approx(reference.p_value, rel=1e-8)
@@ -330,28 +280,22 @@ def _sdc_width(notes: list[str]) -> float:
     return float(note.split("grid of width ")[1].split()[0])
 
 
-def test_rossi_sdc_km_and_cox_equal_lifelines_on_the_coarsened_grid(
-    rossi_frames: dict[str, pd.DataFrame], rossi_pooled: pd.DataFrame, rossi_dict: DataDictionary
-) -> None:
-    km = federate(
-        "kaplan_meier",
-        rossi_frames,
-        {"time": "week", "event": "arrest", "group": "fin"},
-        rossi_dict,
-        mode="sdc",
+def test_rossi_sdc_km_and_cox_equal_lifelines_on_the_coarsened_grid(rossi: Split) -> None:
+    km = rossi.federate(
+        "kaplan_meier", {"time": "week", "event": "arrest", "group": "fin"}, mode="sdc"
     )
     width = _sdc_width(km.notes)
     assert width > 1  # weekly counts of 1 or 2 at some site force a coarser grid
-    coarse = _coarsened(rossi_pooled, "week", width)
+    coarse = _coarsened(rossi.pooled, "week", width)
     for level in (0, 1):
         rows = coarse[coarse["fin"] == level]
         # lifelines 0.30: KaplanMeierFitter().fit(coarsened week, arrest) on one arm
         _assert_km(km.curves[str(level)], KaplanMeierFitter().fit(rows["week"], rows["arrest"]))
 
     params = {"time": "week", "event": "arrest", "covariates": ROSSI_COVARIATES}
-    cox = federate("cox", rossi_frames, params, rossi_dict, mode="sdc")
+    cox = rossi.federate("cox", params, mode="sdc")
     cox_width = _sdc_width(cox.notes)
-    design = _rossi_design(_coarsened(rossi_pooled, "week", cox_width)).drop(columns="site")
+    design = _rossi_design(_coarsened(rossi.pooled, "week", cox_width)).drop(columns="site")
     # lifelines 0.30: CoxPHFitter().fit(coarsened pooled, "week", "arrest",
     #                                   fit_options={"precision": 1e-12})
     _assert_cox(cox, CoxPHFitter().fit(design, "week", "arrest", fit_options=TIGHT))
@@ -361,7 +305,7 @@ def test_rossi_sdc_km_and_cox_equal_lifelines_on_the_coarsened_grid(
 
 
 @pytest.fixture(scope="module")
-def ds_frames() -> tuple[dict[str, pd.DataFrame], DataDictionary]:
+def ds_survival() -> Split:
     if not DS_SURVIVAL_DIR.is_dir():
         pytest.skip(f"DataSHIELD survival studies not present at {DS_SURVIVAL_DIR}")
     dictionary = load_yaml(CONFIGS / "ds_survival_dictionary.yaml", DataDictionary)
@@ -371,26 +315,25 @@ def ds_frames() -> tuple[dict[str, pd.DataFrame], DataDictionary]:
         raw = raw.rename(columns={"SURVTIME": "survtime", "CENS": "cens"})
         raw.columns = [c.replace(".", "_") for c in raw.columns]
         frames[f"study{study}"] = conform(raw, dictionary)[0]
-    return frames, dictionary
+    return Split.of(frames, dictionary)
 
 
 DS_COVARIATES = ["age_60", "female", "noise_56", "pm10_16", "bmi_26"]
 
 
 def test_ds_survival_cox_and_km_equal_lifelines(
-    ds_frames: tuple[dict[str, pd.DataFrame], DataDictionary],
+    ds_survival: Split,
 ) -> None:
-    frames, dictionary = ds_frames
-    pooled = _pool(frames)
+    pooled = ds_survival.pooled
     # Times are given to three decimals: a 0.001 grid holds them exactly.
     base = {"time": "survtime", "event": "cens", "time_resolution": 0.001}
-    result = federate("cox", frames, base | {"covariates": DS_COVARIATES}, dictionary)
+    result = ds_survival.federate("cox", base | {"covariates": DS_COVARIATES})
     design = pooled[["survtime", "cens", *DS_COVARIATES]].rename(columns={"female": "female[T.1]"})
     # lifelines 0.30: CoxPHFitter().fit(pooled studies, "survtime", "cens",
     #                                   fit_options={"precision": 1e-12})
     _assert_cox(result, CoxPHFitter().fit(design, "survtime", "cens", fit_options=TIGHT))
 
-    km = federate("kaplan_meier", frames, base, dictionary)
+    km = ds_survival.federate("kaplan_meier", base)
     # lifelines 0.30: KaplanMeierFitter().fit(survtime, cens) on the pooled studies
     reference = KaplanMeierFitter().fit(pooled["survtime"], pooled["cens"])
     curve = km.curves["all"]

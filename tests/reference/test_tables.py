@@ -17,6 +17,7 @@ from statsmodels.stats.contingency_tables import StratifiedTable
 import analyses  # noqa: F401  (registers every analysis)
 from analyses.testing import federate
 from protocol.config import DataDictionary
+from tests.datasets import Split
 
 
 def crosstab(frame: pd.DataFrame, rows: str, cols: str, dictionary: DataDictionary) -> np.ndarray:
@@ -30,11 +31,9 @@ def crosstab(frame: pd.DataFrame, rows: str, cols: str, dictionary: DataDictiona
 # ----------------------------------------------------------------------------- table
 
 
-def test_heart_table_cp_by_disease_equals_scipy(
-    heart_frames: dict[str, pd.DataFrame], heart_pooled: pd.DataFrame, heart_dict: DataDictionary
-) -> None:
-    result = federate("table", heart_frames, {"rows": "cp", "cols": "disease"}, heart_dict)
-    observed = crosstab(heart_pooled, "cp", "disease", heart_dict)
+def test_heart_table_cp_by_disease_equals_scipy(heart: Split) -> None:
+    result = heart.federate("table", {"rows": "cp", "cols": "disease"})
+    observed = crosstab(heart.pooled, "cp", "disease", heart.dictionary)
     # scipy 1.17: stats.chi2_contingency(observed) (dof 3: no Yates correction)
     reference = stats.chi2_contingency(observed)
     assert result.chi2 == pytest.approx(reference.statistic, rel=1e-12)
@@ -50,13 +49,11 @@ def test_heart_table_cp_by_disease_equals_scipy(
 @pytest.mark.parametrize("correction", [True, False])
 def test_heart_two_by_two_applies_yates_as_scipy(
     correction: bool,
-    heart_frames: dict[str, pd.DataFrame],
-    heart_pooled: pd.DataFrame,
-    heart_dict: DataDictionary,
+    heart: Split,
 ) -> None:
     params = {"rows": "sex", "cols": "disease", "correction": correction}
-    result = federate("table", heart_frames, params, heart_dict)
-    observed = crosstab(heart_pooled, "sex", "disease", heart_dict)
+    result = heart.federate("table", params)
+    observed = crosstab(heart.pooled, "sex", "disease", heart.dictionary)
     # scipy 1.17: stats.chi2_contingency(observed, correction=correction) (dof 1)
     reference = stats.chi2_contingency(observed, correction=correction)
     assert result.chi2 == pytest.approx(reference.statistic, rel=1e-12)
@@ -65,11 +62,9 @@ def test_heart_two_by_two_applies_yates_as_scipy(
     assert result.correction is correction
 
 
-def test_heart_one_way_table_tests_uniformity_as_scipy(
-    heart_frames: dict[str, pd.DataFrame], heart_pooled: pd.DataFrame, heart_dict: DataDictionary
-) -> None:
-    result = federate("table", heart_frames, {"rows": "restecg"}, heart_dict)
-    observed = heart_pooled["restecg"].value_counts().reindex([0, 1, 2], fill_value=0)
+def test_heart_one_way_table_tests_uniformity_as_scipy(heart: Split) -> None:
+    result = heart.federate("table", {"rows": "restecg"})
+    observed = heart.pooled["restecg"].value_counts().reindex([0, 1, 2], fill_value=0)
     # scipy 1.17: stats.chisquare(observed) (uniform expected counts)
     reference = stats.chisquare(observed.to_numpy(dtype=float))
     assert result.chi2 == pytest.approx(reference.statistic, rel=1e-12)
@@ -98,25 +93,25 @@ def assert_equals_stratified(result: Any, reference: StratifiedTable) -> None:
     assert result.equal_dof == reference.table.shape[2] - 1
 
 
-def test_heart_mh_exang_on_disease_by_site_equals_statsmodels(
-    heart_frames: dict[str, pd.DataFrame], heart_dict: DataDictionary
-) -> None:
+def test_heart_mh_exang_on_disease_by_site_equals_statsmodels(heart: Split) -> None:
     params = {"exposure": "exang", "outcome": "disease"}
-    result = federate("mantel_haenszel", heart_frames, params, heart_dict)
-    tables = [crosstab(frame, "exang", "disease", heart_dict) for frame in heart_frames.values()]
+    result = heart.federate("mantel_haenszel", params)
+    tables = [
+        crosstab(frame, "exang", "disease", heart.dictionary) for frame in heart.frames.values()
+    ]
     # statsmodels 0.15: StratifiedTable(tables) with one 2x2 table per site
     reference = StratifiedTable(tables)
     assert_equals_stratified(result, reference)
-    assert list(result.strata) == list(heart_frames)
+    assert list(result.strata) == list(heart.frames)
     assert result.n == sum(t.sum() for t in tables)
 
 
-def test_heart_mh_corrections_equal_statsmodels(
-    heart_frames: dict[str, pd.DataFrame], heart_dict: DataDictionary
-) -> None:
+def test_heart_mh_corrections_equal_statsmodels(heart: Split) -> None:
     params = {"exposure": "exang", "outcome": "disease", "correction": True, "tarone": True}
-    result = federate("mantel_haenszel", heart_frames, params, heart_dict)
-    tables = [crosstab(frame, "exang", "disease", heart_dict) for frame in heart_frames.values()]
+    result = heart.federate("mantel_haenszel", params)
+    tables = [
+        crosstab(frame, "exang", "disease", heart.dictionary) for frame in heart.frames.values()
+    ]
     reference = StratifiedTable(tables)
     # statsmodels 0.15: test_null_odds(correction=True), test_equal_odds(adjust=True)
     null = reference.test_null_odds(correction=True)
@@ -126,14 +121,12 @@ def test_heart_mh_corrections_equal_statsmodels(
     assert result.equal_p == pytest.approx(equal.pvalue, rel=1e-8)
 
 
-def test_heart_mh_stratified_by_sex_equals_statsmodels(
-    heart_frames: dict[str, pd.DataFrame], heart_pooled: pd.DataFrame, heart_dict: DataDictionary
-) -> None:
+def test_heart_mh_stratified_by_sex_equals_statsmodels(heart: Split) -> None:
     params = {"exposure": "fbs", "outcome": "disease", "stratum": "sex"}
-    result = federate("mantel_haenszel", heart_frames, params, heart_dict)
+    result = heart.federate("mantel_haenszel", params)
     tables = [
-        crosstab(heart_pooled[heart_pooled["sex"] == level], "fbs", "disease", heart_dict)
-        for level in heart_dict.levels("sex")
+        crosstab(heart.pooled[heart.pooled["sex"] == level], "fbs", "disease", heart.dictionary)
+        for level in heart.dictionary.levels("sex")
     ]
     # statsmodels 0.15: StratifiedTable(tables) with one pooled 2x2 table per sex
     assert_equals_stratified(result, StratifiedTable(tables))

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pandas as pd
 import pytest
+import statsmodels.api as sm
 import statsmodels.formula.api as smf
 from lifelines import CoxPHFitter, KaplanMeierFitter
 
+from analyses.results import AnalysisResult
 from protocol.config import DataSource
 from simulations.federation import LocalFederation, SiteSpec
-from simulations.synthetic import synthetic_dictionary, write_sites
+from simulations.synthetic import generate_sites, synthetic_dictionary, write_sites
 from tests.system.conftest import study
 
 pytestmark = pytest.mark.system
@@ -22,7 +25,7 @@ def synthetic(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[LocalFederation, pd.DataFrame]]:
     folder = tmp_path_factory.mktemp("synthetic")
-    files = write_sites(folder / "data", 3, 1500, seed=11)
+    files = write_sites(folder / "data", generate_sites(3, 1500, seed=11))
     pooled = pd.concat([pd.read_csv(p) for p in files.sites.values()], ignore_index=True)
     sites = [
         SiteSpec(name, DataSource(path=path), mode="off") for name, path in files.sites.items()
@@ -35,28 +38,22 @@ def synthetic(
         federation.stop()
 
 
+def run(federation: LocalFederation, analysis: str, **params: Any) -> AnalysisResult:
+    """One request in study s1, by the researcher, through the coordinator's API."""
+    with federation.researcher() as client:
+        return client.run("s1", {"analysis": analysis, "params": params})
+
+
 def test_logistic_glm_equals_pooled_statsmodels(
     synthetic: tuple[LocalFederation, pd.DataFrame],
 ) -> None:
     federation, pooled = synthetic
     formula = "outcome ~ age + C(sex) + bmi + smoker + C(stage)"
-    with federation.researcher() as client:
-        result = client.run(
-            "s1",
-            {
-                "analysis": "glm",
-                "params": {
-                    "formula": "outcome ~ age + sex + bmi + smoker + stage",
-                    "family": "binomial",
-                },
-            },
-        )
+    result = run(
+        federation, "glm", formula="outcome ~ age + sex + bmi + smoker + stage", family="binomial"
+    )
     # statsmodels 0.15: smf.glm(formula, pooled, family=Binomial()).fit(tol=1e-12)
-    reference = smf.glm(
-        formula,
-        pooled,
-        family=__import__("statsmodels.api", fromlist=["families"]).families.Binomial(),
-    ).fit(tol=1e-12)
+    reference = smf.glm(formula, pooled, family=sm.families.Binomial()).fit(tol=1e-12)
     names = {
         "Intercept": "Intercept",
         "age": "age",
@@ -80,22 +77,10 @@ def test_cox_and_kaplan_meier_equal_pooled_lifelines(
     synthetic: tuple[LocalFederation, pd.DataFrame],
 ) -> None:
     federation, pooled = synthetic
-    with federation.researcher() as client:
-        cox = client.run(
-            "s1",
-            {
-                "analysis": "cox",
-                "params": {
-                    "time": "time",
-                    "event": "event",
-                    "covariates": ["age", "smoker"],
-                    "ties": "efron",
-                },
-            },
-        )
-        km = client.run(
-            "s1", {"analysis": "kaplan_meier", "params": {"time": "time", "event": "event"}}
-        )
+    cox = run(
+        federation, "cox", time="time", event="event", covariates=["age", "smoker"], ties="efron"
+    )
+    km = run(federation, "kaplan_meier", time="time", event="event")
     data = pooled[["time", "event", "age", "smoker"]].dropna()
     # lifelines 0.30: CoxPHFitter().fit(data, "time", "event", fit_options={"precision": 1e-12})
     reference = CoxPHFitter().fit(data, "time", "event", fit_options={"precision": 1e-12})

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from click.testing import Result
 from typer.testing import CliRunner
 
 from simulations.cli import app
@@ -33,35 +34,26 @@ def write(tmp_path: Path, name: str, body: dict) -> str:
     return str(path)
 
 
+def simulate(site_csvs: list[str], requests: list[str], *options: str) -> Result:
+    """``alliance simulate`` over the sites with the demo dictionary, these request files in
+    order, then ``options``."""
+    args = ["simulate", *site_csvs, "--dictionary", str(DICTIONARY_PATH)]
+    for request in requests:
+        args += ["--request", request]
+    return runner.invoke(app, [*args, *options])
+
+
 def test_requests_run_in_order_one_json_line_each_and_the_budget_holds(
     tmp_path: Path, site_csvs: list[str], heart_frames: dict[str, pd.DataFrame]
 ) -> None:
     count = write(tmp_path, "count.yaml", {"analysis": "count"})
     mean = write(tmp_path, "mean.yaml", {"analysis": "mean", "params": {"variable": "age"}})
     keep = tmp_path / "kept"
-    result = runner.invoke(
-        app,
-        [
-            "simulate",
-            *site_csvs,
-            "--dictionary",
-            str(DICTIONARY_PATH),
-            "--request",
-            count,
-            "--request",
-            mean,
-            "--request",
-            count,
-            "--privacy",
-            "dp",
-            "--epsilon",
-            "0.4",
-            "--budget",
-            "1.0",
-            "--json",
-            "--keep",
-            str(keep),
-        ],
+    result = simulate(
+        site_csvs,
+        [count, mean, count],
+        *("--privacy", "dp", "--epsilon", "0.4", "--budget", "1.0", "--json"),
+        *("--keep", str(keep)),
     )
     lines = [json.loads(line) for line in result.stdout.strip().splitlines()]
     assert [doc["analysis"] for doc in lines] == ["count", "mean", "count"]
@@ -96,19 +88,7 @@ def test_off_mode_prints_exact_text(
     tmp_path: Path, site_csvs: list[str], heart_frames: dict[str, pd.DataFrame]
 ) -> None:
     mean = write(tmp_path, "mean.yaml", {"analysis": "mean", "params": {"variable": "age"}})
-    result = runner.invoke(
-        app,
-        [
-            "simulate",
-            *site_csvs,
-            "--dictionary",
-            str(DICTIONARY_PATH),
-            "--request",
-            mean,
-            "--privacy",
-            "off",
-        ],
-    )
+    result = simulate(site_csvs, [mean], "--privacy", "off")
     assert result.exit_code == 0, result.output
     pooled = pd.concat([heart_frames["cleveland"], heart_frames["hungarian"]]).age
     assert result.stdout.startswith(f"<MeanResult 2 sites, n={len(pooled)}, off>")
@@ -129,10 +109,7 @@ def test_bad_options_are_one_line_errors(
     tmp_path: Path, site_csvs: list[str], args: list[str], message: str
 ) -> None:
     count = write(tmp_path, "count.yaml", {"analysis": "count"})
-    result = runner.invoke(
-        app,
-        ["simulate", *site_csvs, "--dictionary", str(DICTIONARY_PATH), "--request", count, *args],
-    )
+    result = simulate(site_csvs, [count], *args)
     assert result.exit_code != 0
     assert message in str(result.exception)
 
@@ -141,14 +118,9 @@ def test_a_bad_request_file_fails_before_anything_starts(
     tmp_path: Path, site_csvs: list[str]
 ) -> None:
     bad = write(tmp_path, "bad.yaml", {"analysis": "mean", "params": {"variable": "height"}})
-    result = runner.invoke(
-        app, ["simulate", *site_csvs, "--dictionary", str(DICTIONARY_PATH), "--request", bad]
-    )
+    result = simulate(site_csvs, [bad])
     assert "bad.yaml: variable 'height' is not in the data dictionary" in str(result.exception)
     malformed = tmp_path / "malformed.yaml"
     malformed.write_text("analysis: [unclosed\n")
-    result = runner.invoke(
-        app,
-        ["simulate", *site_csvs, "--dictionary", str(DICTIONARY_PATH), "--request", str(malformed)],
-    )
+    result = simulate(site_csvs, [str(malformed)])
     assert "malformed.yaml: malformed YAML at line 2" in str(result.exception)

@@ -64,9 +64,7 @@ def test_ttest_bad_parameters(params: dict[str, Any], message: str) -> None:
 
 
 def test_ttest_declares_sensitivities_from_the_bounds() -> None:
-    analysis = get_analysis("ttest")
-    params = analysis.parse_params({"variable": "x", "group": "g"}, DICTIONARY)
-    spec = analysis.declare(params, AnalysisContext(DICTIONARY))
+    spec = dp_noise.declared("ttest", {"variable": "x", "group": "g"}, DICTIONARY)
     assert spec.arrays["n"].sensitivity == 1.0
     assert spec.arrays["sum"].sensitivity == 50.0  # (100 - 0) / 2
     assert spec.arrays["sumsq"].sensitivity == 2500.0

@@ -4,7 +4,7 @@ the differentially private path (noise simulated as the site engine adds it)."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -207,31 +207,6 @@ def test_a_column_constant_at_one_site_does_not_break_the_pooled_fit(
 # ----------------------------------------------------------------------------- failures
 
 
-def test_singular_design_names_the_collinear_terms(sites: dict[str, pd.DataFrame]) -> None:
-    frames = {k: f.assign(bmi=f["age"] / 2 + 10) for k, f in sites.items()}
-    with pytest.raises(ModelError, match=r"singular design.*age, bmi"):
-        federate("glm", frames, {"formula": "y ~ age + bmi", "family": "binomial"}, DICT)
-
-
-def test_level_absent_everywhere_is_a_singular_design(sites: dict[str, pd.DataFrame]) -> None:
-    frames = {k: f.assign(grp=np.where(f["grp"] == 3, 1.0, f["grp"])) for k, f in sites.items()}
-    with pytest.raises(ModelError, match=r"singular design.*grp\[T\.3\]"):
-        federate("glm", frames, {"formula": "y ~ age + grp", "family": "binomial"}, DICT)
-
-
-def test_complete_separation_raises(sites: dict[str, pd.DataFrame]) -> None:
-    frames = {k: f.assign(y=(f["age"] > 55).astype(float)) for k, f in sites.items()}
-    with pytest.raises(ModelError, match="complete separation"):
-        federate("glm", frames, {"formula": "y ~ age + sex", "family": "binomial"}, DICT)
-
-
-def test_quasi_separation_raises(sites: dict[str, pd.DataFrame]) -> None:
-    # Every grp 3 record has y = 0; the other levels are mixed: quasi-complete separation.
-    frames = {k: f.assign(y=np.where(f["grp"] == 3, 0.0, f["y"])) for k, f in sites.items()}
-    with pytest.raises(ModelError, match=r"separation.*grp\[T\.3\]"):
-        federate("glm", frames, {"formula": "y ~ age + grp", "family": "binomial"}, DICT)
-
-
 def test_no_convergence_raises(sites: dict[str, pd.DataFrame]) -> None:
     with pytest.raises(ModelError, match="did not converge in 2 iterations"):
         federate("glm", sites, {"formula": "y ~ age", "family": "binomial", "max_iter": 2}, DICT)
@@ -243,36 +218,62 @@ def test_too_few_records_overall_raises(sites: dict[str, pd.DataFrame]) -> None:
         federate("glm", frames, {"formula": "y ~ age + bmi", "family": "binomial"}, DICT)
 
 
-def test_glm_failures_keep_their_message_whatever_the_rounding(
+#: Data that make a glm fail (a change to every site's rows), the model, and what the error
+#: must say.
+FAILURES = [
+    pytest.param(
+        lambda f: f.assign(bmi=f["age"] / 2 + 10), "y ~ age + bmi", "binomial",
+        r"singular design.*collinear: age, bmi", id="collinear terms, named",
+    ),
+    pytest.param(
+        lambda f: f.assign(bmi=f["age"] / 2 + 10), "z ~ age + bmi", "gaussian",
+        r"singular design.*collinear: age, bmi", id="collinear terms, named (gaussian)",
+    ),
+    pytest.param(
+        lambda f: f.assign(grp=np.where(f["grp"] == 3, 1.0, f["grp"])), "y ~ age + grp",
+        "binomial", r"singular design: column\(s\) grp\[T\.3\] are zero",
+        id="a level absent everywhere is a singular design",
+    ),
+    pytest.param(
+        lambda f: f.assign(y=(f["age"] > 55).astype(float)), "y ~ age + sex", "binomial",
+        r"complete separation \(coefficients growing without bound: age",
+        id="complete separation",
+    ),
+    pytest.param(
+        # Every grp 3 record has y = 0; the other levels are mixed: quasi-complete separation.
+        lambda f: f.assign(y=np.where(f["grp"] == 3, 0.0, f["y"])), "y ~ age + grp", "binomial",
+        r"separation \(coefficients growing without bound: grp\[T\.3\]\)",
+        id="quasi-complete separation",
+    ),
+    pytest.param(
+        lambda f: f.assign(count=np.where(f["grp"] == 3, 0.0, f["count"])),
+        "count ~ age + grp", "poisson",
+        r"separation \(coefficients growing without bound: grp\[T\.3\]\).*means reach 0",
+        id="poisson separation",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("change", "formula", "family", "message"), FAILURES)
+def test_glm_failures_say_why_exactly_and_whatever_the_rounding(
     sites: dict[str, pd.DataFrame],
+    change: Callable[[pd.DataFrame], pd.DataFrame],
+    formula: str,
+    family: str,
+    message: str,
 ) -> None:
     # Machines differ in the last bits of every released sum (BLAS kernels, threads, SIMD), so
-    # each failure must be the same under perturbations of that size (tests/rounding.py). The
-    # decisions are taken far above rounding: a singular X'WX at the start (X'X's scaled
-    # eigenvalues below 1e-11), a binomial deviance under 1e-8 n, coefficients beyond 10 at
-    # max_iter; separation keeps each step about 1 on the separating term, not a rounding-sized
-    # one. (This passed before the Cox fix too; it guards the GLM side of issue 6.)
-    binomial, poisson = {"family": "binomial"}, {"family": "poisson"}
-    cases = [
-        (lambda f: f.assign(y=(f["age"] > 55).astype(float)), "y ~ age + sex", binomial,
-         r"complete separation \(coefficients growing without bound: age"),
-        (lambda f: f.assign(y=np.where(f["grp"] == 3, 0.0, f["y"])), "y ~ age + grp", binomial,
-         r"separation \(coefficients growing without bound: grp\[T\.3\]\)"),
-        (lambda f: f.assign(count=np.where(f["grp"] == 3, 0.0, f["count"])), "count ~ age + grp",
-         poisson, r"separation \(coefficients growing without bound: grp\[T\.3\]\).*means reach 0"),
-        (lambda f: f.assign(bmi=f["age"] / 2 + 10), "y ~ age + bmi", binomial,
-         r"singular design.*collinear: age, bmi"),
-        (lambda f: f.assign(bmi=f["age"] / 2 + 10), "z ~ age + bmi", {"family": "gaussian"},
-         r"singular design.*collinear: age, bmi"),
-        (lambda f: f.assign(grp=np.where(f["grp"] == 3, 1.0, f["grp"])), "y ~ age + grp",
-         binomial, r"singular design: column\(s\) grp\[T\.3\] are zero"),
-    ]  # fmt: skip
-    for change, formula, family, message in cases:
-        frames = {k: change(f) for k, f in sites.items()}
-        for draw in (None, 1, 2, 3):
-            rng = None if draw is None else np.random.default_rng(draw)
-            with pytest.raises(ModelError, match=message):
-                federate_perturbed("glm", frames, {"formula": formula, **family}, DICT, rng)
+    # each failure must be the same under perturbations of that size (tests/rounding.py); draw
+    # None is the exact run. The decisions are taken far above rounding: a singular X'WX at the
+    # start (X'X's scaled eigenvalues below 1e-11), a binomial deviance under 1e-8 n,
+    # coefficients beyond 10 at max_iter; separation keeps each step about 1 on the separating
+    # term, not a rounding-sized one. (This passed before the Cox fix too; it guards the GLM
+    # side of issue 6.)
+    frames = {k: change(f) for k, f in sites.items()}
+    for draw in (None, 1, 2, 3):
+        rng = None if draw is None else np.random.default_rng(draw)
+        with pytest.raises(ModelError, match=message):
+            federate_perturbed("glm", frames, {"formula": formula, "family": family}, DICT, rng)
 
 
 def test_glm_estimates_do_not_depend_on_rounding(sites: dict[str, pd.DataFrame]) -> None:

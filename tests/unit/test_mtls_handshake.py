@@ -43,20 +43,34 @@ def pki_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return ours, other
 
 
+def serve_coordinator(
+    folder: Path, handlers: list[grpc.GenericRpcHandler]
+) -> tuple[grpc.Server, int]:
+    """A started gRPC server with the coordinator's certificate from ``folder``, asking every
+    client for a certificate from that folder's CA; and its port on 127.0.0.1."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=handlers)
+    credentials = grpc.ssl_server_credentials(
+        [((folder / "coordinator.key").read_bytes(), (folder / "coordinator.pem").read_bytes())],
+        root_certificates=(folder / "ca.pem").read_bytes(),
+        require_client_auth=True,
+    )
+    bound = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    return server, bound
+
+
+def site_files(folder: Path, name: str = "cleveland") -> tuple[Path, Path]:
+    """A site's certificate and key, as ``alliance pki issue-site`` wrote them."""
+    return folder / "sites" / f"{name}.pem", folder / "sites" / f"{name}.key"
+
+
 @pytest.fixture(scope="module")
 def port(pki_dirs: tuple[Path, Path]) -> Iterator[int]:
     ours, _ = pki_dirs
     handler = grpc.method_handlers_generic_handler(
         SERVICE, {"WhoAmI": grpc.unary_unary_rpc_method_handler(_who_am_i)}
     )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=[handler])
-    credentials = grpc.ssl_server_credentials(
-        [((ours / "coordinator.key").read_bytes(), (ours / "coordinator.pem").read_bytes())],
-        root_certificates=(ours / "ca.pem").read_bytes(),
-        require_client_auth=True,
-    )
-    bound = server.add_secure_port("127.0.0.1:0", credentials)
-    server.start()
+    server, bound = serve_coordinator(ours, [handler])
     yield bound
     server.stop(grace=None)
 
@@ -90,11 +104,10 @@ def test_site_from_our_ca_connects_and_server_sees_its_cn(
     port: int, pki_dirs: tuple[Path, Path]
 ) -> None:
     ours, _ = pki_dirs
-    site = ours / "sites"
-    answer = call(port, ours / "ca.pem", site / "cleveland.pem", site / "cleveland.key")
+    answer = call(port, ours / "ca.pem", *site_files(ours))
     assert answer == b"cleveland|CN=cleveland,O=Cardio Alliance"
     # The coordinator's SANs cover the DNS name too.
-    host = call(port, ours / "ca.pem", site / "cleveland.pem", site / "cleveland.key", "localhost")
+    host = call(port, ours / "ca.pem", *site_files(ours), host="localhost")
     assert host.startswith(b"cleveland|")
 
 
@@ -103,9 +116,7 @@ def test_site_from_another_ca_is_refused(port: int, pki_dirs: tuple[Path, Path])
     # Same CN and same CA subject: only the signature differs. In TLS 1.3 the server rejects
     # the client certificate after the client has finished its side of the handshake, so the
     # client only learns that the socket was closed.
-    details = refused(
-        port, ours / "ca.pem", other / "sites" / "cleveland.pem", other / "sites" / "cleveland.key"
-    )
+    details = refused(port, ours / "ca.pem", *site_files(other))
     assert details.startswith("failed to connect to all addresses; last error: UNAVAILABLE")
     assert details.endswith("Socket closed")
 
@@ -121,8 +132,7 @@ def test_site_trusting_another_ca_refuses_the_coordinator(
 ) -> None:
     # The other direction: the site's ca.pem is not the one that signed the coordinator.
     ours, other = pki_dirs
-    site = ours / "sites"
-    details = refused(port, other / "ca.pem", site / "cleveland.pem", site / "cleveland.key")
+    details = refused(port, other / "ca.pem", *site_files(ours))
     assert "Tls handshake failed" in details
     assert "CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate" in details
 
@@ -131,22 +141,9 @@ def test_coordinator_name_not_in_sans_is_refused_by_the_site(tmp_path: Path) -> 
     pki.init_ca(tmp_path, "A")
     pki.issue_site(tmp_path, "basel")
     pki.issue_coordinator(tmp_path, hosts=["coord.alliance.example"])
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
-    credentials = grpc.ssl_server_credentials(
-        [
-            (
-                (tmp_path / "coordinator.key").read_bytes(),
-                (tmp_path / "coordinator.pem").read_bytes(),
-            )
-        ],
-        root_certificates=(tmp_path / "ca.pem").read_bytes(),
-        require_client_auth=True,
-    )
-    bound = server.add_secure_port("127.0.0.1:0", credentials)
-    server.start()
+    server, bound = serve_coordinator(tmp_path, [])
     try:
-        site = tmp_path / "sites"
-        details = refused(bound, tmp_path / "ca.pem", site / "basel.pem", site / "basel.key")
+        details = refused(bound, tmp_path / "ca.pem", *site_files(tmp_path, "basel"))
         assert "Hostname Verification Check failed" in details
     finally:
         server.stop(grace=None)
@@ -189,8 +186,7 @@ def _server_stderr_after_refusals(pki_dirs: tuple[Path, Path], verbosity: str | 
         assert proc.stdout is not None and proc.stdin is not None
         try:
             server_port = int(proc.stdout.readline())
-            refused(server_port, ours / "ca.pem", other / "sites/cleveland.pem",
-                    other / "sites/cleveland.key")  # fmt: skip
+            refused(server_port, ours / "ca.pem", *site_files(other))
             refused(server_port, ours / "ca.pem", None, None)
         finally:
             _, stderr = proc.communicate("", timeout=30)

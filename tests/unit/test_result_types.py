@@ -15,21 +15,10 @@ import analyses  # noqa: F401  (registers every analysis)
 from analyses import get_analysis, registered_analyses
 from analyses.testing import federate
 from protocol.config import DataDictionary
-from simulations.bench_cox import synthetic_dictionary, synthetic_sites
 from tests import dp_noise
 from tests.unit.test_round_state import REQUESTS
 
 matplotlib.use("Agg")
-
-
-@pytest.fixture(scope="module")
-def syn_dict() -> DataDictionary:
-    return synthetic_dictionary()
-
-
-@pytest.fixture(scope="module")
-def sites() -> dict[str, pd.DataFrame]:
-    return synthetic_sites(3, 400, seed=5)
 
 
 @pytest.mark.parametrize("mode", ["off", "dp"])

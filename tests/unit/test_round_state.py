@@ -22,7 +22,6 @@ from analyses.driver import RoundTask, SiteAnswer, SiteReply
 from analyses.testing import federate
 from protocol.config import DataDictionary
 from protocol.errors import ValidationError
-from simulations.bench_cox import synthetic_dictionary, synthetic_sites
 from tests import dp_noise
 
 #: One request per analysis, over the synthetic cohort's dictionary.
@@ -41,16 +40,6 @@ REQUESTS: dict[str, dict[str, Any]] = {
     "logrank": {"time": "time", "event": "event", "group": "sex", "horizon": 1000.0},
     "cox": {"time": "time", "event": "event", "covariates": ["age", "sex"], "horizon": 1000.0},
 }
-
-
-@pytest.fixture(scope="module")
-def syn_dict() -> DataDictionary:
-    return synthetic_dictionary()
-
-
-@pytest.fixture(scope="module")
-def sites() -> dict[str, pd.DataFrame]:
-    return synthetic_sites(3, 400, seed=5)
 
 
 def test_every_registered_analysis_has_a_request_here() -> None:

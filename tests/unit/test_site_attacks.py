@@ -101,7 +101,7 @@ def test_a_reply_whose_commit_fails_never_leaves_the_site(
 ) -> None:
     site = make_site(tmp_path, frame, heart_dict, policy())
 
-    def lose_the_race(**_: Any) -> None:
+    def lose_the_race(*_: Any, **__: Any) -> None:
         # Another task took the last of the budget between the pre-check and the commit.
         from protocol.errors import RefusedError
 

@@ -108,16 +108,49 @@ def test_good_tls_files_pass(pkis: tuple[Path, Path], tmp_path: Path) -> None:
     assert any(line.startswith("tls: ok: certificate for va, issued by") for line in lines), lines
 
 
-def test_a_missing_certificate_fails_the_check(pkis: tuple[Path, Path], tmp_path: Path) -> None:
-    ours, _ = pkis
-    missing = tmp_path / "nowhere" / "va.pem"
-    config = write_site(tmp_path, ours / "ca.pem", missing, ours / "sites" / "va.key")
+def failing_tls_lines(config: Path) -> list[str]:
+    """The ``tls`` lines of a check that must fail."""
     code, lines = check(config)
     assert code != 0
-    assert tls_lines(lines) == [
-        f"tls.cert: {missing}: file not found; ask the alliance lead for this site's "
-        "certificate (`alliance pki issue-site va`) and set tls.cert to its path"
-    ]
+    return tls_lines(lines)
+
+
+#: Wrong files a hospital could be sent (``{ours}``: the alliance's PKI folder, ``{tmp}``: the
+#: test's own), and the one line that must say what to do.
+WRONG_FILES = [
+    pytest.param(
+        "{tmp}/nowhere/va.pem",
+        "{ours}/sites/va.key",
+        "tls.cert: {cert}: file not found; ask the alliance lead for this site's "
+        "certificate (`alliance pki issue-site va`) and set tls.cert to its path",
+        id="a missing certificate",
+    ),
+    pytest.param(
+        "{ours}/sites/cleveland.pem",
+        "{ours}/sites/cleveland.key",
+        "tls.cert: {cert}: issued to site 'cleveland', but this site's name is 'va'; use the "
+        "certificate issued for va, or correct `name` in the site config",
+        id="a certificate issued to another site",
+    ),
+    pytest.param(
+        "{ours}/sites/va.pem",
+        "{ours}/sites/cleveland.key",
+        "tls.key: {key}: does not belong to the certificate in tls.cert ({cert}); use the key "
+        "that was issued with that certificate",
+        id="a key that belongs to another certificate",
+    ),
+]
+
+
+@pytest.mark.parametrize(("cert", "key", "line"), WRONG_FILES)
+def test_a_wrong_file_fails_the_check_with_one_line_saying_what_to_do(
+    pkis: tuple[Path, Path], tmp_path: Path, cert: str, key: str, line: str
+) -> None:
+    ours, _ = pkis
+    cert_path = Path(cert.format(ours=ours, tmp=tmp_path))
+    key_path = Path(key.format(ours=ours, tmp=tmp_path))
+    config = write_site(tmp_path, ours / "ca.pem", cert_path, key_path)
+    assert failing_tls_lines(config) == [line.format(cert=cert_path, key=key_path)]
 
 
 def test_a_certificate_from_another_ca_fails_the_check(
@@ -126,25 +159,9 @@ def test_a_certificate_from_another_ca_fails_the_check(
     ours, other = pkis
     cert = other / "sites" / "va.pem"
     config = write_site(tmp_path, ours / "ca.pem", cert, other / "sites" / "va.key")
-    code, lines = check(config)
-    assert code != 0
-    [line] = tls_lines(lines)
+    [line] = failing_tls_lines(config)
     assert line.startswith(f"tls.cert: {cert}: not issued by the CA in tls.ca ({ours / 'ca.pem'})")
     assert "ask the alliance lead" in line
-
-
-def test_a_certificate_issued_to_another_site_fails_the_check(
-    pkis: tuple[Path, Path], tmp_path: Path
-) -> None:
-    ours, _ = pkis
-    cert = ours / "sites" / "cleveland.pem"
-    config = write_site(tmp_path, ours / "ca.pem", cert, ours / "sites" / "cleveland.key")
-    code, lines = check(config)
-    assert code != 0
-    assert tls_lines(lines) == [
-        f"tls.cert: {cert}: issued to site 'cleveland', but this site's name is 'va'; use the "
-        "certificate issued for va, or correct `name` in the site config"
-    ]
 
 
 @pytest.mark.parametrize("when", ["expired", "not-yet-valid"])
@@ -160,29 +177,13 @@ def test_a_certificate_outside_its_dates_fails_the_check(
     )
     cert = dated_cert(ours, tmp_path / "certs", start, end)
     config = write_site(tmp_path, ours / "ca.pem", cert, cert.with_suffix(".key"))
-    code, lines = check(config)
-    assert code != 0
-    [line] = tls_lines(lines)
+    [line] = failing_tls_lines(config)
     if when == "expired":
         assert line.startswith(f"tls.cert: {cert}: expired on {end:%Y-%m-%d}")
         assert "alliance pki issue-site va --overwrite" in line
     else:
         assert line.startswith(f"tls.cert: {cert}: not valid before {start:%Y-%m-%d %H:%M}")
         assert "clock" in line
-
-
-def test_a_key_that_belongs_to_another_certificate_fails_the_check(
-    pkis: tuple[Path, Path], tmp_path: Path
-) -> None:
-    ours, _ = pkis
-    key = ours / "sites" / "cleveland.key"
-    config = write_site(tmp_path, ours / "ca.pem", ours / "sites" / "va.pem", key)
-    code, lines = check(config)
-    assert code != 0
-    assert tls_lines(lines) == [
-        f"tls.key: {key}: does not belong to the certificate in tls.cert "
-        f"({ours / 'sites' / 'va.pem'}); use the key that was issued with that certificate"
-    ]
 
 
 def test_a_key_readable_by_others_is_a_warning_not_a_failure(
@@ -206,9 +207,7 @@ def test_files_that_are_not_pem_fail_the_check(pkis: tuple[Path, Path], tmp_path
     junk = tmp_path / "junk.pem"
     junk.write_text("not a certificate\n")
     config = write_site(tmp_path, junk, ours / "sites" / "va.pem", junk)
-    code, lines = check(config)
-    assert code != 0
-    problems = tls_lines(lines)
+    problems = failing_tls_lines(config)
     assert problems[0].startswith(f"tls.ca: {junk}: not a PEM certificate")
     assert problems[1].startswith(f"tls.key: {junk}: not a PEM private key")
 

@@ -9,11 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from protocol.budget import PureDP
 from protocol.config import DataDictionary, SiteConfig
+from protocol.errors import InternalError
 from protocol.records import RecordSpec
 from protocol.wire import alliance_pb2 as pb
-from protocol.wire.messages import record_from_proto
+from protocol.wire.messages import TaskMessage, record_from_proto
 from site_node.harmonize import conform
+from site_node.ledger import Charge, SiteStore
 from site_node.runtime import SiteRuntime
 
 
@@ -216,3 +219,22 @@ def test_mean_over_filter_is_exact_in_off_mode(tmp_path, frame, heart_dict):
     chosen = frame.age[(frame.age >= 40) & (frame.sex == 1)].to_numpy()
     assert values["n"] == chosen.size
     assert values["sum"] == pytest.approx(np.sum(chosen - 60.0), rel=1e-12)
+
+
+def test_a_charge_to_another_request_than_its_task_is_a_bug_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    store = SiteStore(tmp_path / "site.db", "testsite")
+    wire = TaskMessage("t1", "r1", "s1", "count", "r.chen")
+    budget = PureDP(3.0)
+    for study, request in (("s2", "r1"), ("s1", "r2")):
+        charge = Charge(study, request, PureDP(0.5), budget, None)
+        with pytest.raises(InternalError, match=f"charge to study {study}, request {request}"):
+            store.commit_reply(wire, charge, b"payload", "receipt", {"task": "t1"})
+    assert store.ledger() == []
+    assert store.stored_reply("t1") is None
+    assert [e.action for e in store.audit_entries()] == []
+    charge = Charge("s1", "r1", PureDP(0.5), budget, None)  # the task's own: charged once
+    assert store.commit_reply(wire, charge, b"payload", "receipt", {"task": "t1"}) == b"payload"
+    assert store.spent("s1") == PureDP(0.5)
+    store.close()

@@ -38,17 +38,12 @@ from protocol.budget import PureDP
 from protocol.config import DataDictionary, SDCThresholds
 from protocol.errors import DisclosureError, ModelError, ValidationError
 from protocol.records import MAX_CELLS, AggregateRecord, RecordSpec
-from simulations.bench_cox import synthetic_dictionary, synthetic_sites
+from simulations.bench_cox import synthetic_sites
 from site_node.privacy import privatize
 from tests import dp_noise
 from tests.rounding import federate_perturbed
 
 matplotlib.use("Agg")
-
-
-@pytest.fixture(scope="module")
-def syn_dict() -> DataDictionary:
-    return synthetic_dictionary()
 
 
 @pytest.fixture(scope="module")

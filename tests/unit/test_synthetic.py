@@ -19,6 +19,7 @@ from simulations.synthetic import (
     FOLLOW_UP_DAYS,
     TRUE_COEFS,
     TRUE_LOG_HR,
+    SiteDraw,
     generate_sites,
     site_profiles,
     synthetic_dictionary,
@@ -94,7 +95,7 @@ def test_site_sizes_vary_within_the_spread() -> None:
     assert max(sizes) / min(sizes) > 1.3
     exact = generate_sites(3, [10, 200, 3000], seed=3)
     assert [len(f) for f in exact.values()] == [10, 200, 3000]
-    assert [p.rows for p in site_profiles(8, 1000, seed=3).values()] == sizes
+    assert [p.rows for p in site_profiles(SiteDraw(8, 1000, seed=3)).values()] == sizes
 
 
 def test_heterogeneity_is_visible_and_can_be_turned_off() -> None:
@@ -177,8 +178,8 @@ def test_pooled_cox_recovers_true_log_hr() -> None:
 
 
 def test_write_sites_round_trips(tmp_path: Path) -> None:
-    files = write_sites(tmp_path / "out", 3, 500, seed=9)
     frames = generate_sites(3, 500, seed=9)
+    files = write_sites(tmp_path / "out", frames)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "dictionary.yaml",
         "site01.csv",

@@ -10,10 +10,8 @@ import numpy as np
 import pandas as pd
 
 from analyses._lazy import stats
-from analyses.base import (
-    AnalysisContext,
-)
-from analyses.common import pooled
+from analyses.base import AnalysisContext
+from analyses.common import pooled, wald_row
 from analyses.results import AnalysisResult, show_count
 from analyses.survival.cox.sums import CoxParams, CoxTerm, Stratum
 from analyses.survival.grid import FloatArray, grid_for, grid_note, time_unit
@@ -30,28 +28,14 @@ class CoxResult(AnalysisResult):
 
     time: str = ""
     event: str = ""
-    ties: str = "efron"
-    strata_by_site: bool = False
-    ci_level: float = 0.95
     coefficients: dict[str, dict[str, float]] = field(default_factory=dict)
     log_likelihood: float = float("nan")
     iterations: int = 0
     converged: bool = False
+    ties: str = "efron"
+    strata_by_site: bool = False
     events: float = 0.0
-
-    def values(self) -> dict[str, Any]:
-        return {
-            "time": self.time,
-            "event": self.event,
-            "coefficients": self.coefficients,
-            "log_likelihood": self.log_likelihood,
-            "iterations": self.iterations,
-            "converged": self.converged,
-            "ties": self.ties,
-            "strata_by_site": self.strata_by_site,
-            "events": self.events,
-            "ci_level": self.ci_level,
-        }
+    ci_level: float = 0.95
 
     @property
     def terms(self) -> list[str]:
@@ -144,16 +128,8 @@ def cox_result(
     se = np.sqrt(sampling + noise)
     coefficients: dict[str, dict[str, float]] = {}
     for j, term in enumerate(terms):
-        z = estimate[j] / se[j]
-        entry = {
-            "estimate": float(estimate[j]),
-            "std_error": float(se[j]),
-            "z": float(z),
-            "p": float(2 * stats.norm.sf(abs(z))),
-            "ci_lower": float(estimate[j] - z_crit * se[j]),
-            "ci_upper": float(estimate[j] + z_crit * se[j]),
-            "hazard_ratio": float(np.exp(estimate[j])),
-        }
+        entry = wald_row(estimate[j], se[j], z_crit)
+        entry["hazard_ratio"] = float(np.exp(estimate[j]))
         if noise_var is not None:
             entry["noise_sd"] = float(np.sqrt(noise[j]))
         coefficients[term.name] = entry

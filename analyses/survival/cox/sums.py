@@ -11,12 +11,9 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from analyses.base import (
-    AnalysisContext,
-    Arrays,
-)
+from analyses.base import AnalysisContext, Arrays, DistinctNames
 from analyses.common import packed_index, unpack
 from analyses.survival.grid import FloatArray, IntArray, SurvivalParams, TimeGrid
 from protocol.config import BinaryVariable, DataDictionary, NumericVariable
@@ -25,7 +22,7 @@ from protocol.records import Release
 
 
 class CoxParams(SurvivalParams):
-    covariates: list[str] = Field(min_length=1, max_length=50)
+    covariates: DistinctNames = Field(min_length=1, max_length=50)
     ties: Literal["efron", "breslow"] = "efron"
     strata_by_site: bool = False
     max_iter: int = Field(default=50, ge=1, le=100)
@@ -36,13 +33,6 @@ class CoxParams(SurvivalParams):
     dp_coef_bound: float = Field(
         default=5.0, gt=0, le=20, description="dp: bound on sum |b_j| of the scaled coefficients"
     )
-
-    @field_validator("covariates")
-    @classmethod
-    def _distinct(cls, covariates: list[str]) -> list[str]:
-        if len(set(covariates)) != len(covariates):
-            raise ValueError(f"covariates must be distinct, got {covariates}")
-        return covariates
 
 
 @dataclass(frozen=True)
