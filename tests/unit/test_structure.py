@@ -81,6 +81,6 @@ def test_one_version_taken_from_the_package_metadata() -> None:
 
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     assert declared == VERSION
-    sources = [p for p in ROOT.rglob("*.py") if ".venv" not in p.parts and "tests" not in p.parts]
+    sources = [p for package in PACKAGES for p in (ROOT / package).rglob("*.py")]
     literal = [str(p.relative_to(ROOT)) for p in sources if f'"{declared}"' in p.read_text()]
     assert literal == []  # no second copy of the version string in the code
