@@ -75,6 +75,18 @@ def test_a_site_leaving_mid_iteration_restarts_the_fit_without_it(heart_frames, 
     assert all(not t.task_id.endswith(".va") for t in sites.tasks[restart_at + 1 :])
 
 
+def test_a_restarted_fit_never_reuses_a_task_id_for_other_work(heart_frames, heart_dict):
+    # A real site answers a repeated task id from its store. Before the fix, the rounds after a
+    # restart reused the ids of the first attempt's rounds (request.round.site), so round 1
+    # at the new coefficients would have got the reply computed at the old ones.
+    sites = InProcessSites(heart_frames, heart_dict)
+    sites.drop["va"] = 2
+    scheduler = Scheduler(sites, heart_dict, task_timeout=1.0)  # type: ignore[arg-type]
+    asyncio.run(scheduler.run(STUDY, GLM, "r.chen"))
+    ids = [t.task_id for t in sites.tasks]
+    assert len(ids) == len(set(ids))
+
+
 def test_every_site_refusing_is_a_typed_failure_naming_each(heart_frames, heart_dict):
     sites = InProcessSites(heart_frames, heart_dict)
     sites.drop = {name: 0 for name in heart_frames}
