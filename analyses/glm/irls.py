@@ -98,7 +98,8 @@ def combine(
     n_total = float(pooled["n"])
     n_history = [*ctx.memo.get("n_history", []), n_total]
     h = unpack(pooled["xwx"], p)
-    if ctx.round == 0 and n_total <= p:
+    # A noisy n says little (n gets a tenth of a dp round's budget): only exact counts decide.
+    if ctx.round == 0 and n_total <= p and not noisy:
         raise ModelError(
             f"glm {params.formula!r}: {n_total:.0f} complete records for {p} parameters; "
             "a model needs more records than parameters"

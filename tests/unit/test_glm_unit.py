@@ -539,3 +539,21 @@ def test_result_object(sites: dict[str, pd.DataFrame]) -> None:
     }  # fmt: skip
     ax = res.plot()
     assert [t.get_text() for t in ax.get_yticklabels()] == ["age", "sex[T.1]"]
+
+
+def test_a_noisy_record_count_below_the_parameters_does_not_stop_a_dp_fit(
+    sites: dict[str, pd.DataFrame],
+) -> None:
+    # In dp the pooled n gets a tenth of a round's budget, so at a small epsilon it can come out
+    # below p, even negative. That said nothing about the data; it used to stop the fit with
+    # "-77 complete records for 3 parameters".
+    rng = np.random.default_rng(5)
+
+    def negative_n(site: str, spec: Any, arrays: Any, ctx: Any, eps: Any) -> Any:
+        record = dp_noise.noisy_record(spec, arrays, eps.epsilon, rng)
+        values = {k: np.array(-40.0) if k == "n" else record[k] for k in spec.arrays}
+        return record.with_values(values, dict(record.releases))
+
+    params = {"formula": "y ~ age", "family": "binomial"}
+    result = federate("glm", sites, params, DICT, "dp", epsilon=2.0, release=negative_n)
+    assert result.rounds == 4 and np.isfinite(result.coef("age"))
