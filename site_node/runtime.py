@@ -29,7 +29,7 @@ from protocol.errors import AllianceError, InternalError, RefusedError, Validati
 from protocol.filters import RowFilter, parse_filter
 from protocol.version import VERSION
 from protocol.wire import alliance_pb2 as pb
-from protocol.wire.messages import RefusalMessage, ReplyMessage, TaskMessage, record_to_proto
+from protocol.wire.messages import RefusalMessage, ReplyMessage, TaskMessage
 from site_node.connectors import load
 from site_node.harmonize import DataReport, conform
 from site_node.ledger import Charge, SiteStore
@@ -38,6 +38,8 @@ from site_node.privacy import privatize
 
 #: Filtered frames kept for the later rounds of iterative analyses.
 FILTER_CACHE_SIZE = 8
+#: Parsed parameters kept (by analysis and parameter text).
+PARAMS_CACHE_SIZE = 64
 log = logging.getLogger("alliance.site")
 
 
@@ -87,6 +89,7 @@ class SiteRuntime:
         self.store = SiteStore(config.state_dir / "site.db", actor=config.name)
         self._digest = dictionary.digest()
         self._filter_cache: OrderedDict[str, pd.DataFrame] = OrderedDict()
+        self._params_cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
         # The site's work cache: what an analysis keeps between rounds (a GLM's design),
         # scoped by frame ("" is the unfiltered data; a filter's text its rows).
         self.work = WorkCache()
@@ -179,7 +182,7 @@ class SiteRuntime:
     def _run(self, wire: pb.Task) -> Outcome:
         task = TaskMessage.from_proto(wire)
         analysis = get_analysis(task.analysis)
-        params = analysis.parse_params(task.params, self.dictionary)
+        params = self._params(analysis, wire.params_json, task)
         row_filter = (
             parse_filter(task.filter, set(self.dictionary.variables)) if task.filter else None
         )
@@ -230,29 +233,44 @@ class SiteRuntime:
                 f"the release spent epsilon {record.epsilon!r}, above the task's {epsilon!r}"
             )
         records_used = analysis.site_records(record)
-        receipt = hashlib.sha256(
-            task.task_id.encode() + record_to_proto(record).SerializeToString(deterministic=True)
-        ).hexdigest()
-        reply = ReplyMessage(
+        message = ReplyMessage(
             task_id=task.task_id,
             record=record,
             privacy_mode=mode,
             epsilon_spent=epsilon,
             records_used=None if mode == "dp" or records_used is None else int(records_used),
-            receipt=receipt,
-        )
-        payload = reply.to_proto().SerializeToString(deterministic=True)
+        ).to_proto()
+        # The receipt covers the task id and the record exactly as it is serialised here.
+        receipt = hashlib.sha256(
+            task.task_id.encode() + message.reply.record.SerializeToString(deterministic=True)
+        ).hexdigest()
+        message.reply.receipt = receipt
+        payload = message.SerializeToString(deterministic=True)
         detail = {
             **_task_detail(task),
             "request": task.request_id,
             "mode": mode,
-            "epsilon": reply.epsilon_spent,
+            "epsilon": message.reply.epsilon_spent,
             "receipt": receipt,
         }
         committed = self.store.commit_reply(task, charge, payload, receipt, detail)
         if committed != payload:  # another delivery of this task id committed first
             return self._replayed(committed)
         return Outcome(pb.SiteMessage.FromString(committed), "reply")
+
+    def _params(self, analysis: Any, text: str, task: TaskMessage) -> Any:
+        """The task's parameters, validated; every round of a request sends the same ones, so
+        they are parsed once (pydantic costs more than a small task's arithmetic)."""
+        key = (analysis.name, text)
+        found = self._params_cache.get(key)
+        if found is None:
+            found = analysis.parse_params(task.params, self.dictionary)
+            self._params_cache[key] = found
+            while len(self._params_cache) > PARAMS_CACHE_SIZE:
+                self._params_cache.popitem(last=False)
+        else:
+            self._params_cache.move_to_end(key)
+        return found
 
     def _filtered(self, row_filter: RowFilter) -> pd.DataFrame:
         """The rows a filter keeps, kept for the next rounds of an analysis (with their scope
