@@ -20,7 +20,7 @@ from pydantic import Field, field_validator
 from analyses.base import Analysis, AnalysisContext, Arrays, Params
 from analyses.common import pooled, require_numeric
 from analyses.registry import analysis
-from analyses.results import AnalysisResult
+from analyses.results import AnalysisResult, show_count
 from protocol.config import DataDictionary
 from protocol.records import AggregateRecord, ArraySpec, RecordSpec
 
@@ -96,6 +96,14 @@ class MeanResult(AnalysisResult):
         rows = [{"site": s, **v} for s, v in self.per_site.items()]
         rows.append({"site": "pooled", "n": self.n, "mean": self.mean, "variance": self.variance})
         return pd.DataFrame(rows).set_index("site")
+
+    def __str__(self) -> str:
+        noise = f", of which dp noise {self.noise_sd:.3g}" if self.noise_sd else ""
+        line = (
+            f"mean {self.variable}: {self.mean:.4g} (standard error {self.std_error:.3g}{noise}; "
+            f"n {show_count(self.n, self.privacy.mode == 'dp')})"
+        )
+        return "\n".join([self._header(), line, self._table(), *self._footer()])
 
 
 @analysis("mean")
