@@ -43,8 +43,9 @@ def _exact(value: float) -> Fraction:
 
 
 def format_epsilon(value: float) -> str:
-    """An epsilon for people: up to 12 significant digits, so 1.200000000001 shows as such."""
-    return f"{value:.12g}"
+    """An epsilon for people: up to 15 significant digits, so 1.200000000001 shows as such
+    (and 0.1 + 0.2 as 0.3)."""
+    return f"{value:.15g}"
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,10 @@ def test_ledger_bypass_with_an_epsilon_a_hair_above_what_is_left_is_refused(
     answers = [site.handle(task("count", f"x{i}", epsilon=1.200000000001)) for i in range(40)]
     assert {a.status for a in answers} == {"refused"}
     assert {a.message.refusal.code for a in answers} == {"budget"}
-    assert "epsilon 1.2 left at this site" in answers[0].reason
+    assert (
+        "epsilon 1.2 left at this site; this request needs 1.200000000001 (short by 1e-12)"
+        in answers[0].reason
+    )
     assert not any(a.message.HasField("reply") for a in answers)
     assert [row.task_id for row in site.store.ledger()] == ["a", "b"]
     assert site.store.spent("s1") == PureDP(0.6)
