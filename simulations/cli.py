@@ -16,8 +16,16 @@ import typer
 
 from analyses import get_analysis
 from coordinator.cli import coordinator_app, pki_app, run_command, study_app, token_app
-from protocol.config import AnalysisRequest, DataDictionary, DataSource, StudyConfig, load_yaml
-from protocol.errors import AllianceError
+from protocol.config import (
+    AnalysisRequest,
+    DataDictionary,
+    DataSource,
+    StudyConfig,
+    StudyPrivacy,
+    load_yaml,
+    parse_model,
+)
+from protocol.errors import AllianceError, ConfigError
 from protocol.logs import LOG_LEVEL, QUIET, configure, resolve_level
 from site_node.cli import site_app
 from site_node.ledger import SiteStore
@@ -118,13 +126,16 @@ def simulate(
             get_analysis(req.analysis).parse_params(req.params, dict_model)
         except AllianceError as exc:
             raise AllianceError(f"{path}: {exc}") from None
-    study = StudyConfig.model_validate(
-        {
-            "id": "simulation",
-            "title": "alliance simulate",
-            "privacy": {"mode": privacy, "epsilon_per_request": epsilon, "budget": budget},
-        }
-    )
+    privacy_terms = {"mode": privacy, "epsilon_per_request": epsilon, "budget": budget}
+    try:
+        terms = parse_model(StudyPrivacy, privacy_terms, "alliance simulate")
+    except ConfigError as exc:  # name the flags, not the study file the user never wrote
+        flags = {"epsilon_per_request": "--epsilon", "budget": "--budget", "mode": "--privacy"}
+        text = str(exc)
+        for field, flag in flags.items():
+            text = text.replace(f"alliance simulate: {field}:", f"{flag}:")
+        raise AllianceError(text) from None
+    study = StudyConfig(id="simulation", title="alliance simulate", privacy=terms)
     failed = simulate_requests(
         sites, dict_model, study, requests, keep, as_json, tls=not insecure, budget=budget
     )

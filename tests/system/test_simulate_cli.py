@@ -103,6 +103,8 @@ def test_off_mode_prints_exact_text(
             "--privacy: 'exact' is not a privacy mode; use one of: dp, sdc, off",
         ),
         (["--site", "broken"], "--site: 'broken' is not NAME=PATH"),
+        (["--epsilon", "0"], "--epsilon: 0.0: must be above 0"),
+        (["--budget", "-1"], "--budget: -1.0: epsilon must be a finite number >= 0"),
     ],
 )
 def test_bad_options_are_one_line_errors(
