@@ -204,6 +204,22 @@ class Analysis(ABC, Generic[P]):
     def check_params(self, params: P, dictionary: DataDictionary) -> None:
         """Cross-field checks against the dictionary (types of variables, say). Optional."""
 
+    def coarsened_variables(self, params: P) -> set[str]:
+        """The variables this analysis reads only through public bins or levels (a histogram's
+        variable on its public edges, a table's rows and columns). In sdc a quasi-identifier
+        may be read only this way; every other variable's exact values reach the release."""
+        return set()
+
+    def model_key(self, params: P) -> str | None:
+        """The canonical form of the model a model-fitting analysis (glm, cox) fits, else None.
+        In sdc a site fits only the models its approval lists (``analyses.models``)."""
+        return None
+
+    def magnitude_cells(self, data: pd.DataFrame, params: P) -> list[npt.NDArray[np.float64]]:
+        """Each released sum's per-record contributions (for the dominance rule in sdc): the
+        values a mean or a t-test adds up. Default: none (counts and models)."""
+        return []
+
     @abstractmethod
     def variables(self, params: P) -> set[str]:
         """Every dictionary variable this analysis reads (policy scopes are checked on it)."""

@@ -15,7 +15,7 @@ import pandas as pd
 
 from analyses._lazy import stats
 from protocol.config import DataDictionary, NumericVariable
-from protocol.errors import ValidationError
+from protocol.errors import DisclosureError, ValidationError
 from protocol.records import AggregateRecord
 
 FloatArray = npt.NDArray[np.float64]
@@ -119,3 +119,57 @@ def unpack(packed: FloatArray, p: int) -> FloatArray:
     out[..., rows, cols] = packed
     out[..., cols, rows] = packed
     return out
+
+
+# ----------------------------------------------------------------------------- sdc model checks
+
+#: A record whose leverage is this close to 1 is fitted exactly: the model is saturated there.
+SATURATED_LEVERAGE = 1 - 1e-6
+
+
+def check_model_cells(indicators: Mapping[str, FloatArray], min_cell: int, model: str) -> None:
+    """sdc: every 0/1 column of a model (a binary term, a level's dummy, an interaction cell, a
+    categorical level's own indicator) holds at least ``min_cell`` records at each of its two
+    values, zero included, so that refused versus empty is no oracle.
+
+    Raises:
+        DisclosureError: saying which rule, never a count.
+    """
+    for values in indicators.values():
+        ones = int(np.count_nonzero(values == 1))
+        if ones < min_cell or values.size - ones < min_cell:
+            raise DisclosureError(
+                f"refused by disclosure control: in the rows of {model} at this site, a level, "
+                f"an interaction cell or a value of a 0/1 term holds fewer than {min_cell} "
+                "records (a coefficient would describe them alone). Coarsen or drop the term"
+            )
+
+
+def zero_one_columns(matrix: FloatArray, names: Sequence[str]) -> dict[str, FloatArray]:
+    """The columns of a raw design whose values are all 0 or 1 (an intercept excluded)."""
+    out: dict[str, FloatArray] = {}
+    for j, name in enumerate(names):
+        values = matrix[:, j]
+        if np.all((values == 0) | (values == 1)) and not np.all(values == 1):
+            out[str(name)] = values
+    return out
+
+
+def check_not_saturated(x: FloatArray, model: str) -> None:
+    """sdc: refuse a fit that reproduces a record exactly: a record whose design row lies
+    outside the span of the other rows has leverage 1, whatever the (positive) weights.
+
+    Raises:
+        DisclosureError: saying so, never which record or how many.
+    """
+    if x.shape[0] == 0:
+        return
+    u, s, _ = np.linalg.svd(x, full_matrices=False)
+    rank = int(np.count_nonzero(s > s[0] * max(x.shape) * np.finfo(float).eps)) if s.size else 0
+    leverage = np.einsum("ij,ij->i", u[:, :rank], u[:, :rank])
+    if leverage.size and float(leverage.max()) >= SATURATED_LEVERAGE:
+        raise DisclosureError(
+            f"refused by disclosure control: {model} would be saturated at a record of this "
+            "site (the fit reproduces it exactly, so its coefficients disclose it). Drop or "
+            "coarsen the term that isolates it"
+        )

@@ -18,7 +18,7 @@ import pandas as pd
 from pydantic import Field, field_validator
 
 from analyses.base import Analysis, AnalysisContext, Arrays, Params
-from analyses.common import pooled, require_numeric
+from analyses.common import FloatArray, column, pooled, require_numeric
 from analyses.registry import analysis
 from analyses.results import AnalysisResult, show_count
 from protocol.config import DataDictionary
@@ -55,6 +55,9 @@ class Count(Analysis[CountParams]):
 
     def variables(self, params: CountParams) -> set[str]:
         return {params.variable} if params.variable else set()
+
+    def coarsened_variables(self, params: CountParams) -> set[str]:
+        return self.variables(params)  # only whether a value is missing
 
     def declare(self, params: CountParams, ctx: AnalysisContext) -> RecordSpec:
         return RecordSpec({"n": ArraySpec((), kind="count", sensitivity=1.0, integer=True)})
@@ -116,6 +119,10 @@ class Mean(Analysis[MeanParams]):
 
     def variables(self, params: MeanParams) -> set[str]:
         return {params.variable}
+
+    def magnitude_cells(self, data: pd.DataFrame, params: MeanParams) -> list[FloatArray]:
+        values = column(data, params.variable)
+        return [values[~np.isnan(values)]]
 
     def check_params(self, params: MeanParams, dictionary: DataDictionary) -> None:
         require_numeric(dictionary, params.variable)
@@ -256,6 +263,9 @@ class Histogram(Analysis[HistogramParams]):
 
     def variables(self, params: HistogramParams) -> set[str]:
         return {params.variable} | ({params.group} if params.group else set())
+
+    def coarsened_variables(self, params: HistogramParams) -> set[str]:
+        return self.variables(params)  # public edges, public levels
 
     def check_params(self, params: HistogramParams, dictionary: DataDictionary) -> None:
         require_numeric(dictionary, params.variable)

@@ -216,6 +216,9 @@ class MantelHaenszel(Analysis[MantelHaenszelParams]):
         names = {params.exposure, params.outcome}
         return names | ({params.stratum} if params.stratum else set())
 
+    def coarsened_variables(self, params: MantelHaenszelParams) -> set[str]:
+        return self.variables(params)
+
     def check_params(self, params: MantelHaenszelParams, dictionary: DataDictionary) -> None:
         for what, name in (("exposure", params.exposure), ("outcome", params.outcome)):
             levels = require_levels(dictionary, name, what)

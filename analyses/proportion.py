@@ -90,6 +90,9 @@ class Proportion(Analysis[ProportionParams]):
     def variables(self, params: ProportionParams) -> set[str]:
         return {params.variable}
 
+    def coarsened_variables(self, params: ProportionParams) -> set[str]:
+        return {params.variable}  # a count of one public level
+
     def check_params(self, params: ProportionParams, dictionary: DataDictionary) -> None:
         if not isinstance(dictionary.variable(params.variable), BinaryVariable):
             raise ValidationError(

@@ -284,6 +284,19 @@ class Quantiles(Analysis[QuantilesParams]):
                 f"{params.variable} has fewer than {smallest} values here (the smallest subset "
                 "this site releases counts of); quantile counts would disclose them"
             )
+        if ctx.mode == "sdc":
+            # A quantile with fewer than min_subset records below or above it brackets the
+            # site's extreme patients (probs 0.0001 and 0.9999 hugged its smallest and largest
+            # values); the coarse-to-fine search cannot help that, the probability can.
+            k = ctx.sdc.min_subset
+            extreme = [p for p in params.probs if p * n < k or (1 - p) * n < k]
+            if extreme:
+                raise DisclosureError(
+                    f"refused by disclosure control: quantiles at {extreme} would fall among "
+                    f"this site's {k} smallest or largest values; a quantile is released only "
+                    f"with at least {k} records on each side here. Use less extreme "
+                    "probabilities"
+                )
         site = SiteBoundaries(
             values, ValueGrid(low, high), ctx.sdc.min_cell if ctx.mode == "sdc" else 0
         )

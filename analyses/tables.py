@@ -153,6 +153,9 @@ class Table(Analysis[TableParams]):
     def variables(self, params: TableParams) -> set[str]:
         return {params.rows} | ({params.cols} if params.cols else set())
 
+    def coarsened_variables(self, params: TableParams) -> set[str]:
+        return self.variables(params)
+
     def check_params(self, params: TableParams, dictionary: DataDictionary) -> None:
         require_levels(dictionary, params.rows, "rows")
         if params.cols is not None:

@@ -32,6 +32,11 @@ from protocol.budget import PureDP
 from protocol.errors import BudgetError, ConfigError
 
 PrivacyMode = Literal["dp", "sdc", "off"]
+#: How a variable may be used (see docs/threat-model.md): ``identifier`` never analysed or
+#: released; ``quasi-identifier`` in sdc only through public bins or levels; ``sensitive`` only
+#: where the site's approval of a study names it; ``ordinary`` as the policy allows.
+Sensitivity = Literal["identifier", "quasi-identifier", "sensitive", "ordinary"]
+SENSITIVITIES: tuple[str, ...] = ("identifier", "quasi-identifier", "sensitive", "ordinary")
 PRIVACY_MODES: tuple[str, ...] = ("off", "sdc", "dp")  # ordered from least to most strict
 
 _NAME = r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"
@@ -89,6 +94,7 @@ class NumericVariable(_Model):
     max: float
     unit: str | None = None
     description: str | None = None
+    sensitivity: Sensitivity = "ordinary"
 
     @model_validator(mode="after")
     def _bounds_ordered(self) -> NumericVariable:
@@ -104,6 +110,7 @@ class CategoricalVariable(_Model):
     levels: list[int]
     labels: list[str] | None = None
     description: str | None = None
+    sensitivity: Sensitivity = "ordinary"
 
     @model_validator(mode="after")
     def _levels_valid(self) -> CategoricalVariable:
@@ -124,6 +131,7 @@ class BinaryVariable(_Model):
     type: Literal["binary"]
     labels: list[str] | None = None
     description: str | None = None
+    sensitivity: Sensitivity = "ordinary"
 
     @property
     def levels(self) -> list[int]:
@@ -179,6 +187,10 @@ class DataDictionary(_Model):
         if isinstance(var, NumericVariable):
             raise ValidationError(f"variable {name!r} is numeric; it has no levels")
         return list(var.levels)
+
+    def classed(self, sensitivity: str) -> set[str]:
+        """The variables of one sensitivity class."""
+        return {name for name, var in self.variables.items() if var.sensitivity == sensitivity}
 
     def digest(self) -> str:
         """A stable SHA-256 of the dictionary, so both sides can check they use the same one."""
@@ -246,6 +258,13 @@ class SDCThresholds(_Model):
     min_cell: int = Field(default=3, ge=3)
     min_subset: int = Field(default=3, ge=3)
     max_parameter_ratio: float = Field(default=0.33, gt=0, le=0.33)
+    dominance_p: float = Field(
+        default=10.0,
+        ge=5.0,
+        le=100.0,
+        description="p% rule: a sum is refused when the others' total is under p% of the "
+        "largest contribution (the second largest contributor could estimate it that well)",
+    )
 
 
 class StudyApproval(_Model):
@@ -260,6 +279,30 @@ class StudyApproval(_Model):
     )
     analyses: list[str] | None = Field(default=None, description="None: the site allow-list")
     expires: dt.date | None = None
+    researcher_budget: Epsilon | None = Field(
+        default=None, description="the most one researcher may spend on this study here"
+    )
+    sdc_filters: Literal["approved", "free"] = Field(
+        default="approved",
+        description="sdc: 'approved' runs only the populations and models below; 'free' any",
+    )
+    populations: list[str] = Field(
+        default_factory=list, description="sdc: approved row filters (the study's subgroups)"
+    )
+    models: list[str] = Field(
+        default_factory=list,
+        description="sdc: approved models: 'y ~ x1 + x2' (glm), 'Surv(time, event) ~ x1' (cox)",
+    )
+    sensitive_variables: list[str] = Field(
+        default_factory=list, description="sensitive variables this study may read here"
+    )
+
+
+class PeriodBudget(_Model):
+    """A site-wide epsilon per calendar period (UTC), over all studies."""
+
+    period: Literal["day", "week", "month", "year"] = "month"
+    epsilon: Epsilon
 
 
 class SitePolicy(_Model):
@@ -269,6 +312,9 @@ class SitePolicy(_Model):
     studies: list[StudyApproval] = Field(default_factory=list)
     denied_variables: list[str] = Field(default_factory=list)
     sdc: SDCThresholds = Field(default_factory=SDCThresholds)
+    period_budget: PeriodBudget | None = Field(
+        default=None, description="site-wide epsilon per calendar period, over all studies"
+    )
 
     def approval(self, study_id: str) -> StudyApproval | None:
         """This site's approval of ``study_id``, if any."""

@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from protocol.audit import AuditEntry, VerifyReport, verify_chain
-from protocol.budget import PureDP, check_budget, format_epsilon, over_request_cap
+from protocol.budget import BudgetCheck, PureDP, check_budget, format_epsilon, over_request_cap
+from protocol.config import PeriodBudget, SDCThresholds
 from protocol.errors import InternalError, RefusedError
 from protocol.storage import connect_read_only
 from protocol.wire.messages import TaskMessage
+from site_node.disclosure import DifferencingGuard, RecordSet
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
@@ -53,6 +55,8 @@ LEDGER_NO_UPDATE = """
 CREATE TRIGGER IF NOT EXISTS ledger_no_update BEFORE UPDATE ON ledger
     BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
 CREATE INDEX IF NOT EXISTS ledger_spent ON ledger (study_id, request_id, units);
+CREATE INDEX IF NOT EXISTS ledger_researcher ON ledger (study_id, researcher, units);
+CREATE INDEX IF NOT EXISTS ledger_time ON ledger (time, units);
 """
 
 
@@ -63,14 +67,46 @@ def now() -> str:
 
 @dataclass(frozen=True)
 class Charge:
-    """What one dp task asks of the ledger: ``epsilon`` against the study's ``budget`` at this
-    site, and against the approval's ``cap`` on what one request may spend over its rounds."""
+    """What one dp task asks of the ledger: ``epsilon`` against every level that applies.
+
+    The levels: the study's ``budget`` at this site; the approval's ``cap`` on what one request
+    may spend over its rounds; the researcher's budget within the study
+    (``researcher_budget``); and the site-wide budget per calendar period (``period``).
+    """
 
     study_id: str
     request_id: str
     epsilon: PureDP
     budget: PureDP
     cap: PureDP | None
+    researcher: str = ""
+    researcher_budget: PureDP | None = None
+    period: PeriodBudget | None = None
+
+
+def period_start(period: str, at: dt.datetime) -> dt.datetime:
+    """The start (UTC) of the calendar ``period`` (day, week from Monday, month, year) holding
+    ``at``."""
+    day = dt.datetime(at.year, at.month, at.day, tzinfo=dt.UTC)
+    if period == "day":
+        return day
+    if period == "week":
+        return day - dt.timedelta(days=at.weekday())
+    if period == "month":
+        return day.replace(day=1)
+    return day.replace(month=1, day=1)
+
+
+def period_name(period: str, at: dt.datetime) -> str:
+    """The period for people: ``2026-12-02``, ``week 49 of 2026``, ``December 2026``, ``2026``."""
+    if period == "day":
+        return at.date().isoformat()
+    if period == "week":
+        year, week, _ = at.isocalendar()
+        return f"week {week} of {year}"
+    if period == "month":
+        return at.strftime("%B %Y")
+    return str(at.year)
 
 
 @dataclass(frozen=True)
@@ -103,6 +139,7 @@ class SiteStore:
         self._db.executescript(SCHEMA)
         self._migrate_ledger()
         self._db.executescript(LEDGER_NO_UPDATE)
+        self.guard = DifferencingGuard(self._db, self._lock)
 
     def _migrate_ledger(self) -> None:
         """Give a ledger written before integer units its units and request ids, keeping every
@@ -195,19 +232,51 @@ class SiteStore:
         (total,) = db.execute(query, args).fetchone()
         return int(total)
 
+    @staticmethod
+    def _researcher_units(db: sqlite3.Connection, study_id: str, researcher: str) -> int:
+        (total,) = db.execute(
+            "SELECT COALESCE(SUM(units), 0) FROM ledger WHERE study_id = ? AND researcher = ?",
+            (study_id, researcher),
+        ).fetchone()
+        return int(total)
+
+    @staticmethod
+    def _units_since(db: sqlite3.Connection, start: dt.datetime) -> int:
+        (total,) = db.execute(
+            "SELECT COALESCE(SUM(units), 0) FROM ledger WHERE time >= ?",
+            (start.isoformat(timespec="microseconds"),),
+        ).fetchone()
+        return int(total)
+
+    def _refuse(self, check: BudgetCheck, what: str) -> RefusedError:
+        return RefusedError(
+            f"refused by {self.actor}: {what} has epsilon "
+            f"{format_epsilon(check.remaining.epsilon)} left at this site; this request "
+            f"needs {format_epsilon(check.requested.epsilon)} (short by "
+            f"{format_epsilon(check.short.epsilon)}). Ask the site admin for more budget, "
+            "or lower `epsilon` in the request",
+            code="budget",
+        )
+
     def _check_charge(self, db: sqlite3.Connection, charge: Charge) -> None:
-        """Refuse ``charge`` unless it fits the study's budget and the per-request cap."""
+        """Refuse ``charge`` unless it fits every level: the site's period budget, the study's
+        budget, the researcher's budget in the study and the per-request cap."""
         study_id, epsilon = charge.study_id, charge.epsilon
+        if charge.period is not None:
+            at = dt.datetime.now(dt.UTC)
+            start = period_start(charge.period.period, at)
+            check = check_budget(charge.period.epsilon, self._units_since(db, start), epsilon)
+            if not check.allowed:
+                name = period_name(charge.period.period, at)
+                raise self._refuse(check, f"this site's budget for {name} (all studies)")
         check = check_budget(charge.budget, self._spent_units(db, study_id), epsilon)
         if not check.allowed:
-            raise RefusedError(
-                f"refused by {self.actor}: study {study_id} has epsilon "
-                f"{format_epsilon(check.remaining.epsilon)} left at this site; this request "
-                f"needs {format_epsilon(epsilon.epsilon)} (short by "
-                f"{format_epsilon(check.short.epsilon)}). Ask the site admin for more budget, "
-                "or lower `epsilon` in the request",
-                code="budget",
-            )
+            raise self._refuse(check, f"study {study_id}")
+        if charge.researcher_budget is not None:
+            used = self._researcher_units(db, study_id, charge.researcher)
+            check = check_budget(charge.researcher_budget, used, epsilon)
+            if not check.allowed:
+                raise self._refuse(check, f"researcher {charge.researcher} in study {study_id}")
         if charge.cap is None:
             return
         used = self._spent_units(db, study_id, charge.request_id)
@@ -226,6 +295,15 @@ class SiteStore:
         """
         with self._lock:
             self._check_charge(self._db, charge)
+
+    def precheck_release(self, released: RecordSet, thresholds: SDCThresholds) -> None:
+        """The differencing guard's check, before any work (the commit checks again).
+
+        Raises:
+            DisclosureError: in the guard's one message.
+        """
+        with self._lock:
+            self.guard.check(released, thresholds)
 
     def ledger(self, study_id: str | None = None) -> list[LedgerRow]:
         """Ledger rows, oldest first (optionally for one study)."""
@@ -256,6 +334,8 @@ class SiteStore:
         payload: bytes,
         receipt: str,
         detail: dict[str, Any],
+        released: RecordSet | None = None,
+        thresholds: SDCThresholds | None = None,
     ) -> bytes:
         """Charge, store and audit the reply to ``task`` in one transaction; return what may
         leave the site.
@@ -265,14 +345,39 @@ class SiteStore:
         both be charged. A task id committed before gets its stored payload back, never the
         new one: one task id, one answer.
 
+        An exact release's record set (``released``) is checked again by the differencing guard
+        inside the transaction, so two racing releases cannot both pass it, and remembered in
+        the same transaction as the reply.
+
         Raises:
             RefusedError: code ``budget`` when the charge no longer fits; nothing is written.
+            DisclosureError: the guard refuses ``released`` now; nothing is written.
         """
+        try:
+            return self._commit(task, charge, payload, receipt, detail, released, thresholds)
+        except BaseException:
+            if released is not None:
+                self.guard.forget_cache(released.study_id)  # the file is the truth
+            raise
+
+    def _commit(
+        self,
+        task: TaskMessage,
+        charge: Charge | None,
+        payload: bytes,
+        receipt: str,
+        detail: dict[str, Any],
+        released: RecordSet | None,
+        thresholds: SDCThresholds | None,
+    ) -> bytes:
         task_id, study_id = task.task_id, task.study_id
         with self._transaction() as db:
             row = db.execute("SELECT payload FROM replies WHERE task_id = ?", (task_id,)).fetchone()
             if row is not None:
                 return bytes(row[0])
+            if released is not None:
+                self.guard.check(released, thresholds or SDCThresholds())
+                self.guard.remember(db, released)
             if charge is not None and charge.epsilon.epsilon > 0:
                 if (charge.study_id, charge.request_id) != (study_id, task.request_id):
                     raise InternalError(

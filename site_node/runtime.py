@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from analyses import AnalysisContext, get_analysis
@@ -31,9 +32,10 @@ from protocol.version import VERSION
 from protocol.wire import alliance_pb2 as pb
 from protocol.wire.messages import RefusalMessage, ReplyMessage, TaskMessage
 from site_node.connectors import load
+from site_node.disclosure import RecordSet, check_dominance
 from site_node.harmonize import DataReport, conform
 from site_node.ledger import Charge, SiteStore
-from site_node.policy import check_task
+from site_node.policy import TaskScope, canonical_filter, check_approval_terms, check_task
 from site_node.privacy import privatize
 
 #: Filtered frames kept for the later rounds of iterative analyses.
@@ -86,10 +88,13 @@ class SiteRuntime:
         self.dictionary = dictionary
         self.data = data
         self.report = report or DataReport(rows=len(data))
+        for approval in config.policy.studies:
+            check_approval_terms(approval, dictionary, f"{config.name}: policy")
         self.store = SiteStore(config.state_dir / "site.db", actor=config.name)
         self._digest = dictionary.digest()
         self._filter_cache: OrderedDict[str, pd.DataFrame] = OrderedDict()
         self._params_cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._row_sets: OrderedDict[tuple[str, tuple[str, ...]], np.ndarray] = OrderedDict()
         # The site's work cache: what an analysis keeps between rounds (a GLM's design),
         # scoped by frame ("" is the unfiltered data; a filter's text its rows).
         self.work = WorkCache()
@@ -186,16 +191,15 @@ class SiteRuntime:
         row_filter = (
             parse_filter(task.filter, set(self.dictionary.variables)) if task.filter else None
         )
-        variables = set(analysis.variables(params)) | (
-            set(row_filter.variables) if row_filter else set()
+        scope = TaskScope(
+            task.analysis,
+            frozenset(analysis.variables(params)),
+            frozenset(analysis.coarsened_variables(params)),
+            row_filter,
+            analysis.model_key(params),
         )
         approval, mode = check_task(
-            self.config.policy,
-            self.name,
-            task.study_id,
-            task.analysis,
-            variables,
-            task.privacy_mode,
+            self.config.policy, self.name, task.study_id, scope, task.privacy_mode, self.dictionary
         )
         charge: Charge | None = None
         if mode == "dp":
@@ -210,17 +214,27 @@ class SiteRuntime:
                 PureDP(task.epsilon),
                 approval.budget,
                 approval.epsilon_per_request,
+                researcher=task.researcher,
+                researcher_budget=approval.researcher_budget,
+                period=self.config.policy.period_budget,
             )
             self.store.precheck_charge(charge)
         epsilon = charge.epsilon.epsilon if charge is not None else 0.0
         base = AnalysisContext(self.dictionary, mode, self.config.policy.sdc, task.round)
         state = analysis.parse_state(task.state, params, base)
-        scope = self.work.scope(_scope(row_filter.text if row_filter else None))
+        cache = self.work.scope(_scope(row_filter.text if row_filter else None))
         ctx = AnalysisContext(
-            self.dictionary, mode, self.config.policy.sdc, task.round, state, cache=scope
+            self.dictionary, mode, self.config.policy.sdc, task.round, state, cache=cache
         )
         spec = analysis.declare(params, ctx)
         data = self._filtered(row_filter) if row_filter is not None else self.data
+        released: RecordSet | None = None
+        if mode == "sdc":
+            # Before any computation: the differencing guard on the rows that would contribute,
+            # then the dominance rule on the sums that would be released.
+            released = self._record_set(task.study_id, scope, data)
+            self.store.precheck_release(released, self.config.policy.sdc)
+            check_dominance(analysis.magnitude_cells(data, params), self.config.policy.sdc)
         record = privatize(
             spec,
             analysis.local(data, params, ctx),
@@ -253,10 +267,28 @@ class SiteRuntime:
             "epsilon": message.reply.epsilon_spent,
             "receipt": receipt,
         }
-        committed = self.store.commit_reply(task, charge, payload, receipt, detail)
+        committed = self.store.commit_reply(
+            task, charge, payload, receipt, detail, released, self.config.policy.sdc
+        )
         if committed != payload:  # another delivery of this task id committed first
             return self._replayed(committed)
         return Outcome(pb.SiteMessage.FromString(committed), "reply")
+
+    def _record_set(self, study_id: str, scope: TaskScope, data: pd.DataFrame) -> RecordSet:
+        """The rows a release covers: ``data``'s complete cases of the analysis's variables, by
+        their positions in the site's data (kept for the rounds of iterative analyses)."""
+        population = canonical_filter(scope.row_filter)
+        key = (population, tuple(sorted(scope.variables)))
+        positions = self._row_sets.get(key)
+        if positions is None:
+            complete = data[sorted(scope.variables)].notna().all(axis=1).to_numpy()
+            positions = np.asarray(data.index.to_numpy()[complete], dtype=np.int64)
+            self._row_sets[key] = positions
+            while len(self._row_sets) > FILTER_CACHE_SIZE:
+                self._row_sets.popitem(last=False)
+        else:
+            self._row_sets.move_to_end(key)
+        return RecordSet.of(study_id, population, positions)
 
     def _params(self, analysis: Any, text: str, task: TaskMessage) -> Any:
         """The task's parameters, validated; every round of a request sends the same ones, so

@@ -128,11 +128,20 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+import numpy as np
 import pandas as pd
 
 from analyses.base import Analysis, AnalysisContext, Arrays, NextRound, RoundState
+from analyses.common import check_model_cells, check_not_saturated, zero_one_columns
 from analyses.glm.design import Design, build_design, local_arrays
-from analyses.glm.formula import GLMParams, dp_round_count, glm_model, parse_formula
+from analyses.glm.formula import (
+    GLMModel,
+    GLMParams,
+    dp_round_count,
+    glm_key,
+    glm_model,
+    parse_formula,
+)
 from analyses.glm.irls import combine
 from analyses.glm.result import GLMResult
 from analyses.glm.sensitivity import DP_BETA_LIMIT, sensitivities
@@ -166,6 +175,12 @@ class GLM(Analysis[GLMParams]):
     def variables(self, params: GLMParams) -> set[str]:
         formula = parse_formula(params.formula)
         return {formula.response, *formula.variables}
+
+    def model_key(self, params: GLMParams) -> str:
+        return glm_key(params.formula)
+
+    def coarsened_variables(self, params: GLMParams) -> set[str]:
+        return set()  # even a categorical term's indicator can isolate records: see local
 
     def check_params(self, params: GLMParams, dictionary: DataDictionary) -> None:
         formula = parse_formula(params.formula)
@@ -244,7 +259,36 @@ class GLM(Analysis[GLMParams]):
                 f"control allows for {model.p} parameters (parameters at most {ratio:g} of the "
                 "records)"
             )
+        if ctx.mode == "sdc":
+            self._check_disclosure(design, model, params, ctx)
         return local_arrays(design, model, ctx)
+
+    @staticmethod
+    def _check_disclosure(
+        design: Design, model: GLMModel, params: GLMParams, ctx: AnalysisContext
+    ) -> None:
+        """sdc: every 0/1 column's values and the binomial response's hold at least min_cell
+        records, and no record is fitted exactly (checked once per design and frame)."""
+
+        def check() -> bool:
+            raw = design.x * model.half[None, :] + model.centre[None, :]
+            cells = zero_one_columns(raw, model.columns)
+            for name, levels in model.levels.items():  # each level, the reference one too
+                codes = design.levels[name]
+                for level in levels:
+                    cells[f"{name}[{level}]"] = (codes == level).astype(np.float64)
+            if params.family == "binomial":
+                cells[model.formula.response] = design.y * model.y_half + model.y_centre
+            what = f"glm {params.formula!r}"
+            check_model_cells(cells, ctx.sdc.min_cell, what)
+            check_not_saturated(design.x, what)
+            return True
+
+        key = ("glm-sdc", model.key, ctx.sdc.min_cell)
+        if ctx.cache is None:
+            check()
+        else:
+            ctx.cache.get(key, check, lambda _: 0)
 
     def combine(
         self, records: Mapping[str, AggregateRecord], params: GLMParams, ctx: AnalysisContext

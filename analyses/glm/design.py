@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,10 +22,12 @@ class Design:
 
     x: FloatArray
     y: FloatArray
+    #: each categorical variable's values in the model's rows (sdc checks its levels' cells)
+    levels: dict[str, FloatArray] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
-        return int(self.x.nbytes + self.y.nbytes)
+        return int(self.x.nbytes + self.y.nbytes + sum(v.nbytes for v in self.levels.values()))
 
 
 def build_design(data: pd.DataFrame, model: GLMModel, clamp: bool) -> Design:
@@ -42,8 +44,9 @@ def build_design(data: pd.DataFrame, model: GLMModel, clamp: bool) -> Design:
     if clamp:
         y = np.clip(y, *model.y_bounds)
     y = (y - model.y_centre) / model.y_half
+    level_values = {name: values[name][keep] for name in model.levels}
     if n == 0:
-        return Design(np.zeros((0, model.p)), y)
+        return Design(np.zeros((0, model.p)), y, level_values)
     frame: dict[str, Any] = {}
     for name in formula.variables:
         column = values[name][keep]
@@ -63,7 +66,7 @@ def build_design(data: pd.DataFrame, model: GLMModel, clamp: bool) -> Design:
     for j, column in enumerate(matrix.columns):
         values_j = np.asarray(matrix[column], dtype=np.float64)
         np.divide(values_j - model.centre[j], model.half[j], out=x[:, j])
-    return Design(x, np.ascontiguousarray(y))
+    return Design(x, np.ascontiguousarray(y), level_values)
 
 
 def start_values(family: str, y: FloatArray) -> tuple[FloatArray, FloatArray]:

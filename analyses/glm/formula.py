@@ -97,6 +97,14 @@ def parse_formula(text: str) -> ParsedFormula:
     return ParsedFormula(text=text, response=response, rhs=rhs, variables=tuple(variables))
 
 
+def glm_key(formula: str) -> str:
+    """A formula's canonical form: ``response ~ terms``, the terms and each interaction's
+    variables sorted (what an sdc site compares with the models it approved)."""
+    parsed = parse_formula(formula)
+    terms = sorted(":".join(sorted(str(term).split(":"))) for term in parsed.rhs)
+    return f"{parsed.response} ~ {' + '.join(terms)}"
+
+
 def factor_kind(factor: Any) -> str:
     method = factor.eval_method
     return str(getattr(method, "value", method))

@@ -79,6 +79,10 @@ class Counting(Analysis[CP], Generic[CP]):
     def variables(self, params: CP) -> set[str]:
         return {params.time, params.event} | ({params.group} if params.group else set())
 
+    def coarsened_variables(self, params: CP) -> set[str]:
+        # Times on the public grid, the event flag and the group's public levels.
+        return self.variables(params)
+
     def _levels(self, params: CP, dictionary: DataDictionary) -> list[int]:
         return dictionary.levels(params.group) if params.group else [0]
 

@@ -60,9 +60,11 @@ def refused(outcome: AnalysisResult | Refused) -> bool:
 
 
 def assert_no_count(outcome: Refused, *protected: int) -> None:
-    """A refusal names no protected count (the sizes the attack is after)."""
+    """A refusal names no protected count (the sizes the attack is after). What the refusal
+    echoes of the request ('quoted') and of the site's approved list is not a count."""
     for reason in outcome.reasons.values():
-        numbers = {int(float(n)) for n in re.findall(r"(?<![\w.])\d+(?:\.\d+)?", reason)}
+        own_words = re.sub(r"approved: [^.]*\.", "", re.sub(r"'[^']*'", "", reason))
+        numbers = {int(float(n)) for n in re.findall(r"(?<![\w.])\d+(?:\.\d+)?", own_words)}
         assert not numbers & set(protected), reason
 
 

@@ -45,9 +45,16 @@ def test_heart_quantiles_equal_pooled_numpy_and_pandas(
 def test_heart_quantiles_sdc_bounds_hold_the_pooled_quantile(heart: Split) -> None:
     probs = [0.05, 0.25, 0.5, 0.75, 0.95]
     for variable in ("age", "chol", "thalach"):
-        result = heart.federate("quantiles", {"variable": variable, "probs": probs}, mode="sdc")
+        # Switzerland has no chol (all its values are out of range): a site with no values
+        # refuses in sdc as one with too few does, so the federation pools the other three.
+        split = heart
+        if variable == "chol":
+            split = Split.of(
+                {s: f for s, f in heart.frames.items() if s != "switzerland"}, heart.dictionary
+            )
+        result = split.federate("quantiles", {"variable": variable, "probs": probs}, mode="sdc")
         # numpy 2.4: np.quantile(pooled[variable].dropna(), probs)
-        expected = np.quantile(heart.pooled[variable].dropna(), probs)
+        expected = np.quantile(split.pooled[variable].dropna(), probs)
         for p, want in zip(probs, expected, strict=True):
             low, high = result.intervals[p]
             assert low - 1e-9 <= want <= high + 1e-9, (variable, p)

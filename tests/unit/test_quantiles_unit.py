@@ -192,7 +192,8 @@ def test_sdc_admitted_points_never_cut_a_small_cell_whatever_is_asked(seed: int)
 
 def test_sdc_search_releases_only_safe_cells_and_bounds_the_quantile() -> None:
     rng = np.random.default_rng(7)
-    sites = [np.sort(rng.normal(0, 2, n).round(1)) for n in (25, 60, 300)]
+    # At least 3 records below the 5% and above the 95% quantile at every site (sdc).
+    sites = [np.sort(rng.normal(0, 2, n).round(1)) for n in (70, 120, 300)]
     probs = [0.05, 0.5, 0.95]
     released: list[set[int]] = [set(), set(), set()]
 
@@ -219,7 +220,8 @@ def test_sdc_search_releases_only_safe_cells_and_bounds_the_quantile() -> None:
 def test_sdc_values_tied_three_times_per_site_resolve_exactly() -> None:
     rng = np.random.default_rng(9)
     # Integers, each present 0 or at least 3 times at each site (ages in years, say).
-    sites = [np.repeat(rng.integers(-5, 6, size), 3) for size in (8, 20, 50)]
+    # At least 3 records below the 10% and above the 90% quantile at every site (sdc).
+    sites = [np.repeat(rng.integers(-5, 6, size), 3) for size in (12, 20, 50)]
     probs = [0.1, 0.25, 0.5, 0.75, 0.9]
     result = federate(
         "quantiles", frames_of(*sites), {"variable": "x", "probs": probs}, DICTIONARY, mode="sdc"

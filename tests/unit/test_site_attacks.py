@@ -33,11 +33,16 @@ def frame(heart_frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 
 def policy(
-    budget: float = 1.8, cap: float = 1.8, mode: str = "dp", analyses: list[str] | None = None
+    budget: float = 1.8,
+    cap: float = 1.8,
+    mode: str = "dp",
+    analyses: list[str] | None = None,
+    **approval: Any,
 ) -> dict[str, Any]:
+    study = {"id": "s1", "mode": mode, "budget": budget, "epsilon_per_request": cap, **approval}
     return {
         "allowed_analyses": analyses or ["count", "mean", "histogram", "glm", "cox", "quantiles"],
-        "studies": [{"id": "s1", "mode": mode, "budget": budget, "epsilon_per_request": cap}],
+        "studies": [study],
     }
 
 
@@ -315,9 +320,10 @@ def test_sdc_refusals_never_state_the_small_count_they_protect(
 ) -> None:
     # Before the fix: "1 of 1 cells ... hold between 1 and 2 records", "group sex = 1 has 1
     # record(s)", "this site has 2 complete records". A refusal says "fewer than N".
-    site = make_site(tmp_path, frame, heart_dict, policy(mode="sdc", analyses=None))
-    refusals = []
     young = "age <= 34 and sex == 1"  # two of Cleveland's patients
+    approved = {"populations": [young], "models": ["chol ~ age + trestbps"]}
+    site = make_site(tmp_path, frame, heart_dict, policy(mode="sdc", analyses=None, **approved))
+    refusals = []
     assert int(((frame.age <= 34) & (frame.sex == 1)).sum()) == 2
     refusals.append(site.handle(task("count", "c1", mode="sdc", filter=young)))
     refusals.append(

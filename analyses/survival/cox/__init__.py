@@ -15,7 +15,7 @@ from analyses.registry import analysis
 from analyses.survival.cox.newton import combine
 from analyses.survival.cox.result import CoxResult
 from analyses.survival.cox.site import CoxSite, CoxState
-from analyses.survival.cox.sums import CoxParams
+from analyses.survival.cox.sums import CoxParams, cox_key
 from protocol.records import AggregateRecord
 
 
@@ -24,6 +24,9 @@ class Cox(CoxSite):
     """Exact federated Cox regression by Newton-Raphson over pooled risk-set sums."""
 
     result_type = CoxResult
+
+    def model_key(self, params: CoxParams) -> str:
+        return cox_key(params.time, params.event, params.covariates)
 
     def combine(
         self, records: Mapping[str, AggregateRecord], params: CoxParams, ctx: AnalysisContext

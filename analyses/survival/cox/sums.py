@@ -4,7 +4,7 @@ pools, and the bounds its dp sensitivities use."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,6 +19,12 @@ from analyses.survival.grid import FloatArray, IntArray, SurvivalParams, TimeGri
 from protocol.config import BinaryVariable, DataDictionary, NumericVariable
 from protocol.errors import InternalError
 from protocol.records import Release
+
+
+def cox_key(time: str, event: str, covariates: Iterable[str]) -> str:
+    """A cox model's canonical form, ``Surv(time, event) ~ x1 + x2`` with the covariates
+    sorted (what an sdc site compares with the models it approved)."""
+    return f"Surv({time}, {event}) ~ {' + '.join(sorted(covariates))}"
 
 
 class CoxParams(SurvivalParams):
