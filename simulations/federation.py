@@ -44,6 +44,8 @@ class SiteSpec:
     epsilon_per_request: float = 0.5  # the most one request may spend at this site
     allowed_analyses: list[str] | None = None  # None: every registered analysis
     denied_variables: list[str] = field(default_factory=list)
+    #: more fields of the study's approval: sdc populations and models, budgets, ...
+    approval: dict[str, Any] = field(default_factory=dict)
 
 
 def child_env() -> dict[str, str]:
@@ -165,6 +167,7 @@ class LocalFederation:
                         "mode": site.mode,
                         "budget": site.budget,
                         "epsilon_per_request": site.epsilon_per_request,
+                        **site.approval,
                     }
                 ],
             },

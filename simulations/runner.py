@@ -16,6 +16,39 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def approved_terms(requests: list[AnalysisRequest], dictionary: DataDictionary) -> dict[str, Any]:
+    """The sdc populations and models a simulation's sites approve: the requests' own (dummy
+    data, run by the person who wrote the requests). A malformed one is left out: its request
+    fails at the coordinator with its own error."""
+    from analyses.models import canonical_model
+    from protocol.errors import AllianceError
+    from protocol.filters import parse_filter
+
+    populations: list[str] = []
+    for text in sorted({r.filter for r in requests if r.filter}):
+        try:
+            parse_filter(text, set(dictionary.variables))
+        except AllianceError:
+            continue
+        populations.append(text)
+    models: list[str] = []
+    for request in requests:
+        if request.analysis == "glm" and "formula" in request.params:
+            models.append(str(request.params["formula"]))
+        elif request.analysis == "cox" and {"time", "event", "covariates"} <= set(request.params):
+            params = request.params
+            covariates = " + ".join(params["covariates"])
+            models.append(f"Surv({params['time']}, {params['event']}) ~ {covariates}")
+    valid = []
+    for model in models:
+        try:
+            canonical_model(model)
+        except AllianceError:
+            continue
+        valid.append(model)
+    return {"populations": populations, "models": valid}
+
+
 def simulate_requests(
     sites: list[tuple[str, DataSource]],
     dictionary: DataDictionary,
@@ -29,7 +62,14 @@ def simulate_requests(
     """Run every request in order in one study; return how many failed."""
     cap = study.privacy.epsilon_per_request.epsilon
     specs = [
-        SiteSpec(name, data, mode=study.privacy.mode, budget=budget, epsilon_per_request=cap)
+        SiteSpec(
+            name,
+            data,
+            mode=study.privacy.mode,
+            budget=budget,
+            epsilon_per_request=cap,
+            approval=approved_terms(requests, dictionary),
+        )
         for name, data in sites
     ]
     federation = LocalFederation(specs, dictionary, keep, tls=tls)
