@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import signal
 from pathlib import Path
@@ -10,12 +11,13 @@ from typing import Annotated
 
 import typer
 
-from protocol.config import DataDictionary, SiteConfig, load_yaml
+from protocol.budget import PureDP, format_epsilon
+from protocol.config import DataDictionary, SiteConfig, StudyApproval, load_yaml
 from protocol.logs import LOG_LEVEL, QUIET, configure, resolve_level
 from protocol.tlsfiles import INSECURE, check_tls_files
 from site_node.connectors import load
 from site_node.harmonize import conform
-from site_node.ledger import SiteStore
+from site_node.ledger import SiteStore, period_name
 from site_node.link import SiteLink
 from site_node.runtime import SiteRuntime
 
@@ -93,31 +95,63 @@ def site_serve(
     asyncio.run(serve(config, insecure))
 
 
-@site_app.command("check")
-def site_check(config: CONFIG) -> None:
-    """Check the config, TLS files, data and audit log; exit 1 on a problem; write nothing."""
-    settings = load_yaml(config, SiteConfig)
-    problems: list[str] = []
+def policy_lines(settings: SiteConfig, dictionary: DataDictionary) -> list[str]:
+    """The sensitivity classes and the negative list this site enforces."""
+    enforced = {
+        "identifier": "never analysed, filtered on or released",
+        "quasi-identifier": "sdc: only on public bins or levels; never in a free-form filter",
+        "sensitive": "only in studies whose approval names them (sensitive_variables)",
+    }
+    lines = []
+    for sensitivity, rule in enforced.items():
+        names = ", ".join(sorted(dictionary.classed(sensitivity))) or "none"
+        lines.append(f"variables {sensitivity}: {names} ({rule})")
+    if settings.policy.denied_variables:
+        denied = ", ".join(settings.policy.denied_variables)
+        lines.append(f"negative list: {denied} (never analysed here)")
+    return lines
+
+
+def sdc_terms(approval: StudyApproval) -> str:
+    """What an approval lets sdc run, in one line."""
+    if approval.sdc_filters == "free":
+        return "any filter and model (sdc_filters: free: weaker against differencing)"
+    populations = "; ".join(approval.populations) or "the whole population only"
+    models = "; ".join(approval.models) or "none"
+    return f"approved populations: {populations}; approved models: {models}"
+
+
+def _check_tls(settings: SiteConfig) -> list[str]:
+    """Print the TLS files' state; return the problems."""
     if settings.tls is None:
         typer.echo(
             "tls: none (insecure: true): this site proves no identity and its aggregates "
             "travel in clear; loopback experiments only"
         )
-    else:
-        tls = check_tls_files(settings.tls, "site", settings.name)
-        problems += tls.problems
-        for line in tls.problems:
-            typer.echo(line)
-        for line in tls.warnings:
-            typer.echo(f"{line} (warning)")
-        if tls.ok:
-            typer.echo(f"tls: ok: {tls.summary}")
+        return []
+    tls = check_tls_files(settings.tls, "site", settings.name)
+    for line in tls.problems:
+        typer.echo(line)
+    for line in tls.warnings:
+        typer.echo(f"{line} (warning)")
+    if tls.ok:
+        typer.echo(f"tls: ok: {tls.summary}")
+    return list(tls.problems)
+
+
+@site_app.command("check")
+def site_check(config: CONFIG) -> None:
+    """Check the config, TLS files, data and audit log; exit 1 on a problem; write nothing."""
+    settings = load_yaml(config, SiteConfig)
+    problems = _check_tls(settings)
     dictionary = load_yaml(settings.dictionary, DataDictionary)
     _, report = conform(load(settings.data), dictionary, settings.data.rename, settings.data.derive)
     for line in report.lines():
         typer.echo(f"data: {line}")
     policy = settings.policy
     typer.echo(f"allowed analyses: {', '.join(policy.allowed_analyses) or 'none (deny all)'}")
+    for line in policy_lines(settings, dictionary):
+        typer.echo(line)
     if not policy.allowed_analyses or not policy.studies:
         typer.echo(
             "policy: this site will refuse every task until it allows an analysis and "
@@ -132,6 +166,8 @@ def site_check(config: CONFIG) -> None:
                 f"study {approval.id}: mode {approval.mode}, budget {approval.budget.epsilon:g}, "
                 f"spent {spent:.4g}"
             )
+            if approval.mode == "sdc" or approval.populations or approval.models:
+                typer.echo(f"  sdc terms: {sdc_terms(approval)}")
         if store is None:
             typer.echo(f"audit log: none yet ({db} is created by `alliance site serve`)")
         else:
@@ -173,5 +209,38 @@ def site_ledger(
             typer.echo(f"total {study_id}: epsilon {total:.4g}{budget}")
         if not rows:
             typer.echo("the ledger is empty")
+        for line in budget_lines(settings, store, study):
+            typer.echo(line)
     finally:
         store.close()
+
+
+def _level(name: str, spent: PureDP, limit: PureDP | None) -> str:
+    if limit is None:
+        return f"{name}: spent {format_epsilon(spent.epsilon)} (no separate limit)"
+    left = limit - spent
+    return (
+        f"{name}: spent {format_epsilon(spent.epsilon)} of {format_epsilon(limit.epsilon)}, "
+        f"{format_epsilon(left.epsilon)} left"
+    )
+
+
+def budget_lines(settings: SiteConfig, store: SiteStore, study: str | None) -> list[str]:
+    """The three budget levels, spent and remaining: site-wide this period, per study, and per
+    researcher within each study."""
+    policy = settings.policy
+    lines = ["budgets (epsilon):"]
+    if policy.period_budget is not None:
+        now = dt.datetime.now(dt.UTC)
+        spent = store.spent_in_period(policy.period_budget.period, now)
+        name = f"  site-wide, {period_name(policy.period_budget.period, now)}, all studies"
+        lines.append(_level(name, spent, policy.period_budget.epsilon))
+    else:
+        lines.append("  site-wide: no period budget (policy.period_budget)")
+    for approval in policy.studies:
+        if study is not None and approval.id != study:
+            continue
+        lines.append(_level(f"  study {approval.id}", store.spent(approval.id), approval.budget))
+        for researcher, spent in store.spent_by_researcher(approval.id).items():
+            lines.append(_level(f"    researcher {researcher}", spent, approval.researcher_budget))
+    return lines

@@ -296,6 +296,23 @@ class SiteStore:
         with self._lock:
             self._check_charge(self._db, charge)
 
+    def spent_by_researcher(self, study_id: str) -> dict[str, PureDP]:
+        """Epsilon charged to ``study_id`` at this site, per researcher."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT researcher, SUM(units) FROM ledger WHERE study_id = ? GROUP BY researcher "
+                "ORDER BY researcher",
+                (study_id,),
+            ).fetchall()
+        return {name: PureDP.from_units(int(units)) for name, units in rows}
+
+    def spent_in_period(self, period: str, at: dt.datetime | None = None) -> PureDP:
+        """Epsilon charged at this site, over all studies, in the calendar period holding ``at``
+        (now by default)."""
+        start = period_start(period, at or dt.datetime.now(dt.UTC))
+        with self._lock:
+            return PureDP.from_units(self._units_since(self._db, start))
+
     def precheck_release(self, released: RecordSet, thresholds: SDCThresholds) -> None:
         """The differencing guard's check, before any work (the commit checks again).
 
