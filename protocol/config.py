@@ -148,6 +148,21 @@ class DataDictionary(_Model):
     """The alliance's common variables, their types, public bounds and levels."""
 
     variables: dict[str, Variable]
+    patient_id: str | None = Field(
+        default=None,
+        pattern=_VARIABLE,
+        description="the column holding patient ids (after a site's rename): used for consent "
+        "and one-row-per-patient, never analysed or released",
+    )
+
+    @model_validator(mode="after")
+    def _patient_id_not_a_variable(self) -> DataDictionary:
+        if self.patient_id is not None and self.patient_id in self.variables:
+            raise ValueError(
+                f"patient_id {self.patient_id!r} is also a variable; patient ids are never "
+                "analysable, so remove it from variables"
+            )
+        return self
 
     @field_validator("variables")
     @classmethod
@@ -296,6 +311,11 @@ class StudyApproval(_Model):
     sensitive_variables: list[str] = Field(
         default_factory=list, description="sensitive variables this study may read here"
     )
+    purpose: str = Field(
+        default="research",
+        pattern=r"^[a-z][a-z0-9_-]*$",
+        description="the study's purpose code, for this site's consent rules",
+    )
 
 
 class PeriodBudget(_Model):
@@ -314,6 +334,10 @@ class SitePolicy(_Model):
     sdc: SDCThresholds = Field(default_factory=SDCThresholds)
     period_budget: PeriodBudget | None = Field(
         default=None, description="site-wide epsilon per calendar period, over all studies"
+    )
+    consent: dict[str, Literal["opt-in", "opt-out"]] = Field(
+        default_factory=dict,
+        description="purpose code -> opt-in (a grant is needed) or opt-out (a withdrawal excludes)",
     )
 
     def approval(self, study_id: str) -> StudyApproval | None:
@@ -340,6 +364,37 @@ class DataSource(_Model):
         default_factory=dict,
         description="dictionary variable -> a filter expression giving it as 0/1 (e.g. num > 0)",
     )
+    duplicate_patients: Literal["refuse", "first", "last"] = Field(
+        default="refuse",
+        description="several rows for one patient id: refuse dp, or keep the first or last row",
+    )
+
+
+class ConsentColumns(_Model):
+    """Column names of a consent table (CSV or SQL)."""
+
+    patient: str = "patient_id"
+    purpose: str = "purpose"
+    status: str = Field(default="status", description="granted or withdrawn")
+    date: str = "date"
+
+
+class ConsentSource(_Model):
+    """Where a site's consent statements are: a CSV, a SQL table, or FHIR Consent NDJSON."""
+
+    kind: Literal["csv", "sql", "fhir"]
+    path: Path | None = Field(default=None, description="csv and fhir: the file")
+    url: str | None = Field(default=None, description="sql: a SQLAlchemy URL, read only")
+    table: str = Field(default="consent", pattern=_VARIABLE, description="sql: the table")
+    columns: ConsentColumns = Field(default_factory=ConsentColumns)
+
+    @model_validator(mode="after")
+    def _where(self) -> ConsentSource:
+        if self.kind in ("csv", "fhir") and self.path is None:
+            raise ValueError(f"a {self.kind} consent source needs path")
+        if self.kind == "sql" and self.url is None:
+            raise ValueError("a sql consent source needs url (a SQLAlchemy URL)")
+        return self
 
 
 class TLSFiles(_Model):
@@ -357,6 +412,7 @@ class SiteConfig(_Model):
     coordinator: str = Field(description="host:port of the coordinator's site link")
     dictionary: Path
     data: DataSource
+    consent: ConsentSource | None = None
     policy: SitePolicy = Field(default_factory=SitePolicy)
     state_dir: Path = Field(default=Path("state"))
     tls: TLSFiles | None = None
@@ -368,6 +424,12 @@ class SiteConfig(_Model):
     def _tls_or_insecure(self) -> SiteConfig:
         if self.tls is None and not self.insecure:
             raise ValueError("give tls (ca, cert, key) or set insecure: true for loopback tests")
+        if self.consent is None and self.policy.consent:
+            purposes = ", ".join(sorted(self.policy.consent))
+            raise ValueError(
+                f"policy.consent has rules ({purposes}) but no consent source is configured; "
+                "add consent: {kind: csv, path: ...} (or sql, fhir)"
+            )
         return self
 
 

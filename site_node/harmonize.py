@@ -9,9 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from protocol.config import DataDictionary, NumericVariable
+from protocol.errors import ConfigError
 from protocol.filters import parse_filter
 
 
@@ -55,7 +57,9 @@ def conform(
     derive: dict[str, str] | None = None,
 ) -> tuple[pd.DataFrame, DataReport]:
     """Map a site's table onto the dictionary's columns (float64, missing as NaN)."""
-    frame = raw.rename(columns=rename or {})
+    # The patient id column is kept apart by patient_ids(): never a column analyses read.
+    apart = [dictionary.patient_id] if dictionary.patient_id else []
+    frame = raw.rename(columns=rename or {}).drop(columns=apart, errors="ignore")
     report = DataReport(rows=len(frame))
     known = set(dictionary.variables)
     out: dict[str, np.ndarray] = {}
@@ -101,3 +105,26 @@ def conform(
         report.missing[name] = int(np.isnan(values).sum())
     columns = list(dictionary.variables)
     return pd.DataFrame({c: out[c] for c in columns}, columns=columns), report
+
+
+def patient_ids(
+    raw: pd.DataFrame, dictionary: DataDictionary, rename: dict[str, str] | None = None
+) -> npt.NDArray[np.str_] | None:
+    """The records' patient ids (as text), when the dictionary declares the column.
+
+    Raises:
+        ConfigError: the data lacks the declared column, or an id is missing.
+    """
+    name = dictionary.patient_id
+    if name is None:
+        return None
+    frame = raw.rename(columns=rename or {})
+    if name not in frame.columns:
+        raise ConfigError(
+            f"the data has no patient id column {name!r} (the dictionary's patient_id); "
+            f"its columns: {', '.join(map(str, frame.columns))}"
+        )
+    column = frame[name]
+    if column.isna().any():
+        raise ConfigError(f"patient id column {name!r} has missing ids; every record needs one")
+    return np.asarray(column.astype(str).str.strip().to_numpy(), dtype=np.str_)

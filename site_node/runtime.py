@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from analyses import AnalysisContext, get_analysis
@@ -32,8 +33,9 @@ from protocol.version import VERSION
 from protocol.wire import alliance_pb2 as pb
 from protocol.wire.messages import RefusalMessage, ReplyMessage, TaskMessage
 from site_node.connectors import load
+from site_node.consent import Consent, ConsentView
 from site_node.disclosure import RecordSet, check_dominance
-from site_node.harmonize import DataReport, conform
+from site_node.harmonize import DataReport, conform, patient_ids
 from site_node.ledger import Charge, SiteStore
 from site_node.policy import TaskScope, canonical_filter, check_approval_terms, check_task
 from site_node.privacy import privatize
@@ -52,11 +54,6 @@ class Outcome:
     message: pb.SiteMessage
     status: str  # reply, replayed or refused
     reason: str = ""
-
-
-def _scope(filter_text: str | None) -> str:
-    """The work-cache scope of a frame: "all" for the unfiltered data, else "filter:<text>"."""
-    return "all" if filter_text is None else f"filter:{filter_text}"
 
 
 def _refusal(task_id: str, code: str, reason: str) -> pb.SiteMessage:
@@ -82,12 +79,20 @@ class SiteRuntime:
         dictionary: DataDictionary,
         data: pd.DataFrame,
         report: DataReport | None = None,
+        patient_ids: npt.NDArray[np.str_] | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
         self.dictionary = dictionary
+        data, patient_ids = _one_row_per_patient(data, patient_ids, config.data.duplicate_patients)
         self.data = data
         self.report = report or DataReport(rows=len(data))
+        # Several rows for one patient (rule "refuse"): dp, which assumes one, is refused.
+        self.duplicate_patients = patient_ids is not None and bool(
+            pd.Series(patient_ids).duplicated().any()
+        )
+        self.consent = Consent(config.consent, dict(config.policy.consent), patient_ids)
+        self._consent_audited: set[str] = set()
         for approval in config.policy.studies:
             check_approval_terms(approval, dictionary, f"{config.name}: policy")
         self.store = SiteStore(config.state_dir / "site.db", actor=config.name)
@@ -95,6 +100,7 @@ class SiteRuntime:
         self._filter_cache: OrderedDict[str, pd.DataFrame] = OrderedDict()
         self._params_cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._row_sets: OrderedDict[tuple[str, tuple[str, ...]], np.ndarray] = OrderedDict()
+        self._consented: OrderedDict[str, pd.DataFrame] = OrderedDict()
         # The site's work cache: what an analysis keeps between rounds (a GLM's design),
         # scoped by frame ("" is the unfiltered data; a filter's text its rows).
         self.work = WorkCache()
@@ -111,7 +117,8 @@ class SiteRuntime:
         dictionary = load_yaml(config.dictionary, DataDictionary)
         raw = load(config.data)
         data, report = conform(raw, dictionary, config.data.rename, config.data.derive)
-        runtime = cls(config, dictionary, data, report)
+        ids = patient_ids(raw, dictionary, config.data.rename)
+        runtime = cls(config, dictionary, data, report, ids)
         if record_start:
             runtime.store.audit(
                 "site_started",
@@ -201,6 +208,15 @@ class SiteRuntime:
         approval, mode = check_task(
             self.config.policy, self.name, task.study_id, scope, task.privacy_mode, self.dictionary
         )
+        if mode == "dp" and self.duplicate_patients:
+            raise RefusedError(
+                "this site's data holds several rows for some patient ids, and dp assumes one "
+                "row per patient; the site admin must set data.duplicate_patients to first or "
+                "last (keep one row per patient), or the study must use sdc",
+                code="policy",
+            )
+        consent = self.consent.view(approval.purpose)
+        self._audit_consent(approval.purpose, consent)
         charge: Charge | None = None
         if mode == "dp":
             if not (math.isfinite(task.epsilon) and task.epsilon > 0):
@@ -222,17 +238,18 @@ class SiteRuntime:
         epsilon = charge.epsilon.epsilon if charge is not None else 0.0
         base = AnalysisContext(self.dictionary, mode, self.config.policy.sdc, task.round)
         state = analysis.parse_state(task.state, params, base)
-        cache = self.work.scope(_scope(row_filter.text if row_filter else None))
+        frame_key = f"{consent.version}|{row_filter.text if row_filter else ''}"
+        cache = self.work.scope(frame_key)
         ctx = AnalysisContext(
             self.dictionary, mode, self.config.policy.sdc, task.round, state, cache=cache
         )
         spec = analysis.declare(params, ctx)
-        data = self._filtered(row_filter) if row_filter is not None else self.data
+        data = self._frame(consent, row_filter, frame_key)
         released: RecordSet | None = None
         if mode == "sdc":
             # Before any computation: the differencing guard on the rows that would contribute,
             # then the dominance rule on the sums that would be released.
-            released = self._record_set(task.study_id, scope, data)
+            released = self._record_set(task.study_id, scope, data, frame_key)
             self.store.precheck_release(released, self.config.policy.sdc)
             check_dominance(analysis.magnitude_cells(data, params), self.config.policy.sdc)
         record = privatize(
@@ -274,11 +291,24 @@ class SiteRuntime:
             return self._replayed(committed)
         return Outcome(pb.SiteMessage.FromString(committed), "reply")
 
-    def _record_set(self, study_id: str, scope: TaskScope, data: pd.DataFrame) -> RecordSet:
+    def _audit_consent(self, purpose: str, consent: ConsentView) -> None:
+        """Audit, once per version of the consent source and purpose, how many records it
+        excluded: that number goes to the site's own audit log and nowhere else."""
+        if consent.mask is None or consent.version in self._consent_audited:
+            return
+        self.store.audit(
+            "consent_applied",
+            {"purpose": purpose, "version": consent.version, "excluded": consent.excluded},
+        )
+        self._consent_audited.add(consent.version)
+
+    def _record_set(
+        self, study_id: str, scope: TaskScope, data: pd.DataFrame, frame_key: str
+    ) -> RecordSet:
         """The rows a release covers: ``data``'s complete cases of the analysis's variables, by
         their positions in the site's data (kept for the rounds of iterative analyses)."""
         population = canonical_filter(scope.row_filter)
-        key = (population, tuple(sorted(scope.variables)))
+        key = (frame_key, tuple(sorted(scope.variables)))
         positions = self._row_sets.get(key)
         if positions is None:
             complete = data[sorted(scope.variables)].notna().all(axis=1).to_numpy()
@@ -304,17 +334,43 @@ class SiteRuntime:
             self._params_cache.move_to_end(key)
         return found
 
-    def _filtered(self, row_filter: RowFilter) -> pd.DataFrame:
-        """The rows a filter keeps, kept for the next rounds of an analysis (with their scope
-        of the work cache: the two are dropped together)."""
-        frame = self._filter_cache.get(row_filter.text)
+    def _frame(
+        self, consent: ConsentView, row_filter: RowFilter | None, frame_key: str
+    ) -> pd.DataFrame:
+        """The rows a task computes on: those with consent for the study's purpose, then the
+        filter's. Kept for the next rounds of iterative analyses, with their scope of the work
+        cache (the two are dropped together); a new consent version is a new frame."""
+        base = self.data
+        if consent.mask is not None:
+            found = self._consented.get(consent.version)
+            if found is None:
+                found = self.data.loc[consent.mask]
+                self._consented[consent.version] = found
+                while len(self._consented) > 2:
+                    self._consented.popitem(last=False)
+            base = found
+        if row_filter is None:
+            return base
+        frame = self._filter_cache.get(frame_key)
         if frame is None:
-            columns = {c: self.data[c].to_numpy() for c in row_filter.variables}
-            frame = self.data.loc[row_filter.mask(columns, len(self.data))]
-            self._filter_cache[row_filter.text] = frame
+            columns = {c: base[c].to_numpy() for c in row_filter.variables}
+            frame = base.loc[row_filter.mask(columns, len(base))]
+            self._filter_cache[frame_key] = frame
             while len(self._filter_cache) > FILTER_CACHE_SIZE:
                 dropped, _ = self._filter_cache.popitem(last=False)
-                self.work.drop(_scope(dropped))
+                self.work.drop(dropped)
         else:
-            self._filter_cache.move_to_end(row_filter.text)
+            self._filter_cache.move_to_end(frame_key)
         return frame
+
+
+def _one_row_per_patient(
+    data: pd.DataFrame, ids: npt.NDArray[np.str_] | None, rule: str
+) -> tuple[pd.DataFrame, npt.NDArray[np.str_] | None]:
+    """Collapse several rows of one patient to one (rule first or last, in file order)."""
+    if ids is None or rule == "refuse":
+        return data, ids
+    keep = ~pd.Series(ids).duplicated(keep=rule).to_numpy()
+    if keep.all():
+        return data, ids
+    return data.loc[keep].reset_index(drop=True), ids[keep]
