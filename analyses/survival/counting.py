@@ -28,6 +28,7 @@ from analyses.survival.grid import (
     TimeGrid,
     cells_safe,
     check_grid_state,
+    check_sdc_horizon,
     check_survival_params,
     choose_width,
     grid_for,
@@ -132,6 +133,7 @@ class Counting(Analysis[CP], Generic[CP]):
         return counts.astype(np.float64).reshape(len(levels), 2, grid.size)
 
     def local(self, data: pd.DataFrame, params: CP, ctx: AnalysisContext) -> Arrays:
+        check_sdc_horizon(params, ctx)
         if ctx.state.get("phase") == "probe":
             low, high = time_range(params, ctx.dictionary)
             flags = [

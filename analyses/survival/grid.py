@@ -77,6 +77,40 @@ class SurvivalParams(Params):
     dp_intervals: int = Field(default=20, ge=1, le=1000, description="public intervals in dp")
 
 
+#: sdc: a horizon lies on a public grid of the dictionary's bounds of the time variable, with a
+#: round step (1, 2 or 5 times a power of ten) of at least 1/HORIZON_STEPS of the range, so that
+#: a binary search on the horizon cannot walk up to a small site's event times.
+HORIZON_STEPS = 20
+
+
+def horizon_step(low: float, high: float) -> float:
+    """The public grid's step: the smallest 1, 2 or 5 x 10^k at least (high - low) / 20."""
+    least = (high - low) / HORIZON_STEPS
+    power = 10.0 ** math.floor(math.log10(least))
+    for factor in (1, 2, 5, 10):
+        if factor * power >= least * (1 - 1e-12):
+            return factor * power
+    return 10 * power  # pragma: no cover - the loop always returns
+
+
+def check_sdc_horizon(params: SurvivalParams, ctx: AnalysisContext) -> None:
+    """sdc: refuse a horizon off the public grid (the site checks, whatever a coordinator sent).
+
+    Raises:
+        DisclosureError: naming the grid.
+    """
+    if ctx.mode != "sdc" or params.horizon is None:
+        return
+    low, high = ctx.dictionary.bounds(params.time)
+    step = horizon_step(low, high)
+    k = (params.horizon - low) / step
+    if abs(k - round(k)) > 1e-9 and params.horizon != high:
+        raise DisclosureError(
+            f"in sdc a horizon lies on the public grid {low:g} + k * {step:g} of {params.time!r} "
+            f"(or at its maximum, {high:g}); {params.horizon:g} is not on it"
+        )
+
+
 def time_range(params: SurvivalParams, dictionary: DataDictionary) -> tuple[float, float]:
     low, high = dictionary.bounds(params.time)
     if params.horizon is not None:
@@ -181,16 +215,11 @@ def choose_width(records: Mapping[str, AggregateRecord], widths: Sequence[float]
     flags = np.array([np.asarray(r["safe"]) for r in records.values()]) > 0.5
     accepted = flags.all(axis=0)
     if not accepted.any():
-        never = [site for site, r in records.items() if not np.any(np.asarray(r["safe"]) > 0.5)]
-        which = (
-            f"sites {', '.join(never)} have too few events or censorings for any grid"
-            if never
-            else "the sites accept different widths only"
-        )
+        # Which sites fell short is a fact about their small counts: not named.
         raise DisclosureError(
-            "no time grid lets every site release event and censoring counts that are 0 or at "
-            f"least its disclosure threshold; {which}. Run without them, set a horizon, or use "
-            "dp mode"
+            "no candidate time grid lets every site release event and censoring counts that "
+            "are 0 or at least its disclosure threshold. Set a horizon on the public grid, a "
+            "coarser time_resolution, or use dp mode"
         )
     return float(widths[int(np.argmax(accepted))])
 

@@ -205,12 +205,29 @@ def test_sdc_releases_no_small_count_cell_and_says_it_coarsened(
     assert "requested 1" in note
 
 
-def test_sdc_names_a_site_too_small_for_any_grid(
+def test_sdc_never_names_the_site_too_small_for_any_grid(
     small_sites: dict[str, pd.DataFrame], syn_dict: DataDictionary
 ) -> None:
+    # The survival probe once named "sites tiny have too few events": a fact about a site's
+    # small counts. The refusal now says what to change, not who fell short.
     frames = dict(small_sites, tiny=small_sites["site00"].iloc[:2])
-    with pytest.raises(DisclosureError, match="sites tiny have too few events"):
+    with pytest.raises(DisclosureError, match="no candidate time grid") as refusal:
         run_engine("kaplan_meier", frames, {"time": "time", "event": "event"}, syn_dict, "sdc")
+    assert "tiny" not in str(refusal.value)
+
+
+def test_sdc_horizons_lie_on_the_public_grid(
+    small_sites: dict[str, pd.DataFrame], syn_dict: DataDictionary
+) -> None:
+    # A binary search on the horizon walked up to a small site's event times; in sdc a horizon
+    # is one of the public grid's points (a round step of at least 1/20 of the time's range).
+    low, high = syn_dict.bounds("time")
+    params = {"time": "time", "event": "event", "horizon": 1000.0}
+    run_engine("kaplan_meier", small_sites, params, syn_dict, "sdc")
+    with pytest.raises(DisclosureError, match="lies on the public grid") as refusal:
+        run_engine("kaplan_meier", small_sites, params | {"horizon": 1013.0}, syn_dict, "sdc")
+    assert f"(or at its maximum, {high:g})" in str(refusal.value)
+    run_engine("kaplan_meier", small_sites, params | {"horizon": 1013.0}, syn_dict, "dp")
 
 
 def test_sdc_cox_refuses_more_parameters_than_a_third_of_the_records(

@@ -17,9 +17,11 @@ from analyses.base import (
     NextRound,
     rows_used,
 )
+from analyses.common import check_model_cells, check_not_saturated, zero_one_columns
 from analyses.survival.cox.sums import (
     MAX_ETA,
     CoxParams,
+    cox_key,
     cox_terms,
     design_matrix,
     max_eta,
@@ -34,6 +36,7 @@ from analyses.survival.grid import (
     TimeGrid,
     cells_safe,
     check_grid_state,
+    check_sdc_horizon,
     check_survival_params,
     grid_for,
     sdc_widths,
@@ -176,7 +179,42 @@ class CoxSite(Analysis[CoxParams]):
         times, events = times_events(frame, params, dictionary)
         return times[valid], events[valid], x[valid]
 
+    @staticmethod
+    def _check_model(x: FloatArray, params: CoxParams, ctx: AnalysisContext) -> None:
+        """sdc: every 0/1 covariate column holds at least min_cell records at each value, and
+        no record is fitted exactly (leverage 1 in the design with a constant: the baseline
+        hazard absorbs one). Checked once per model and frame."""
+
+        def check() -> bool:
+            what = f"cox {cox_key(params.time, params.event, params.covariates)!r}"
+            terms = cox_terms(ctx.dictionary, params.covariates)
+            raw = (
+                np.column_stack(
+                    [
+                        x[:, j] if t.level is not None else x[:, j] * t.scale + t.centre
+                        for j, t in enumerate(terms)
+                    ]
+                )
+                if terms
+                else x
+            )
+            names = [f"{t.variable}[{t.level}]" for t in terms]
+            cells = zero_one_columns(raw, names)
+            for variable in {t.variable for t in terms if t.level is not None}:
+                dummies = [j for j, t in enumerate(terms) if t.variable == variable]
+                cells[f"{variable}[reference]"] = 1.0 - raw[:, dummies].sum(axis=1)
+            check_model_cells(cells, ctx.sdc.min_cell, what)
+            check_not_saturated(np.column_stack([np.ones(x.shape[0]), x]), what)
+            return True
+
+        key = ("cox-sdc", tuple(params.covariates), params.time, params.event, ctx.sdc.min_cell)
+        if ctx.cache is None:
+            check()
+        else:
+            ctx.cache.get(key, check, lambda _: 0)
+
     def local(self, data: pd.DataFrame, params: CoxParams, ctx: AnalysisContext) -> Arrays:
+        check_sdc_horizon(params, ctx)
         phase = ctx.state.get("phase")
         times, events, x = self._rows(data, params, ctx.dictionary)
         if phase == "probe":
@@ -204,6 +242,7 @@ class CoxSite(Analysis[CoxParams]):
                 f"at most {ctx.sdc.max_parameter_ratio} of the records); it has fewer"
             )
         if ctx.mode == "sdc":
+            self._check_model(x, params, ctx)
             # The risk-set sums are sums over grid cells: release them only on a grid whose
             # every cell of this site's holds 0 or at least min_cell records, whatever width a
             # coordinator sends (an honest one sends the width the probe chose).
