@@ -99,7 +99,7 @@ class SiteRuntime:
         self._digest = dictionary.digest()
         self._filter_cache: OrderedDict[str, pd.DataFrame] = OrderedDict()
         self._params_cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
-        self._row_sets: OrderedDict[tuple[str, tuple[str, ...]], np.ndarray] = OrderedDict()
+        self._row_sets: OrderedDict[tuple[str, str, tuple[str, ...]], RecordSet] = OrderedDict()
         self._consented: OrderedDict[str, pd.DataFrame] = OrderedDict()
         # The site's work cache: what an analysis keeps between rounds (a GLM's design),
         # scoped by frame ("" is the unfiltered data; a filter's text its rows).
@@ -308,17 +308,18 @@ class SiteRuntime:
         """The rows a release covers: ``data``'s complete cases of the analysis's variables, by
         their positions in the site's data (kept for the rounds of iterative analyses)."""
         population = canonical_filter(scope.row_filter)
-        key = (frame_key, tuple(sorted(scope.variables)))
-        positions = self._row_sets.get(key)
-        if positions is None:
+        key = (study_id, frame_key, tuple(sorted(scope.variables)))
+        found = self._row_sets.get(key)
+        if found is None:
             complete = data[sorted(scope.variables)].notna().all(axis=1).to_numpy()
             positions = np.asarray(data.index.to_numpy()[complete], dtype=np.int64)
-            self._row_sets[key] = positions
+            found = RecordSet.of(study_id, population, positions)
+            self._row_sets[key] = found
             while len(self._row_sets) > FILTER_CACHE_SIZE:
                 self._row_sets.popitem(last=False)
         else:
             self._row_sets.move_to_end(key)
-        return RecordSet.of(study_id, population, positions)
+        return found
 
     def _params(self, analysis: Any, text: str, task: TaskMessage) -> Any:
         """The task's parameters, validated; every round of a request sends the same ones, so

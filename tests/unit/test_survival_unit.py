@@ -221,7 +221,7 @@ def test_sdc_horizons_lie_on_the_public_grid(
 ) -> None:
     # A binary search on the horizon walked up to a small site's event times; in sdc a horizon
     # is one of the public grid's points (a round step of at least 1/20 of the time's range).
-    low, high = syn_dict.bounds("time")
+    _, high = syn_dict.bounds("time")
     params = {"time": "time", "event": "event", "horizon": 1000.0}
     run_engine("kaplan_meier", small_sites, params, syn_dict, "sdc")
     with pytest.raises(DisclosureError, match="lies on the public grid") as refusal:
