@@ -24,7 +24,7 @@ from analyses.registry import get_analysis
 from analyses.results import AnalysisResult
 from protocol.budget import PureDP
 from protocol.config import DataDictionary, SiteConfig
-from protocol.errors import RecordError
+from protocol.errors import AllianceError, RecordError
 from protocol.wire.messages import RefusalMessage, ReplyMessage, TaskMessage
 from site_node.harmonize import conform
 from site_node.runtime import SiteRuntime
@@ -151,6 +151,8 @@ class Researcher:
                 {s.name: s.reason for s in failed.sites if s.status != "ok"},
                 {s.name: s.code for s in failed.sites if s.status != "ok"},
             )
+        except AllianceError as exc:  # the coordinator's half refused (an sdc survival probe)
+            return Refused({"coordinator": str(exc)}, {"coordinator": "disclosure"})
         return driver.result()
 
     def _answer(self, driver: RoundDriver, task: TaskMessage) -> SiteAnswer:

@@ -228,3 +228,34 @@ def test_extreme_quantiles_that_hug_single_patients_are_refused(
     assert_no_count(outcome, 1, 2, 126, 564)
     ordinary = r.run("quantiles", variable="chol", probs=[0.25, 0.5, 0.75])
     assert not refused(ordinary), ordinary
+
+
+# ----------------------------------------------------------------------------- survival
+
+
+def test_a_survival_probe_names_no_site_and_the_horizon_cannot_be_searched(
+    tmp_path: Path,
+) -> None:
+    # The attack: a small site next to large ones. The probe named "the sites with too few
+    # events"; then a binary search on `horizon` (which censors later times) found the horizon
+    # at which the small site's grid became safe, walking up to its event times.
+    from simulations.bench_cox import synthetic_dictionary, synthetic_sites
+
+    dictionary = synthetic_dictionary()
+    frames = synthetic_sites(2, 400, seed=5)
+    frames["small"] = next(iter(frames.values())).iloc[:4]
+    sites = {
+        name: sdc_site(tmp_path, name, frame, dictionary, FREE) for name, frame in frames.items()
+    }
+    r = Researcher(sites, dictionary)
+    probe = r.run("kaplan_meier", time="time", event="event", time_resolution=1.0)
+    if isinstance(probe, Refused):
+        assert not any("small" in reason for reason in probe.reasons.values())
+    else:
+        assert {s.name for s in probe.sites if s.status == "ok"} >= {"site00", "site01"}
+    searched = [
+        r.run("kaplan_meier", time="time", event="event", horizon=h) for h in (913.0, 456.5)
+    ]
+    for outcome in searched:  # points between the public grid's are refused at every site
+        assert isinstance(outcome, Refused), outcome
+        assert all("lies on the public grid" in reason for reason in outcome.reasons.values())
