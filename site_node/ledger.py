@@ -344,6 +344,29 @@ class SiteStore:
             ).fetchone()
         return bytes(row[0]) if row else None
 
+    def _charge(self, db: sqlite3.Connection, task: TaskMessage, charge: Charge) -> None:
+        """Check ``charge`` at every level and write it (inside the reply's transaction)."""
+        if (charge.study_id, charge.request_id) != (task.study_id, task.request_id):
+            raise InternalError(
+                f"task {task.task_id} (study {task.study_id}, request {task.request_id}) "
+                f"carries a charge to study {charge.study_id}, request {charge.request_id}"
+            )
+        self._check_charge(db, charge)
+        db.execute(
+            "INSERT INTO ledger (time, study_id, researcher, task_id, analysis, epsilon, "
+            "units, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                now(),
+                task.study_id,
+                task.researcher,
+                task.task_id,
+                task.analysis,
+                charge.epsilon.epsilon,
+                charge.epsilon.charge_units(),
+                charge.request_id,
+            ),
+        )
+
     def commit_reply(
         self,
         task: TaskMessage,
@@ -370,55 +393,26 @@ class SiteStore:
             RefusedError: code ``budget`` when the charge no longer fits; nothing is written.
             DisclosureError: the guard refuses ``released`` now; nothing is written.
         """
+        task_id, study_id = task.task_id, task.study_id
         try:
-            return self._commit(task, charge, payload, receipt, detail, released, thresholds)
+            with self._transaction() as db:
+                row = db.execute(
+                    "SELECT payload FROM replies WHERE task_id = ?", (task_id,)
+                ).fetchone()
+                if row is not None:
+                    return bytes(row[0])
+                if released is not None:
+                    self.guard.check(released, thresholds or SDCThresholds())
+                    self.guard.remember(db, released)
+                if charge is not None and charge.epsilon.epsilon > 0:
+                    self._charge(db, task, charge)
+                db.execute(
+                    "INSERT INTO replies VALUES (?, ?, ?, ?, ?)",
+                    (task_id, now(), study_id, payload, receipt),
+                )
+                self._append_audit(db, "reply", detail)
         except BaseException:
             if released is not None:
                 self.guard.forget_cache(released.study_id)  # the file is the truth
             raise
-
-    def _commit(
-        self,
-        task: TaskMessage,
-        charge: Charge | None,
-        payload: bytes,
-        receipt: str,
-        detail: dict[str, Any],
-        released: RecordSet | None,
-        thresholds: SDCThresholds | None,
-    ) -> bytes:
-        task_id, study_id = task.task_id, task.study_id
-        with self._transaction() as db:
-            row = db.execute("SELECT payload FROM replies WHERE task_id = ?", (task_id,)).fetchone()
-            if row is not None:
-                return bytes(row[0])
-            if released is not None:
-                self.guard.check(released, thresholds or SDCThresholds())
-                self.guard.remember(db, released)
-            if charge is not None and charge.epsilon.epsilon > 0:
-                if (charge.study_id, charge.request_id) != (study_id, task.request_id):
-                    raise InternalError(
-                        f"task {task_id} (study {study_id}, request {task.request_id}) carries "
-                        f"a charge to study {charge.study_id}, request {charge.request_id}"
-                    )
-                self._check_charge(db, charge)
-                db.execute(
-                    "INSERT INTO ledger (time, study_id, researcher, task_id, analysis, epsilon, "
-                    "units, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        now(),
-                        study_id,
-                        task.researcher,
-                        task_id,
-                        task.analysis,
-                        charge.epsilon.epsilon,
-                        charge.epsilon.charge_units(),
-                        charge.request_id,
-                    ),
-                )
-            db.execute(
-                "INSERT INTO replies VALUES (?, ?, ?, ?, ?)",
-                (task_id, now(), study_id, payload, receipt),
-            )
-            self._append_audit(db, "reply", detail)
         return payload

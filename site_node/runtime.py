@@ -14,10 +14,10 @@ import logging
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -309,31 +309,23 @@ class SiteRuntime:
         their positions in the site's data (kept for the rounds of iterative analyses)."""
         population = canonical_filter(scope.row_filter)
         key = (study_id, frame_key, tuple(sorted(scope.variables)))
-        found = self._row_sets.get(key)
-        if found is None:
+
+        def build() -> RecordSet:
             complete = data[sorted(scope.variables)].notna().all(axis=1).to_numpy()
             positions = np.asarray(data.index.to_numpy()[complete], dtype=np.int64)
-            found = RecordSet.of(study_id, population, positions)
-            self._row_sets[key] = found
-            while len(self._row_sets) > FILTER_CACHE_SIZE:
-                self._row_sets.popitem(last=False)
-        else:
-            self._row_sets.move_to_end(key)
-        return found
+            return RecordSet.of(study_id, population, positions)
+
+        return _cached(self._row_sets, key, build, FILTER_CACHE_SIZE)
 
     def _params(self, analysis: Any, text: str, task: TaskMessage) -> Any:
         """The task's parameters, validated; every round of a request sends the same ones, so
         they are parsed once (pydantic costs more than a small task's arithmetic)."""
-        key = (analysis.name, text)
-        found = self._params_cache.get(key)
-        if found is None:
-            found = analysis.parse_params(task.params, self.dictionary)
-            self._params_cache[key] = found
-            while len(self._params_cache) > PARAMS_CACHE_SIZE:
-                self._params_cache.popitem(last=False)
-        else:
-            self._params_cache.move_to_end(key)
-        return found
+        return _cached(
+            self._params_cache,
+            (analysis.name, text),
+            lambda: analysis.parse_params(task.params, self.dictionary),
+            PARAMS_CACHE_SIZE,
+        )
 
     def _frame(
         self, consent: ConsentView, row_filter: RowFilter | None, frame_key: str
@@ -343,26 +335,42 @@ class SiteRuntime:
         cache (the two are dropped together); a new consent version is a new frame."""
         base = self.data
         if consent.mask is not None:
-            found = self._consented.get(consent.version)
-            if found is None:
-                found = self.data.loc[consent.mask]
-                self._consented[consent.version] = found
-                while len(self._consented) > 2:
-                    self._consented.popitem(last=False)
-            base = found
+            mask = consent.mask
+            base = _cached(self._consented, consent.version, lambda: self.data.loc[mask], 2)
         if row_filter is None:
             return base
-        frame = self._filter_cache.get(frame_key)
-        if frame is None:
+
+        def build() -> pd.DataFrame:
             columns = {c: base[c].to_numpy() for c in row_filter.variables}
-            frame = base.loc[row_filter.mask(columns, len(base))]
-            self._filter_cache[frame_key] = frame
-            while len(self._filter_cache) > FILTER_CACHE_SIZE:
-                dropped, _ = self._filter_cache.popitem(last=False)
-                self.work.drop(dropped)
-        else:
-            self._filter_cache.move_to_end(frame_key)
-        return frame
+            return base.loc[row_filter.mask(columns, len(base))]
+
+        return _cached(self._filter_cache, frame_key, build, FILTER_CACHE_SIZE, self.work.drop)
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _cached(
+    cache: OrderedDict[K, V],
+    key: K,
+    build: Callable[[], V],
+    limit: int,
+    dropped: Callable[[K], None] | None = None,
+) -> V:
+    """A least-recently-used cache's value for ``key``, built when missing; ``dropped`` hears of
+    each key it evicts."""
+    found = cache.get(key)
+    if found is not None:
+        cache.move_to_end(key)
+        return found
+    value = build()
+    cache[key] = value
+    while len(cache) > limit:
+        evicted, _ = cache.popitem(last=False)
+        if dropped is not None:
+            dropped(evicted)
+    return value
 
 
 def _one_row_per_patient(
