@@ -187,6 +187,15 @@ class TTest(Analysis[TTestParams]):
     def variables(self, params: TTestParams) -> set[str]:
         return {params.variable, params.group}
 
+    def coarsened_variables(self, params: TTestParams) -> set[str]:
+        return {params.group}  # its public levels
+
+    def magnitude_cells(self, data: pd.DataFrame, params: TTestParams) -> list[FloatArray]:
+        used = rows_used(data, [params.variable, params.group])
+        values = used[params.variable].to_numpy(dtype=np.float64)
+        groups = used[params.group].to_numpy(dtype=np.float64)
+        return [values[groups == level] for level in np.unique(groups)]
+
     def check_params(self, params: TTestParams, dictionary: DataDictionary) -> None:
         require_numeric(dictionary, params.variable)
         levels = require_levels(dictionary, params.group, "group")

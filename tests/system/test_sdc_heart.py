@@ -25,7 +25,8 @@ from tests.system.conftest import study
 pytestmark = pytest.mark.system
 
 MODEL = "disease ~ age + sex + chol"
-APPROVAL = {"populations": ["age >= 50"], "models": [MODEL]}
+# A careless approval: the second population is the first but for the 77-year-olds.
+APPROVAL = {"populations": ["age >= 50", "age >= 50 and age != 77"], "models": [MODEL]}
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +94,23 @@ def test_the_approved_population_runs_and_a_free_filter_is_refused(
         body = client.submit("s1", request, wait=True)
     assert body["status"] == "failed", body
     assert "not an approved population" in body["error"], body["error"]
+
+
+def test_the_differencing_guard_holds_across_real_processes_and_approved_populations(
+    federation: LocalFederation,
+) -> None:
+    # Even between two approved populations, the means over "age >= 50" and over the same
+    # but for the 77-year-olds would give those patients' cholesterol: every site refuses the
+    # second (a site with no 77-year-old reaches the same set by another population, which is
+    # refused too, so that a refusal does not say who is 77).
+    first = run(federation, "mean", filter="age >= 50", variable="chol")
+    assert first["n"] > 0
+    with federation.researcher() as client:
+        request = {
+            "analysis": "mean",
+            "filter": "age >= 50 and age != 77",
+            "params": {"variable": "chol"},
+        }
+        body = client.submit("s1", request, wait=True)
+    assert body["status"] == "failed", body
+    assert body["error"].count("differs by fewer than 3 from an earlier exact release") >= 3

@@ -109,6 +109,11 @@ def test_the_p_percent_rule_refuses_a_dominated_sum_and_passes_ordinary_ones(
     assert "p% rule" in outcome.reasons["cleveland"]
     for variable in ("chol", "age", "trestbps"):
         assert not isinstance(r.run("mean", "sex == 0", variable=variable), Refused)
+    # The t-test's sums are per group: the dominated group refuses it.
+    ttest = r.run("ttest", variable="oldpeak", group="sex")
+    assert isinstance(ttest, Refused)
+    assert "p% rule" in ttest.reasons["cleveland"]
+    assert not isinstance(r.run("ttest", variable="chol", group="sex"), Refused)
 
 
 def test_a_careless_admin_approving_an_attack_population_is_still_protected(
