@@ -9,14 +9,16 @@ import signal
 from pathlib import Path
 from typing import Annotated
 
+import pandas as pd
 import typer
 
 from protocol.budget import PureDP, format_epsilon
 from protocol.config import DataDictionary, SiteConfig, StudyApproval, load_yaml
+from protocol.errors import ConfigError
 from protocol.logs import LOG_LEVEL, QUIET, configure, resolve_level
 from protocol.tlsfiles import INSECURE, check_tls_files
 from site_node.connectors import load
-from site_node.harmonize import conform
+from site_node.harmonize import conform, patient_ids
 from site_node.ledger import SiteStore, period_name
 from site_node.link import SiteLink
 from site_node.runtime import SiteRuntime
@@ -112,6 +114,35 @@ def policy_lines(settings: SiteConfig, dictionary: DataDictionary) -> list[str]:
     return lines
 
 
+def consent_lines(settings: SiteConfig, dictionary: DataDictionary, raw: pd.DataFrame) -> list[str]:
+    """Patient ids and consent, as the site admin needs to see them (local counts are fine:
+    a check runs at the site and writes nothing)."""
+    lines = []
+    try:
+        ids = patient_ids(raw, dictionary, settings.data.rename)
+    except ConfigError as exc:
+        return [f"patient ids: {exc}"]
+    if ids is None:
+        lines.append("patient ids: none declared (dp assumes one row per patient)")
+    else:
+        repeated = int(pd.Series(ids).duplicated().sum())
+        rule = settings.data.duplicate_patients
+        lines.append(
+            f"patient ids: column {dictionary.patient_id!r}, {repeated} repeated rows "
+            f"(duplicate_patients: {rule})"
+        )
+    source = settings.consent
+    if source is None:
+        lines.append("consent: no source; every record is used (consent handled upstream)")
+    else:
+        where = source.path if source.kind != "sql" else f"{source.url} table {source.table}"
+        rules = ", ".join(f"{p} {r}" for p, r in sorted(settings.policy.consent.items()))
+        lines.append(
+            f"consent: {source.kind} {where}; rules: {rules or 'none (every purpose refused)'}"
+        )
+    return lines
+
+
 def sdc_terms(approval: StudyApproval) -> str:
     """What an approval lets sdc run, in one line."""
     if approval.sdc_filters == "free":
@@ -145,9 +176,12 @@ def site_check(config: CONFIG) -> None:
     settings = load_yaml(config, SiteConfig)
     problems = _check_tls(settings)
     dictionary = load_yaml(settings.dictionary, DataDictionary)
-    _, report = conform(load(settings.data), dictionary, settings.data.rename, settings.data.derive)
+    raw = load(settings.data)
+    _, report = conform(raw, dictionary, settings.data.rename, settings.data.derive)
     for line in report.lines():
         typer.echo(f"data: {line}")
+    for line in consent_lines(settings, dictionary, raw):
+        typer.echo(line)
     policy = settings.policy
     typer.echo(f"allowed analyses: {', '.join(policy.allowed_analyses) or 'none (deny all)'}")
     for line in policy_lines(settings, dictionary):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import yaml
 from typer.testing import CliRunner
 
@@ -60,3 +61,45 @@ def test_a_bad_site_config_is_one_line_per_problem(tmp_path: Path) -> None:
     assert str(result.exception) == (
         f"{path}: policy.studies[0].mode: 'exact' is not allowed; use one of: dp, sdc, off"
     )
+
+
+def test_check_shows_classes_sdc_terms_patient_ids_and_consent(tmp_path: Path) -> None:
+    dictionary = yaml.safe_load(DICTIONARY_PATH.read_text())
+    dictionary["variables"]["age"]["sensitivity"] = "quasi-identifier"
+    dictionary["variables"]["thal"]["sensitivity"] = "sensitive"
+    dictionary["patient_id"] = "pid"
+    (tmp_path / "dictionary.yaml").write_text(yaml.safe_dump(dictionary))
+    data = tmp_path / "va.csv"
+    frame = pd.read_csv(heart_source("va").path, header=None, names=heart_source("va").column_names)
+    frame.insert(0, "pid", [f"V{i // 2}" if i < 4 else f"V{i}" for i in range(len(frame))])
+    frame.to_csv(data, index=False)
+    consent = tmp_path / "consent.csv"
+    consent.write_text("patient_id,purpose,status,date\nV0,research,granted,2026-01-01\n")
+    config = {
+        "name": "va",
+        "coordinator": "127.0.0.1:1",
+        "dictionary": str(tmp_path / "dictionary.yaml"),
+        "data": {"path": str(data), "derive": {"disease": "num > 0"}},
+        "consent": {"kind": "csv", "path": str(consent)},
+        "state_dir": str(tmp_path / "state"),
+        "insecure": True,
+        "policy": {
+            "allowed_analyses": ["count"],
+            "consent": {"research": "opt-in"},
+            "studies": [{"id": "s1", "mode": "sdc", "populations": ["age >= 50"]}],
+        },
+    }
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = runner.invoke(app, ["site", "check", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert "variables identifier: none (never analysed, filtered on or released)" in lines
+    assert (
+        "variables quasi-identifier: age (sdc: only on public bins or levels; never in a "
+        "free-form filter)"
+    ) in lines
+    assert "patient ids: column 'pid', 2 repeated rows (duplicate_patients: refuse)" in lines
+    assert f"consent: csv {consent}; rules: research opt-in" in lines
+    assert "  sdc terms: approved populations: age >= 50; approved models: none" in lines
+    assert "data: pid" not in result.stdout  # the id column is not reported as unknown
