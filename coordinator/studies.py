@@ -17,9 +17,9 @@ from analyses import get_analysis
 from analyses.model_size import COLUMN_COUNT_CAP, model_columns
 from coordinator.store import Store
 from protocol.budget import over_request_cap
-from protocol.config import AnalysisRequest, DataDictionary, StudyConfig
+from protocol.config import AnalysisRequest, DataDictionary, SDCTerms, StudyConfig
 from protocol.errors import ValidationError
-from protocol.filters import parse_filter
+from protocol.filters import RowFilter, parse_filter
 
 #: A study's states: it takes requests only while open.
 OPEN, CLOSED = "open", "closed"
@@ -56,8 +56,11 @@ def check_request(study: StudyConfig, request: AnalysisRequest, dictionary: Data
         )
     params = analysis.parse_params(request.params, dictionary)
     variables = set(analysis.variables(params))
-    if request.filter:
-        variables |= parse_filter(request.filter, set(dictionary.variables)).variables
+    row_filter = parse_filter(request.filter, set(dictionary.variables)) if request.filter else None
+    if row_filter is not None:
+        variables |= row_filter.variables
+    if study.privacy.mode == "sdc" and study.sdc is not None:
+        _check_sdc_terms(study, study.sdc, row_filter, analysis.model_key(params), dictionary)
     if study.variables:
         outside = sorted(variables - set(study.variables))
         if outside:
@@ -66,6 +69,57 @@ def check_request(study: StudyConfig, request: AnalysisRequest, dictionary: Data
                 f"in scope: {', '.join(study.variables)}"
             )
     return params
+
+
+def check_study_terms(study: StudyConfig, dictionary: DataDictionary) -> None:
+    """A study's sdc populations and models parse against the dictionary.
+
+    Raises:
+        ValidationError: naming the study, the entry and what is wrong with it.
+    """
+    from analyses.models import canonical_model
+
+    if study.sdc is None:
+        return
+    for text in study.sdc.populations:
+        try:
+            parse_filter(text, set(dictionary.variables))
+        except ValidationError as exc:
+            raise ValidationError(f"study {study.id}: sdc population {text!r}: {exc}") from None
+    for text in study.sdc.models:
+        try:
+            canonical_model(text)
+        except ValidationError as exc:
+            raise ValidationError(f"study {study.id}: sdc model {text!r}: {exc}") from None
+
+
+def _check_sdc_terms(
+    study: StudyConfig,
+    terms: SDCTerms,
+    row_filter: RowFilter | None,
+    model: str | None,
+    dictionary: DataDictionary,
+) -> None:
+    """sdc: a request's filter and model must be among the study's approved terms (each site
+    checks again against its own approval, in the same words)."""
+    from analyses.models import canonical_model
+
+    names = set(dictionary.variables)
+    if row_filter is not None:
+        approved = {parse_filter(text, names).canonical for text in terms.populations}
+        if row_filter.canonical not in approved:
+            listed = "; ".join(terms.populations) or "none (the whole population only)"
+            raise ValidationError(
+                f"filter {row_filter.text!r} is not an approved population of study "
+                f"{study.id!r} for exact (sdc) releases; approved: {listed}. Free-form filters "
+                "are available in dp"
+            )
+    if model is not None and model not in {canonical_model(m) for m in terms.models}:
+        listed = "; ".join(terms.models) or "none"
+        raise ValidationError(
+            f"model {model!r} is not an approved model of study {study.id!r} for exact (sdc) "
+            f"releases; approved: {listed}. Other models run in dp"
+        )
 
 
 class StudyBook:
@@ -93,7 +147,12 @@ class StudyBook:
         return study, str(found["status"])
 
     def create(self, study: StudyConfig, actor: str) -> None:
-        """Store a new, open study (its id must be new)."""
+        """Store a new, open study (its id must be new).
+
+        Raises:
+            ValidationError: an sdc population or model that does not parse, naming it.
+        """
+        check_study_terms(study, self.dictionary)
         self.store.create_study(study.model_dump(mode="json"), actor)
 
     def close(self, study_id: str, actor: str) -> None:

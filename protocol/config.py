@@ -240,6 +240,16 @@ class StudyPrivacy(_Model):
     )
 
 
+class SDCTerms(_Model):
+    """The populations (row filters) and models a study's exact releases may use; each site
+    approves them in its own policy and enforces its own copy."""
+
+    populations: list[str] = Field(default_factory=list)
+    models: list[str] = Field(
+        default_factory=list, description="'y ~ x1 + x2' (glm), 'Surv(time, event) ~ x1' (cox)"
+    )
+
+
 class StudyConfig(_Model):
     """A study drafted by the alliance lead and approved by each site."""
 
@@ -255,6 +265,11 @@ class StudyConfig(_Model):
         "results; empty: nobody but the alliance lead",
     )
     privacy: StudyPrivacy = Field(default_factory=StudyPrivacy)
+    sdc: SDCTerms | None = Field(
+        default=None,
+        description="sdc: the approved populations and models (None: each site's own terms "
+        "only; the coordinator does not pre-check)",
+    )
     max_model_columns: int = Field(
         default=200,
         ge=1,

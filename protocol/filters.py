@@ -39,6 +39,12 @@ class RowFilter:
     tree: ast.expr
     variables: frozenset[str]
 
+    @property
+    def canonical(self) -> str:
+        """The filter's canonical text (whitespace and redundant parentheses removed): two
+        spellings of one population compare equal."""
+        return ast.unparse(self.tree)
+
     def mask(self, columns: Mapping[str, npt.NDArray[Any]], n_rows: int) -> npt.NDArray[np.bool_]:
         """Boolean mask of the rows that pass."""
         result = _evaluate(self.tree, columns)

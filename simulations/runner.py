@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.client import result_from_json
-from protocol.config import AnalysisRequest, DataDictionary, DataSource, StudyConfig
+from protocol.config import AnalysisRequest, DataDictionary, DataSource, SDCTerms, StudyConfig
 from simulations.federation import LocalFederation, SiteSpec
 
 
@@ -61,6 +61,9 @@ def simulate_requests(
 ) -> int:
     """Run every request in order in one study; return how many failed."""
     cap = study.privacy.epsilon_per_request.epsilon
+    terms = approved_terms(requests, dictionary)
+    if study.privacy.mode == "sdc":
+        study = study.model_copy(update={"sdc": SDCTerms(**terms)})
     specs = [
         SiteSpec(
             name,
@@ -68,7 +71,7 @@ def simulate_requests(
             mode=study.privacy.mode,
             budget=budget,
             epsilon_per_request=cap,
-            approval=approved_terms(requests, dictionary),
+            approval=terms,
         )
         for name, data in sites
     ]

@@ -11,7 +11,6 @@ carries (a filter pinning them, ``chol == 234``, would unmask a record among kno
 
 from __future__ import annotations
 
-import ast
 import datetime as dt
 from dataclasses import dataclass, field
 
@@ -46,7 +45,7 @@ class TaskScope:
 
 def canonical_filter(row_filter: RowFilter | None) -> str:
     """A filter's canonical text (whitespace and redundant parentheses removed); "" for none."""
-    return "" if row_filter is None else ast.unparse(row_filter.tree)
+    return "" if row_filter is None else row_filter.canonical
 
 
 def check_approval_terms(

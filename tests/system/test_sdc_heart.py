@@ -18,6 +18,8 @@ import statsmodels.formula.api as smf
 from scipy import stats
 
 from analyses.results import AnalysisResult
+from coordinator.client import APIRequestError
+from protocol.config import SDCTerms
 from simulations.federation import LocalFederation, SiteSpec
 from simulations.heart import SITES, heart_dictionary, heart_sites, heart_source
 from tests.system.conftest import study
@@ -34,7 +36,8 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFedera
     sites = [SiteSpec(name, heart_source(name), mode="sdc", approval=APPROVAL) for name in SITES]
     federation = LocalFederation(sites, heart_dictionary(), tmp_path_factory.mktemp("sdc"))
     try:
-        federation.start(study("sdc"))
+        terms = {"populations": APPROVAL["populations"], "models": APPROVAL["models"]}
+        federation.start(study("sdc").model_copy(update={"sdc": SDCTerms(**terms)}))
         yield federation
     finally:
         federation.stop()
@@ -89,11 +92,14 @@ def test_the_approved_population_runs_and_a_free_filter_is_refused(
     # pandas: the mean of chol over the contributing sites' records aged 50 or more
     expected = pooled.loc[pooled["age"] >= 50, "chol"].mean()
     assert within["mean"] == pytest.approx(expected, rel=1e-12)
+    # The coordinator refuses it before any task leaves (the study's terms); each site would
+    # refuse it again against its own approval.
     with federation.researcher() as client:
         request = {"analysis": "mean", "filter": "age != 77", "params": {"variable": "chol"}}
-        body = client.submit("s1", request, wait=True)
-    assert body["status"] == "failed", body
-    assert "not an approved population" in body["error"], body["error"]
+        with pytest.raises(APIRequestError) as refused:
+            client.submit("s1", request, wait=True)
+    assert refused.value.status == 400
+    assert "filter 'age != 77' is not an approved population of study 's1'" in str(refused.value)
 
 
 def test_the_differencing_guard_holds_across_real_processes_and_approved_populations(

@@ -14,8 +14,9 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from protocol.config import DataDictionary, StudyApproval
-from protocol.errors import ConfigError
+from coordinator.studies import check_request, check_study_terms
+from protocol.config import AnalysisRequest, DataDictionary, StudyApproval, StudyConfig
+from protocol.errors import ConfigError, ValidationError
 from tests.attacks.harness import Refused, Researcher, sdc_site
 
 
@@ -162,3 +163,39 @@ def test_a_sensitive_variable_needs_the_approval_to_name_it(
     named = free | {"sensitive_variables": ["thal"]}
     outcome = ask(tmp_path / "yes", cleveland, dictionary, named, "table", rows="thal")
     assert not isinstance(outcome, Refused), outcome
+
+
+def sdc_study(**terms: Any) -> StudyConfig:
+    return StudyConfig.model_validate(
+        {"id": "s1", "title": "t", "privacy": {"mode": "sdc"}, "sdc": terms}
+    )
+
+
+def test_the_coordinator_refuses_a_request_outside_the_studys_sdc_terms_before_any_task(
+    heart_dict: DataDictionary,
+) -> None:
+    study = sdc_study(populations=["age >= 60"], models=["chol ~ age + sex"])
+    fine = [
+        AnalysisRequest(analysis="count", filter="(age>=60)"),
+        AnalysisRequest(analysis="glm", params={"formula": "chol ~ sex + age"}),
+        AnalysisRequest(analysis="mean", params={"variable": "chol"}),
+    ]
+    for request in fine:
+        check_request(study, request, heart_dict)
+    with pytest.raises(ValidationError, match="filter 'age > 60' is not an approved population"):
+        check_request(study, AnalysisRequest(analysis="count", filter="age > 60"), heart_dict)
+    with pytest.raises(ValidationError, match="model 'chol ~ 1 \\+ age' is not an approved"):
+        request = AnalysisRequest(analysis="glm", params={"formula": "chol ~ age"})
+        check_request(study, request, heart_dict)
+    # A dp study, or one without terms, leaves filters to the sites.
+    dp = study.model_copy(update={"privacy": study.privacy.model_copy(update={"mode": "dp"})})
+    check_request(dp, AnalysisRequest(analysis="count", filter="age > 60"), heart_dict)
+
+
+def test_a_study_with_an_invalid_sdc_term_is_refused_when_created(
+    heart_dict: DataDictionary,
+) -> None:
+    with pytest.raises(ValidationError, match="study s1: sdc population 'weight > 3'"):
+        check_study_terms(sdc_study(populations=["weight > 3"]), heart_dict)
+    with pytest.raises(ValidationError, match=r"study s1: sdc model 'chol ~ log\(age\)'"):
+        check_study_terms(sdc_study(models=["chol ~ log(age)"]), heart_dict)
