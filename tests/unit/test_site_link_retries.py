@@ -133,6 +133,10 @@ class Suspending(pb_grpc.SiteLinkServicer):
 
     async def Connect(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
         self.calls += 1
+        # Read the Hello first, as a real server does: aborting before it arrives races the
+        # site's write, which then fails with INTERNAL instead of the refusal.
+        async for _hello in request_iterator:
+            break
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, "site va is suspended")
         yield None  # pragma: no cover (abort raises)
 
