@@ -215,9 +215,11 @@ class Analysis(ABC, Generic[P]):
         In sdc a site fits only the models its approval lists (``analyses.models``)."""
         return None
 
-    def magnitude_cells(self, data: pd.DataFrame, params: P) -> list[npt.NDArray[np.float64]]:
+    def magnitude_cells(
+        self, data: pd.DataFrame, params: P, ctx: AnalysisContext
+    ) -> list[npt.NDArray[np.float64]]:
         """Each released sum's per-record contributions (for the dominance rule in sdc): the
-        values a mean or a t-test adds up. Default: none (counts and models)."""
+        values a mean, a t-test or a gaussian or poisson GLM adds up. Default: none (counts)."""
         return []
 
     @abstractmethod

@@ -190,7 +190,9 @@ class TTest(Analysis[TTestParams]):
     def coarsened_variables(self, params: TTestParams) -> set[str]:
         return {params.group}  # its public levels
 
-    def magnitude_cells(self, data: pd.DataFrame, params: TTestParams) -> list[FloatArray]:
+    def magnitude_cells(
+        self, data: pd.DataFrame, params: TTestParams, ctx: AnalysisContext
+    ) -> list[FloatArray]:
         used = rows_used(data, [params.variable, params.group])
         values = used[params.variable].to_numpy(dtype=np.float64)
         groups = used[params.group].to_numpy(dtype=np.float64)
@@ -418,6 +420,14 @@ class Correlation(Analysis[CorrelationParams]):
                 ),
             }
         )
+
+    def magnitude_cells(
+        self, data: pd.DataFrame, params: CorrelationParams, ctx: AnalysisContext
+    ) -> list[FloatArray]:
+        """Each variable's values over the complete cases: ``sum`` shifted back by the public
+        centre is their total, so a dominated variable is a dominated mean."""
+        x = rows_used(data, params.variables).to_numpy(dtype=np.float64)
+        return [x[:, j] for j in range(x.shape[1])]
 
     def _scale(self, params: CorrelationParams, ctx: AnalysisContext) -> tuple[FloatArray, ...]:
         bounds = np.array([ctx.dictionary.bounds(v) for v in params.variables])

@@ -120,7 +120,9 @@ class Mean(Analysis[MeanParams]):
     def variables(self, params: MeanParams) -> set[str]:
         return {params.variable}
 
-    def magnitude_cells(self, data: pd.DataFrame, params: MeanParams) -> list[FloatArray]:
+    def magnitude_cells(
+        self, data: pd.DataFrame, params: MeanParams, ctx: AnalysisContext
+    ) -> list[FloatArray]:
         values = column(data, params.variable)
         return [values[~np.isnan(values)]]
 

@@ -9,7 +9,8 @@ the guard's check against every remembered set, and remembering it (serialise an
 inside the reply's transaction). Two checks are timed: a typical one (the sizes differ, so the
 cardinality pre-filter skips most sets) and the worst case (every remembered set within
 ``min_subset`` records in size, so every intersection is computed). Medians and 95th
-percentiles of ``--repeat`` runs; the first load of the study's memory from the file is timed
+percentiles of ``--repeat`` runs (the dominance rule on one sum of ``--rows`` values is timed
+too); the first load of the study's memory from the file is timed
 once.
 """
 
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from protocol.config import SDCThresholds
-from site_node.disclosure import DifferencingGuard, RecordSet
+from site_node.disclosure import DifferencingGuard, RecordSet, check_dominance
 from site_node.ledger import SiteStore
 
 
@@ -72,7 +73,9 @@ def main() -> None:
         mask = rng.random(rows) < 0.5
         mask_positions = np.flatnonzero(mask)
         build = timed(lambda: RecordSet.of("bench", "new", mask_positions), repeat)
-        mask_to_positions = timed(lambda: np.flatnonzero(rng.random(rows) < 0.5), repeat)
+        mask_to_positions = timed(lambda: np.flatnonzero(mask), repeat)
+        values = rng.lognormal(5.0, 0.5, rows)  # one released sum's contributions (a mean's)
+        dominance = timed(lambda: check_dominance([values], thresholds), repeat)
         new = RecordSet.of("bench", "new", mask_positions)
         started = time.perf_counter()
         store.precheck_release(new, thresholds)
@@ -107,6 +110,7 @@ def main() -> None:
         ("check, typical sizes", typical),
         ("check, worst case (all compared)", worst),
         ("remember (serialise + insert)", remember),
+        (f"p% rule on one sum of {rows:,} values", dominance),
     ):
         print(f"    {label:<34} {median:8.2f} / {p95:8.2f}")
     print(f"  first check after a restart (loads {earlier:,} sets): {first_load:.0f} ms")

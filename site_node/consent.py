@@ -43,6 +43,21 @@ FHIR_WITHDRAWN_STATUS = {"inactive", "rejected"}
 FHIR_IGNORED_STATUS = {"entered-in-error", "draft", "proposed"}
 
 
+class ConsentSourceError(ConfigError):
+    """The consent source cannot be read or holds a bad statement, found while serving a task.
+
+    ``str(exc)`` is the full detail (file, line, value) for the site's own log and ``alliance
+    site check``; ``public`` is what a refusal and the audit log carry. A malformed line may hold
+    a patient id in any field, so no part of it leaves the site's log.
+    """
+
+    public = (
+        "this site cannot apply its consent source (it cannot be read or holds a malformed "
+        "statement), so it answers no task until its admin fixes it; the details are in the "
+        "site's log and in `alliance site check`"
+    )
+
+
 @dataclass(frozen=True)
 class Statement:
     """One consent statement."""
@@ -261,7 +276,7 @@ class Consent:
 
         Raises:
             RefusedError: code ``policy``, for a purpose without a rule.
-            ConfigError: the source cannot be read or holds a bad statement.
+            ConsentSourceError: the source cannot be read or holds a bad statement.
         """
         if self.source is None:
             return ConsentView("none", None, 0)
@@ -274,7 +289,10 @@ class Consent:
                 code="policy",
             )
         with self._lock:
-            self._refresh()
+            try:
+                self._refresh()
+            except ConfigError as exc:
+                raise ConsentSourceError(str(exc)) from None
             found = self._views.get(purpose)
             if found is not None:
                 return found

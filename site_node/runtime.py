@@ -33,7 +33,7 @@ from protocol.version import VERSION
 from protocol.wire import alliance_pb2 as pb
 from protocol.wire.messages import RefusalMessage, ReplyMessage, TaskMessage
 from site_node.connectors import load
-from site_node.consent import Consent, ConsentView
+from site_node.consent import Consent, ConsentSourceError, ConsentView
 from site_node.disclosure import RecordSet, check_dominance
 from site_node.harmonize import DataReport, conform, patient_ids
 from site_node.ledger import Charge, SiteStore
@@ -177,6 +177,9 @@ class SiteRuntime:
             return self._run(task)
         except RefusedError as exc:
             reason, code = exc.reason, exc.code
+        except ConsentSourceError as exc:  # its detail may hold patient ids: the log only
+            log.error("task %s refused: the consent source: %s", task.task_id, exc)
+            reason, code = exc.public, "error"
         except ValidationError as exc:
             reason, code = str(exc), "validation"
         except AllianceError as exc:
@@ -247,14 +250,15 @@ class SiteRuntime:
         data = self._frame(consent, row_filter, frame_key)
         released: RecordSet | None = None
         if mode == "sdc":
-            # Before any computation: the differencing guard on the rows that would contribute,
-            # then the dominance rule on the sums that would be released.
+            # Before any computation: the differencing guard on the rows that would contribute.
             released = self._record_set(task.study_id, scope, data, frame_key)
             self.store.precheck_release(released, self.config.policy.sdc)
-            check_dominance(analysis.magnitude_cells(data, params), self.config.policy.sdc)
+        arrays = analysis.local(data, params, ctx)  # in sdc, the model's own checks first
+        if mode == "sdc":
+            check_dominance(analysis.magnitude_cells(data, params, ctx), self.config.policy.sdc)
         record = privatize(
             spec,
-            analysis.local(data, params, ctx),
+            arrays,
             mode,
             epsilon,
             self.config.policy.sdc,

@@ -132,7 +132,12 @@ import numpy as np
 import pandas as pd
 
 from analyses.base import Analysis, AnalysisContext, Arrays, NextRound, RoundState
-from analyses.common import check_model_cells, check_not_saturated, zero_one_columns
+from analyses.common import (
+    FloatArray,
+    check_model_cells,
+    check_not_saturated,
+    zero_one_columns,
+)
 from analyses.glm.design import Design, build_design, local_arrays
 from analyses.glm.formula import (
     GLMModel,
@@ -241,15 +246,37 @@ class GLM(Analysis[GLMParams]):
             )
         return RecordSpec(arrays)
 
-    def local(self, data: pd.DataFrame, params: GLMParams, ctx: AnalysisContext) -> Arrays:
-        model = glm_model(params, ctx.dictionary)
+    @staticmethod
+    def _design(data: pd.DataFrame, model: GLMModel, ctx: AnalysisContext) -> Design:
         clamp = ctx.mode == "dp"
 
         def build() -> Design:
             return build_design(data, model, clamp)
 
         key = ("glm", model.key, clamp)
-        design = build() if ctx.cache is None else ctx.cache.get(key, build, _design_bytes)
+        return build() if ctx.cache is None else ctx.cache.get(key, build, _design_bytes)
+
+    def magnitude_cells(
+        self, data: pd.DataFrame, params: GLMParams, ctx: AnalysisContext
+    ) -> list[FloatArray]:
+        """A gaussian or poisson GLM releases the response's sums (X'y at round 0): over the
+        model's rows, and over each 0/1 column's and each level's rows. A binomial response
+        sums to counts, which the model's cell checks cover."""
+        if params.family == "binomial":
+            return []
+        model = glm_model(params, ctx.dictionary)
+        design = self._design(data, model, ctx)
+        y = design.y * model.y_half + model.y_centre
+        raw = design.x * model.half[None, :] + model.centre[None, :]
+        cells = [y]
+        cells.extend(y[column == 1] for column in zero_one_columns(raw, model.columns).values())
+        for name, levels in model.levels.items():
+            cells.extend(y[design.levels[name] == level] for level in levels)
+        return cells
+
+    def local(self, data: pd.DataFrame, params: GLMParams, ctx: AnalysisContext) -> Arrays:
+        model = glm_model(params, ctx.dictionary)
+        design = self._design(data, model, ctx)
         n = design.y.size
         if ctx.mode == "sdc" and model.p > ctx.sdc.max_parameter_ratio * n:
             ratio = ctx.sdc.max_parameter_ratio

@@ -41,6 +41,7 @@ ALL_ANALYSES = [
     "logrank",
     "ttest",
     "proportion",
+    "correlation",
 ]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -188,19 +189,28 @@ def test_a_purpose_without_a_rule_is_refused_while_a_source_is_configured(
     assert "no consent rule for purpose 'marketing'" in outcome.reasons["cleveland"]
 
 
-def test_a_malformed_consent_file_refuses_tasks_naming_the_line_and_value(
-    tmp_path: Path, cleveland: pd.DataFrame, dictionary: DataDictionary
+def test_a_malformed_consent_line_is_named_in_the_site_log_only(
+    tmp_path: Path,
+    cleveland: pd.DataFrame,
+    dictionary: DataDictionary,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    # A shifted line puts a patient id where the status belongs. Before, the refusal (sent to
+    # the coordinator) and the audit entry quoted the value: "status 'P0042' is not allowed".
     source = tmp_path / "consent.csv"
-    write_csv(source, [("P0000", "research", "maybe", "2026-01-10")])
+    write_csv(source, [("P0000", "research", "granted", "2026-01-10"),
+                       ("research", "P0042", "P0042", "2026-01-10")])  # fmt: skip
     r = site(tmp_path, cleveland, dictionary, {"kind": "csv", "path": str(source)},
              {"research": "opt-in"})  # fmt: skip
     outcome = r.run("count")
     assert isinstance(outcome, Refused)
-    assert (
-        f"{source}, line 2: status 'maybe' is not allowed; use granted or withdrawn"
-        in outcome.reasons["cleveland"]
-    )
+    reason = outcome.reasons["cleveland"]
+    assert "cannot apply its consent source" in reason and "site's log" in reason
+    assert "P0042" not in reason and "line" not in reason
+    audit = json.dumps([e.detail for e in r.sites["cleveland"].store.audit_entries()])
+    assert "cannot apply its consent source" in audit and "P0042" not in audit
+    logged = [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.ERROR]
+    assert any(f"{source}, line 3: status 'P0042' is not allowed" in m for m in logged), logged
 
 
 def test_the_patient_id_is_never_analysable(

@@ -114,6 +114,42 @@ def test_the_p_percent_rule_refuses_a_dominated_sum_and_passes_ordinary_ones(
     assert isinstance(ttest, Refused)
     assert "p% rule" in ttest.reasons["cleveland"]
     assert not isinstance(r.run("ttest", variable="chol", group="sex"), Refused)
+    # A gaussian GLM releases the same sum (X'y's intercept cell): `oldpeak ~ 1` is the mean
+    # by another name, and `oldpeak ~ sex` sums it per level. Before the GLM had cells, both
+    # passed and released 9.9 within the other records' (zero) total.
+    for formula in ("oldpeak ~ 1", "oldpeak ~ sex"):
+        model = r.run("glm", formula=formula, family="gaussian")
+        assert isinstance(model, Refused), (formula, model)
+        assert "p% rule" in model.reasons["cleveland"]
+    assert not isinstance(r.run("glm", formula="chol ~ sex", family="gaussian"), Refused)
+    # A correlation releases each variable's shifted sum, so it too is a mean by another name.
+    correlation = r.run("correlation", variables=["oldpeak", "age"])
+    assert isinstance(correlation, Refused), correlation
+    assert "p% rule" in correlation.reasons["cleveland"]
+
+
+def test_a_cox_covariate_dominated_within_the_model_or_a_grid_cell_is_refused(
+    syn_dict: DataDictionary, sites: dict[str, pd.DataFrame], tmp_path: Path
+) -> None:
+    d = syn_dict
+    frame = next(iter(sites.values())).copy()
+    site = sdc_site(tmp_path / "ordinary", "s", frame, d, FREE)
+    ordinary = Researcher({"s": site}, d).run(
+        "cox", time="time", event="event", covariates=["biomarker", "age"]
+    )
+    assert not isinstance(ordinary, Refused), ordinary
+    # One record's value among zeros in the first 500 days: on any public grid of width up to
+    # 500, its cell's sum is nearly that record's value, which the differences of the risk-set
+    # sums at beta 0 release. Overall the covariate is ordinary, so the fit is not saturated.
+    early = frame.index[frame["time"] < 500]
+    frame.loc[early, "biomarker"] = 0.0
+    frame.loc[frame["time"].idxmin(), "biomarker"] = 4.5  # in the first cell of any width
+    site = sdc_site(tmp_path / "dominated", "s", frame, d, FREE)
+    outcome = Researcher({"s": site}, d).run(
+        "cox", time="time", event="event", covariates=["biomarker", "age"]
+    )
+    assert isinstance(outcome, Refused), outcome
+    assert "p% rule" in outcome.reasons["s"]
 
 
 def test_a_careless_admin_approving_an_attack_population_is_still_protected(

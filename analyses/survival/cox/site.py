@@ -213,6 +213,30 @@ class CoxSite(Analysis[CoxParams]):
         else:
             ctx.cache.get(key, check, lambda _: 0)
 
+    def magnitude_cells(
+        self, data: pd.DataFrame, params: CoxParams, ctx: AnalysisContext
+    ) -> list[FloatArray]:
+        """A numeric covariate's values, summed over the model's rows (``xsum`` at the events)
+        and per grid cell: at beta = 0 the differences of the risk-set sums between event
+        times, and Efron's sums over tied events, are the sums of x over one cell's events,
+        censorings or both. 0/1 columns sum to counts, which the model's cell checks cover."""
+        if ctx.state.get("phase") in ("probe", "counts"):
+            return []
+        times, events, x = self._rows(data, params, ctx.dictionary)
+        terms = cox_terms(ctx.dictionary, params.covariates)
+        numeric = [
+            x[:, j] * t.scale + t.centre
+            for j, t in enumerate(terms)
+            if t.level is None and not np.all(np.isin(x[:, j] * t.scale + t.centre, (0.0, 1.0)))
+        ]
+        if not numeric:
+            return []
+        grid = grid_for(params, ctx)
+        slot = grid.index(times)
+        groups = [events, ~events] + [slot == c for c in np.unique(slot)]
+        groups += [(slot == c) & events for c in np.unique(slot[events])]
+        return [values[rows] for values in numeric for rows in [np.ones_like(events), *groups]]
+
     def local(self, data: pd.DataFrame, params: CoxParams, ctx: AnalysisContext) -> Arrays:
         check_sdc_horizon(params, ctx)
         phase = ctx.state.get("phase")
