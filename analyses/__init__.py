@@ -8,6 +8,7 @@ from analyses import (  # noqa: F401
     glm,
     mantel_haenszel,
     proportion,
+    quality,
     quantiles,
     survival,
     tables,

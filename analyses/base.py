@@ -152,6 +152,10 @@ class AnalysisContext:
             site: it never leaves the coordinator.
         cache: at a site, the site's work cache for the frame ``local`` computes on (None:
             nothing is kept between rounds).
+        source: at a site, for analyses that set ``reads_source``: each row's state at the
+            source, aligned with the frame ``local`` computes on (a column per dictionary
+            variable: 0 present, 1 missing, 2 not allowed by the dictionary; and
+            ``DUPLICATE_ID``: the row is the first of a patient id with several rows).
     """
 
     dictionary: DataDictionary
@@ -161,6 +165,12 @@ class AnalysisContext:
     state: Mapping[str, Any] = field(default_factory=dict)
     memo: Mapping[str, Any] = field(default_factory=dict)
     cache: ScopedCache | None = None
+    source: pd.DataFrame | None = None
+
+
+#: The column of ``AnalysisContext.source`` that flags a duplicated patient id (no dictionary
+#: variable can be called this: names start with a letter).
+DUPLICATE_ID = "_duplicate_id"
 
 
 @dataclass(frozen=True)
@@ -179,6 +189,9 @@ class NextRound:
 
 class Analysis(ABC, Generic[P]):
     """One registered analysis. Subclasses set ``name``, ``params_model`` and the halves."""
+
+    #: the site passes each row's state at the source in ``ctx.source`` (the quality profile)
+    reads_source: ClassVar[bool] = False
 
     name: ClassVar[str]
     params_model: ClassVar[type[BaseModel]]
@@ -214,6 +227,12 @@ class Analysis(ABC, Generic[P]):
         """The canonical form of the model a model-fitting analysis (glm, cox) fits, else None.
         In sdc a site fits only the models its approval lists (``analyses.models``)."""
         return None
+
+    def complete_case_variables(self, params: P) -> set[str]:
+        """The variables whose complete cases a release covers (the differencing guard's record
+        set). Default: every variable read. An analysis that counts missing values covers every
+        row of its frame and returns none."""
+        return self.variables(params)
 
     def magnitude_cells(
         self, data: pd.DataFrame, params: P, ctx: AnalysisContext

@@ -95,11 +95,23 @@ class NumericVariable(_Model):
     unit: str | None = None
     description: str | None = None
     sensitivity: Sensitivity = "ordinary"
+    plausible: tuple[float, float] | None = Field(
+        default=None,
+        description="the range a clinician expects, inside [min, max]: a value outside it is "
+        "still analysed but counts as implausible in the quality profile",
+    )
 
     @model_validator(mode="after")
     def _bounds_ordered(self) -> NumericVariable:
         if not self.min < self.max:
             raise ValueError(f"min ({self.min}) must be below max ({self.max})")
+        if self.plausible is not None:
+            low, high = self.plausible
+            if not self.min <= low < high <= self.max:
+                raise ValueError(
+                    f"plausible [{low:g}, {high:g}] must be an increasing range inside "
+                    f"[min, max] = [{self.min:g}, {self.max:g}]"
+                )
         return self
 
 
@@ -144,6 +156,14 @@ Variable = Annotated[
 ]
 
 
+class OrderCheck(_Model):
+    """Two numeric variables (dates as days, say) whose values must not run backwards."""
+
+    earlier: str = Field(pattern=_VARIABLE)
+    later: str = Field(pattern=_VARIABLE)
+    description: str | None = None
+
+
 class DataDictionary(_Model):
     """The alliance's common variables, their types, public bounds and levels."""
 
@@ -154,6 +174,24 @@ class DataDictionary(_Model):
         description="the column holding patient ids (after a site's rename): used for consent "
         "and one-row-per-patient, never analysed or released",
     )
+    order_checks: list[OrderCheck] = Field(
+        default_factory=list,
+        description="pairs whose values must not run backwards (earlier <= later, both "
+        "present); a record that breaks one counts as out of order in the quality profile",
+    )
+
+    @model_validator(mode="after")
+    def _order_checks_numeric(self) -> DataDictionary:
+        for check in self.order_checks:
+            for name in (check.earlier, check.later):
+                if not isinstance(self.variables.get(name), NumericVariable):
+                    raise ValueError(
+                        f"order check {check.earlier} <= {check.later}: {name!r} is not a "
+                        "numeric variable of this dictionary"
+                    )
+            if check.earlier == check.later:
+                raise ValueError(f"order check {check.earlier} <= {check.later}: one variable")
+        return self
 
     @model_validator(mode="after")
     def _patient_id_not_a_variable(self) -> DataDictionary:

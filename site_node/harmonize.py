@@ -16,6 +16,9 @@ from protocol.config import DataDictionary, NumericVariable
 from protocol.errors import ConfigError
 from protocol.filters import parse_filter
 
+#: A value's state at the source, before the dictionary's check set it missing or kept it.
+SOURCE_PRESENT, SOURCE_MISSING, SOURCE_NOT_ALLOWED = 0, 1, 2
+
 
 @dataclass
 class DataReport:
@@ -29,6 +32,9 @@ class DataReport:
     unknown_levels: dict[str, int] = field(default_factory=dict)
     not_numeric: dict[str, int] = field(default_factory=dict)
     missing: dict[str, int] = field(default_factory=dict)
+    #: per dictionary variable, each loaded row's state at the source (SOURCE_PRESENT,
+    #: SOURCE_MISSING, SOURCE_NOT_ALLOWED), for the quality analysis; never printed
+    status: dict[str, npt.NDArray[np.int8]] = field(default_factory=dict, repr=False)
 
     def lines(self) -> list[str]:
         """The report in plain words, one problem per line (counts, never values)."""
@@ -68,9 +74,11 @@ def conform(
             report.unknown_columns.append(str(name))
             continue
         values = pd.to_numeric(frame[name], errors="coerce")
-        bad = int((values.isna() & frame[name].notna()).sum())
+        not_numeric = (values.isna() & frame[name].notna()).to_numpy()
+        bad = int(not_numeric.sum())
         if bad:
             report.not_numeric[name] = bad
+            report.status[name] = np.where(not_numeric, SOURCE_NOT_ALLOWED, 0).astype(np.int8)
         # A private copy: under copy-on-write (pandas 3) to_numpy() may return a read-only
         # view of the caller's data, and out-of-range values are set missing in place below.
         out[name] = values.to_numpy(dtype=np.float64, na_value=np.nan, copy=True)
@@ -87,8 +95,11 @@ def conform(
         if name not in out:
             report.missing_columns.append(name)
             out[name] = np.full(len(frame), np.nan)
+            report.status[name] = np.full(len(frame), SOURCE_MISSING, dtype=np.int8)
             continue
         values = out[name]
+        status = report.status.get(name, np.zeros(len(frame), dtype=np.int8))
+        status[np.isnan(values) & (status == SOURCE_PRESENT)] = SOURCE_MISSING
         if isinstance(var, NumericVariable):
             low = values < var.min
             high = values > var.max
@@ -96,12 +107,14 @@ def conform(
                 report.below_min[name] = int(low.sum())
             if high.any():
                 report.above_max[name] = int(high.sum())
-            values[low | high] = np.nan
+            outside = low | high
         else:
             outside = ~np.isnan(values) & ~np.isin(values, var.levels)
             if outside.any():
                 report.unknown_levels[name] = int(outside.sum())
-            values[outside] = np.nan
+        values[outside] = np.nan
+        status[outside] = SOURCE_NOT_ALLOWED
+        report.status[name] = status
         report.missing[name] = int(np.isnan(values).sum())
     columns = list(dictionary.variables)
     return pd.DataFrame({c: out[c] for c in columns}, columns=columns), report

@@ -9,6 +9,7 @@ one at a time, so a second delivery, however close, gets the first one's stored 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -24,7 +25,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from analyses import AnalysisContext, get_analysis
-from analyses.base import WorkCache
+from analyses.base import DUPLICATE_ID, WorkCache
 from protocol.budget import PureDP
 from protocol.config import DataDictionary, SiteConfig, load_yaml
 from protocol.errors import AllianceError, InternalError, RefusedError, ValidationError
@@ -35,7 +36,7 @@ from protocol.wire.messages import RefusalMessage, ReplyMessage, TaskMessage
 from site_node.connectors import load
 from site_node.consent import Consent, ConsentSourceError, ConsentView
 from site_node.disclosure import RecordSet, check_dominance
-from site_node.harmonize import DataReport, conform, patient_ids
+from site_node.harmonize import SOURCE_MISSING, DataReport, conform, patient_ids
 from site_node.ledger import Charge, SiteStore
 from site_node.policy import TaskScope, canonical_filter, check_approval_terms, check_task
 from site_node.privacy import privatize
@@ -84,9 +85,15 @@ class SiteRuntime:
         self.config = config
         self.name = config.name
         self.dictionary = dictionary
-        data, patient_ids = _one_row_per_patient(data, patient_ids, config.data.duplicate_patients)
-        self.data = data
         self.report = report or DataReport(rows=len(data))
+        source = _source_states(data, self.report, patient_ids)
+        data, patient_ids, kept = _one_row_per_patient(
+            data, patient_ids, config.data.duplicate_patients
+        )
+        self.data = data
+        # Each row's state at the source (missing, not allowed, a duplicated id), aligned with
+        # self.data: only the quality analysis reads it.
+        self.source = source if kept is None else source.loc[kept].reset_index(drop=True)
         # Several rows for one patient (rule "refuse"): dp, which assumes one, is refused.
         self.duplicate_patients = patient_ids is not None and bool(
             pd.Series(patient_ids).duplicated().any()
@@ -248,10 +255,14 @@ class SiteRuntime:
         )
         spec = analysis.declare(params, ctx)
         data = self._frame(consent, row_filter, frame_key)
+        if analysis.reads_source:
+            ctx = dataclasses.replace(ctx, source=self.source.loc[data.index])
         released: RecordSet | None = None
         if mode == "sdc":
             # Before any computation: the differencing guard on the rows that would contribute.
-            released = self._record_set(task.study_id, scope, data, frame_key)
+            released = self._record_set(
+                task.study_id, scope, analysis.complete_case_variables(params), data, frame_key
+            )
             self.store.precheck_release(released, self.config.policy.sdc)
         arrays = analysis.local(data, params, ctx)  # in sdc, the model's own checks first
         if mode == "sdc":
@@ -307,15 +318,21 @@ class SiteRuntime:
         self._consent_audited.add(consent.version)
 
     def _record_set(
-        self, study_id: str, scope: TaskScope, data: pd.DataFrame, frame_key: str
+        self,
+        study_id: str,
+        scope: TaskScope,
+        variables: set[str],
+        data: pd.DataFrame,
+        frame_key: str,
     ) -> RecordSet:
-        """The rows a release covers: ``data``'s complete cases of the analysis's variables, by
-        their positions in the site's data (kept for the rounds of iterative analyses)."""
+        """The rows a release covers: ``data``'s complete cases of ``variables`` (the
+        analysis's), by their positions in the site's data (kept for the rounds of iterative
+        analyses)."""
         population = canonical_filter(scope.row_filter)
-        key = (study_id, frame_key, tuple(sorted(scope.variables)))
+        key = (study_id, frame_key, tuple(sorted(variables)))
 
         def build() -> RecordSet:
-            complete = data[sorted(scope.variables)].notna().all(axis=1).to_numpy()
+            complete = data[sorted(variables)].notna().all(axis=1).to_numpy()
             positions = np.asarray(data.index.to_numpy()[complete], dtype=np.int64)
             return RecordSet.of(study_id, population, positions)
 
@@ -379,11 +396,33 @@ def _cached(
 
 def _one_row_per_patient(
     data: pd.DataFrame, ids: npt.NDArray[np.str_] | None, rule: str
-) -> tuple[pd.DataFrame, npt.NDArray[np.str_] | None]:
-    """Collapse several rows of one patient to one (rule first or last, in file order)."""
+) -> tuple[pd.DataFrame, npt.NDArray[np.str_] | None, npt.NDArray[np.bool_] | None]:
+    """Collapse several rows of one patient to one (rule first or last, in file order);
+    the third item is the rows kept, None when all are."""
     if ids is None or rule == "refuse":
-        return data, ids
+        return data, ids, None
     keep = ~pd.Series(ids).duplicated(keep=rule).to_numpy()
     if keep.all():
-        return data, ids
-    return data.loc[keep].reset_index(drop=True), ids[keep]
+        return data, ids, None
+    return data.loc[keep].reset_index(drop=True), ids[keep], keep
+
+
+def _source_states(
+    data: pd.DataFrame, report: DataReport, ids: npt.NDArray[np.str_] | None
+) -> pd.DataFrame:
+    """Each loaded row's state at the source: per variable the conform step's record (or, for
+    data given conformed, missing where it is NaN), and whether the row is the first of a
+    patient id that has several rows (so their sum counts duplicated ids, not rows)."""
+    columns: dict[str, npt.NDArray[Any]] = {}
+    for name in data.columns:
+        status = report.status.get(str(name))
+        if status is None or status.size != len(data):
+            status = np.where(data[name].isna().to_numpy(), SOURCE_MISSING, 0).astype(np.int8)
+        columns[str(name)] = status
+    if ids is None:
+        columns[DUPLICATE_ID] = np.zeros(len(data), dtype=bool)
+    else:
+        repeated = pd.Series(ids).duplicated(keep=False).to_numpy()
+        first = ~pd.Series(ids).duplicated(keep="first").to_numpy()
+        columns[DUPLICATE_ID] = repeated & first
+    return pd.DataFrame(columns, index=data.index)

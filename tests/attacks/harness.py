@@ -26,7 +26,7 @@ from protocol.budget import PureDP
 from protocol.config import DataDictionary, SiteConfig
 from protocol.errors import AllianceError, RecordError
 from protocol.wire.messages import RefusalMessage, ReplyMessage, TaskMessage
-from site_node.harmonize import conform
+from site_node.harmonize import conform, patient_ids
 from site_node.runtime import SiteRuntime
 
 ALL_ANALYSES = [
@@ -42,6 +42,7 @@ ALL_ANALYSES = [
     "ttest",
     "proportion",
     "correlation",
+    "quality",
 ]
 
 
@@ -76,7 +77,7 @@ def sdc_site(
         }
     )
     data, report = conform(frame, dictionary)
-    return SiteRuntime(config, dictionary, data, report)
+    return SiteRuntime(config, dictionary, data, report, patient_ids(frame, dictionary))
 
 
 @dataclass(frozen=True)

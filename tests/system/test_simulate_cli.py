@@ -12,7 +12,7 @@ from click.testing import Result
 from typer.testing import CliRunner
 
 from simulations.cli import app
-from simulations.heart import DICTIONARY_PATH
+from simulations.heart import DICTIONARY_PATH, read_raw
 
 pytestmark = pytest.mark.system
 runner = CliRunner()
@@ -93,6 +93,30 @@ def test_off_mode_prints_exact_text(
     pooled = pd.concat([heart_frames["cleveland"], heart_frames["hungarian"]]).age
     assert result.stdout.startswith(f"<MeanResult 2 sites, n={len(pooled)}, off>")
     assert f"{pooled.mean():.5f}" in result.stdout  # the exact pooled mean, in the table
+
+
+def test_the_quality_scorecard_through_real_site_processes(tmp_path: Path) -> None:
+    # The raw UCI files, as hospitals hold them: Switzerland codes every cholesterol as 0, which
+    # the dictionary's range [50, 700] does not allow.
+    sites = []
+    raw = {name: read_raw(name) for name in ("switzerland", "va")}
+    for name, frame in raw.items():
+        path = tmp_path / f"{name}.csv"
+        frame.to_csv(path, index=False)
+        sites += ["--site", f"{name}={path}"]
+    quality = write(tmp_path, "q.yaml", {"analysis": "quality", "params": {"variables": ["chol"]}})
+    result = simulate(sites, [quality], "--privacy", "sdc", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout.strip().splitlines()[-1])
+    for name, frame in raw.items():
+        # Reference: pandas on the raw file.
+        chol = frame["chol"]
+        profile = doc["profiles"][name]["chol"]
+        assert profile["n"] == len(frame)
+        assert profile["out_of_range"] == int(((chol < 50) | (chol > 700)).sum())
+        assert profile["missing"] == int(chol.isna().sum())
+    assert doc["profiles"]["switzerland"]["chol"]["out_of_range"] == 123
+    assert doc["profiles"]["va"]["chol"]["out_of_range"] == 49
 
 
 @pytest.mark.parametrize(

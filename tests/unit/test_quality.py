@@ -1,0 +1,226 @@
+"""The ``quality`` analysis: profiles per site and variable, checked against pandas on the raw
+data, the sdc rules that withhold small cells, the differencing guard over every row, dp noise,
+and the scorecard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+
+from analyses import AnalysisContext, get_analysis
+from analyses.base import DUPLICATE_ID
+from analyses.quality import COUNTS, QualityResult
+from protocol.config import DataDictionary, SDCThresholds
+from simulations.heart import SITES, heart_dictionary, read_raw
+from site_node.privacy import privatize
+from tests.attacks.harness import Refused, Researcher, sdc_site
+
+matplotlib.use("Agg")
+
+FREE: dict[str, Any] = {"sdc_filters": "free"}
+
+
+@pytest.fixture(scope="module")
+def raw() -> dict[str, pd.DataFrame]:
+    return {site: read_raw(site) for site in SITES}
+
+
+def heart_researcher(tmp_path: Path, raw: dict[str, pd.DataFrame]) -> Researcher:
+    d = heart_dictionary()
+    return Researcher({s: sdc_site(tmp_path, s, frame, d, FREE) for s, frame in raw.items()}, d)
+
+
+def test_the_uci_scorecard_shows_switzerland_and_va_cholesterol_out_of_range(
+    tmp_path: Path, raw: dict[str, pd.DataFrame]
+) -> None:
+    result = heart_researcher(tmp_path, raw).run("quality", variables=["chol", "age"])
+    assert isinstance(result, QualityResult), result
+    d = heart_dictionary()
+    low, high = d.bounds("chol")
+    for site, frame in raw.items():
+        # Reference: pandas on the raw file. chol is declared in [50, 700]; UCI codes an
+        # unknown cholesterol as 0, and a "?" is missing.
+        chol = frame["chol"]
+        expected = {
+            "n": len(frame),
+            "missing": int(chol.isna().sum()),
+            "out_of_range": int(((chol < low) | (chol > high)).sum()),
+            "implausible": 0,
+            "out_of_order": 0,
+        }
+        profile = result.profiles[site]["chol"]
+        assert {k: profile[k] for k in expected} == expected, site
+        usable = (expected["n"] - expected["missing"] - expected["out_of_range"]) / expected["n"]
+        assert profile["usable"] == pytest.approx(usable, abs=1e-12)
+    # The issue's figures: all 123 of Switzerland's values, and 49 of VA's.
+    assert result.profiles["switzerland"]["chol"]["out_of_range"] == 123
+    assert result.profiles["switzerland"]["chol"]["n"] == 123
+    assert result.profiles["va"]["chol"]["out_of_range"] == 49
+    card = result.scorecard
+    assert list(card.columns) == ["chol", "age"] and set(card.index) == set(SITES)
+    assert card.loc["switzerland", "chol"] == 0.0 and card.loc["cleveland", "chol"] == 1.0
+    # The JSON contract: under each site and variable.
+    doc = json.loads(json.dumps(result.to_dict()))
+    assert doc["profiles"]["va"]["chol"]["out_of_range"] == 49
+    assert QualityResult.from_dict(doc).profiles == result.profiles
+    ax = result.plot()
+    assert ax.images and ax.images[0].get_array().shape == (4, 2)
+
+
+def quality_dictionary() -> DataDictionary:
+    return DataDictionary.model_validate(
+        {
+            "patient_id": "pid",
+            "variables": {
+                "weight": {"type": "numeric", "min": 20, "max": 300, "plausible": [35, 200]},
+                "admitted": {"type": "numeric", "min": 0, "max": 20000},
+                "discharged": {"type": "numeric", "min": 0, "max": 20000},
+                "sex": {"type": "categorical", "levels": [0, 1]},
+            },
+            "order_checks": [{"earlier": "admitted", "later": "discharged"}],
+        }
+    )
+
+
+def synthetic_raw(rows: int, seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    admitted = rng.integers(0, 15000, rows).astype(float)
+    frame = pd.DataFrame(
+        {
+            "pid": [f"P{i:05d}" for i in range(rows)],
+            "weight": rng.normal(80, 30, rows).round(1),
+            "admitted": admitted,
+            "discharged": admitted + rng.integers(-30, 60, rows),
+            "sex": rng.choice([0.0, 1.0, 2.0, np.nan], rows, p=[0.45, 0.45, 0.05, 0.05]),
+        }
+    )
+    frame.loc[rng.random(rows) < 0.07, "weight"] = np.nan
+    frame.loc[rng.random(rows) < 0.03, "admitted"] = np.nan
+    frame.loc[rows - 40 :, "pid"] = frame.loc[:39, "pid"].to_numpy()  # 40 ids twice
+    return frame
+
+
+def test_implausible_out_of_order_and_duplicated_ids_equal_pandas(tmp_path: Path) -> None:
+    d = quality_dictionary()
+    raw = synthetic_raw(2000, seed=3)
+    site = sdc_site(tmp_path, "s", raw, d, FREE)
+    result = Researcher({"s": site}, d).run(
+        "quality", variables=["weight", "admitted", "discharged", "sex"]
+    )
+    assert isinstance(result, QualityResult), result
+    # Reference: pandas on the raw frame, with the dictionary's rules written out.
+    w = raw["weight"]
+    allowed = w.between(20, 300)
+    backwards = raw["admitted"] > raw["discharged"]  # NaN compares False
+    expected = {
+        "weight": (w.isna().sum(), (w.notna() & ~allowed).sum(),
+                   (allowed & ~w.between(35, 200)).sum(), 0),
+        "admitted": (raw["admitted"].isna().sum(), 0, 0, backwards.sum()),
+        "discharged": (0, (raw["discharged"] < 0).sum(), 0, backwards.sum()),
+        "sex": (raw["sex"].isna().sum(), (raw["sex"] == 2).sum(), 0, 0),
+    }  # fmt: skip
+    for variable, counts in expected.items():
+        got = tuple(result.profiles["s"][variable][k] for k in COUNTS)
+        assert got == tuple(float(c) for c in counts), variable
+        assert result.profiles["s"][variable]["n"] == 2000
+    assert result.duplicate_ids["s"] == raw["pid"].duplicated().sum() == 40
+
+
+def test_a_small_cell_withholds_the_variable_without_a_count(tmp_path: Path) -> None:
+    d = quality_dictionary()
+    raw = synthetic_raw(300, seed=4)
+    raw["weight"] = 80.0
+    raw.loc[0, "weight"] = np.nan  # one missing weight
+    raw["sex"] = 1.0
+    raw.loc[[1, 2], "sex"] = 7.0  # two values not allowed
+    raw["admitted"] = 10.0
+    raw["discharged"] = 20.0
+    raw.loc[3, "discharged"] = 5.0  # one record out of order
+    raw["pid"] = [f"P{i}" for i in range(300)]
+    raw.loc[299, "pid"] = "P0"  # one id twice
+    site = sdc_site(tmp_path, "s", raw, d, FREE)
+    result = Researcher({"s": site}, d).run(
+        "quality", variables=["weight", "sex", "admitted", "discharged"]
+    )
+    assert isinstance(result, QualityResult), result
+    for variable in ("weight", "sex", "admitted", "discharged"):
+        assert result.profiles["s"][variable] == {"n": 300.0, "withheld": True}, variable
+    assert np.isnan(result.duplicate_ids["s"])
+    assert "withheld" in str(result) and "smallest cell" in result.notes[0]
+    # The count is nowhere in what the researcher reads.
+    text = json.dumps(result.to_dict()["profiles"])
+    assert '"missing"' not in text and '"out_of_range"' not in text
+
+
+def test_a_small_cell_by_difference_is_withheld_too(tmp_path: Path) -> None:
+    d = quality_dictionary()
+    raw = synthetic_raw(300, seed=5)
+    raw["weight"] = np.nan
+    raw.loc[[0, 1], "weight"] = 80.0  # 298 missing: n - missing = 2 usable values
+    raw["pid"] = [f"P{i}" for i in range(300)]
+    site = sdc_site(tmp_path, "s", raw, d, FREE)
+    result = Researcher({"s": site}, d).run("quality", variables=["weight"])
+    assert isinstance(result, QualityResult), result
+    assert result.profiles["s"]["weight"] == {"n": 300.0, "withheld": True}
+
+
+def test_the_guard_covers_every_row_so_a_missing_value_cannot_be_differenced(
+    tmp_path: Path, raw: dict[str, pd.DataFrame]
+) -> None:
+    # Cleveland's ca is missing for 4 patients. A profile counts them, so its record set is
+    # every row of the frame, not ca's complete cases (as a mean's would be): a profile over
+    # everyone and one over everyone but one of them differ by that patient's row.
+    frame = raw["cleveland"]
+    target = frame.loc[frame.index[frame["ca"].isna()][0]]
+    who = f"age == {target['age']:g} and chol == {target['chol']:g}"
+    assert len(frame.query(who)) == 1  # the researcher's background knowledge: one patient
+    d = heart_dictionary()
+    r = Researcher({"cleveland": sdc_site(tmp_path, "cleveland", frame, d, FREE)}, d)
+    first = r.run("quality", variables=["ca"])
+    assert isinstance(first, QualityResult), first
+    remembered = [len(rs.rows) for rs in r.sites["cleveland"]._row_sets.values()]
+    assert remembered == [len(frame)] and first.profiles["cleveland"]["ca"]["missing"] == 4
+    second = r.run("quality", f"not ({who})", variables=["ca"])
+    assert isinstance(second, Refused), second
+    assert "differ" in second.reasons["cleveland"] or "fewer than" in second.reasons["cleveland"]
+
+
+def test_dp_profiles_are_noisy_with_the_stated_sd_and_charge_the_ledger(tmp_path: Path) -> None:
+    d = quality_dictionary()
+    raw = synthetic_raw(1000, seed=6)
+    site = sdc_site(tmp_path, "s", raw, d, FREE)
+    analysis = get_analysis("quality")
+    params = analysis.parse_params({"variables": ["weight", "sex"]}, d)
+    ctx = AnalysisContext(d, "dp", SDCThresholds(), source=site.source)
+    spec = analysis.declare(params, ctx)
+    exact = analysis.local(site.data, params, ctx)
+    errors = []
+    stated = None
+    for _ in range(400):
+        record = privatize(spec, exact, "dp", 1.0, SDCThresholds())
+        errors.append(np.asarray(record["counts"]) - exact["counts"])
+        stated = record.releases["counts"].variance() ** 0.5
+    # Reference: the discrete Laplace's sd the record states; observed over stated within
+    # 0.85 .. 1.15 over 400 releases of 8 cells.
+    observed = float(np.std(np.concatenate([e.ravel() for e in errors])))
+    assert stated is not None and stated > 0
+    assert 0.85 < observed / stated < 1.15, (observed, stated)
+    assert len(site.data) == 1000 and DUPLICATE_ID in site.source.columns
+    # Through a site whose approval is dp: the request is charged like any release.
+    unique = raw.assign(pid=[f"P{i}" for i in range(len(raw))])
+    approval = {"mode": "dp", "budget": 1.0, "epsilon_per_request": 1.0}
+    dp_site = sdc_site(tmp_path / "dp", "s", unique, d, approval)
+    outcome = Researcher({"s": dp_site}, d, mode="dp").run(
+        "quality", epsilon=0.5, variables=["weight"]
+    )
+    assert isinstance(outcome, QualityResult), outcome
+    assert outcome.noise_sd > 0 and outcome.privacy.mode == "dp"
+    assert dp_site.store.spent("s1").epsilon == pytest.approx(0.5)
+    weight = outcome.profiles["s"]["weight"]
+    assert abs(weight["missing"] - unique["weight"].isna().sum()) < 12 * outcome.noise_sd
