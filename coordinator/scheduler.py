@@ -88,6 +88,7 @@ class Scheduler:
             researcher=researcher,
             purpose=study.purpose,
             params=request.params,
+            min_quality=study.min_quality,
             filter=request.filter or "",
             privacy_mode=mode,
         )

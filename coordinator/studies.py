@@ -72,13 +72,19 @@ def check_request(study: StudyConfig, request: AnalysisRequest, dictionary: Data
 
 
 def check_study_terms(study: StudyConfig, dictionary: DataDictionary) -> None:
-    """A study's sdc populations and models parse against the dictionary.
+    """A study's sdc populations and models parse against the dictionary, and its minimum
+    quality names dictionary variables.
 
     Raises:
         ValidationError: naming the study, the entry and what is wrong with it.
     """
     from analyses.models import canonical_model
 
+    unknown = sorted(set(study.min_quality) - set(dictionary.variables))
+    if unknown:
+        raise ValidationError(
+            f"study {study.id}: min_quality names {unknown}, not in the data dictionary"
+        )
     if study.sdc is None:
         return
     for text in study.sdc.populations:

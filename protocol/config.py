@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -18,6 +19,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import pydantic
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -288,6 +290,40 @@ class SDCTerms(_Model):
     )
 
 
+#: min_quality shares lie on this public grid: a site's refusal then says only which 5% band
+#: its share lies below, however many requests probe it
+QUALITY_STEP = 0.05
+
+
+def quality_share_problem(share: Any) -> str | None:
+    """What is wrong with a min_quality share, or None: a number in (0, 1] on the 0.05 grid."""
+    if isinstance(share, bool) or not isinstance(share, (int, float)):
+        return f"{share!r} is not a number"
+    steps = float(share) / QUALITY_STEP
+    if not (math.isfinite(steps) and 0 < share <= 1.0 and abs(steps - round(steps)) < 1e-9):
+        return (
+            f"{share!r} is not a share in (0, 1] on the grid of {QUALITY_STEP:g} (0.05, 0.1, ...)"
+        )
+    return None
+
+
+def _check_min_quality(value: dict[str, float]) -> dict[str, float]:
+    for name, share in value.items():
+        if not re.match(_VARIABLE, name):
+            raise ValueError(f"min_quality: {name!r} is not a variable name")
+        problem = quality_share_problem(share)
+        if problem is not None:
+            raise ValueError(
+                f"min_quality.{name}: {problem}; it is the least share of records with an "
+                "allowed, plausible value"
+            )
+    return value
+
+
+#: variable -> the least usable share of a site's records (allowed, plausible values)
+MinQuality = Annotated[dict[str, float], AfterValidator(_check_min_quality)]
+
+
 class StudyConfig(_Model):
     """A study drafted by the alliance lead and approved by each site."""
 
@@ -307,6 +343,11 @@ class StudyConfig(_Model):
         default=None,
         description="sdc: the approved populations and models (None: each site's own terms "
         "only; the coordinator does not pre-check)",
+    )
+    min_quality: MinQuality = Field(
+        default_factory=dict,
+        description="the least usable share of a site's records per variable (0..1]: a site "
+        "below it leaves that variable out of this study's analyses, saying so",
     )
     max_model_columns: int = Field(
         default=200,
@@ -363,6 +404,12 @@ class StudyApproval(_Model):
     )
     sensitive_variables: list[str] = Field(
         default_factory=list, description="sensitive variables this study may read here"
+    )
+    min_quality: MinQuality = Field(
+        default_factory=dict,
+        description="the least usable share of this site's records per variable (0..1] for "
+        "this study; below it the site leaves the variable out (with the study's own minimum, "
+        "the higher applies)",
     )
     purpose: str = Field(
         default="research",

@@ -18,7 +18,7 @@ from protocol.errors import ConfigError
 from protocol.logs import LOG_LEVEL, QUIET, configure, resolve_level
 from protocol.tlsfiles import INSECURE, check_tls_files
 from site_node.connectors import load
-from site_node.harmonize import conform, patient_ids
+from site_node.harmonize import conform, patient_ids, usable_share
 from site_node.ledger import SiteStore, period_name
 from site_node.link import SiteLink
 from site_node.runtime import SiteRuntime
@@ -177,7 +177,7 @@ def site_check(config: CONFIG) -> None:
     problems = _check_tls(settings)
     dictionary = load_yaml(settings.dictionary, DataDictionary)
     raw = load(settings.data)
-    _, report = conform(raw, dictionary, settings.data.rename, settings.data.derive)
+    data, report = conform(raw, dictionary, settings.data.rename, settings.data.derive)
     for line in report.lines():
         typer.echo(f"data: {line}")
     for line in consent_lines(settings, dictionary, raw):
@@ -202,6 +202,13 @@ def site_check(config: CONFIG) -> None:
             )
             if approval.mode == "sdc" or approval.populations or approval.models:
                 typer.echo(f"  sdc terms: {sdc_terms(approval)}")
+            for name, minimum in approval.min_quality.items():
+                share = usable_share(data, dictionary, name)
+                verdict = "left out of this study" if share < minimum else "served"
+                typer.echo(
+                    f"  min_quality {name}: at least {minimum:.0%} usable; this site "
+                    f"{share:.0%}: {verdict}"
+                )
         if store is None:
             typer.echo(f"audit log: none yet ({db} is created by `alliance site serve`)")
         else:

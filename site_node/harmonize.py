@@ -141,3 +141,16 @@ def patient_ids(
     if column.isna().any():
         raise ConfigError(f"patient id column {name!r} has missing ids; every record needs one")
     return np.asarray(column.astype(str).str.strip().to_numpy(), dtype=np.str_)
+
+
+def usable_share(data: pd.DataFrame, dictionary: DataDictionary, variable: str) -> float:
+    """The share of conformed records whose ``variable`` holds an allowed, plausible value
+    (what a study's ``min_quality`` compares against); 0 for no records."""
+    if len(data) == 0:
+        return 0.0
+    values = data[variable].to_numpy(dtype=np.float64, na_value=np.nan)
+    good = ~np.isnan(values)
+    var = dictionary.variable(variable)
+    if isinstance(var, NumericVariable) and var.plausible is not None:
+        good &= (values >= var.plausible[0]) & (values <= var.plausible[1])
+    return float(np.count_nonzero(good)) / len(data)

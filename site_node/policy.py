@@ -72,6 +72,9 @@ def check_approval_terms(
     unknown = sorted(set(approval.sensitive_variables) - set(dictionary.variables))
     if unknown:
         raise ConfigError(f"{where}: sensitive_variables {unknown} are not in the dictionary")
+    unknown = sorted(set(approval.min_quality) - set(dictionary.variables))
+    if unknown:
+        raise ConfigError(f"{where}: min_quality names {unknown}, not in the dictionary")
 
 
 def _check_classes(

@@ -15,7 +15,7 @@ import logging
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -36,7 +36,13 @@ from protocol.wire.messages import RefusalMessage, ReplyMessage, TaskMessage
 from site_node.connectors import load
 from site_node.consent import Consent, ConsentSourceError, ConsentView
 from site_node.disclosure import RecordSet, check_dominance
-from site_node.harmonize import SOURCE_MISSING, DataReport, conform, patient_ids
+from site_node.harmonize import (
+    SOURCE_MISSING,
+    DataReport,
+    conform,
+    patient_ids,
+    usable_share,
+)
 from site_node.ledger import Charge, SiteStore
 from site_node.policy import TaskScope, canonical_filter, check_approval_terms, check_task
 from site_node.privacy import privatize
@@ -108,6 +114,7 @@ class SiteRuntime:
         self._params_cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._row_sets: OrderedDict[tuple[str, str, tuple[str, ...]], RecordSet] = OrderedDict()
         self._consented: OrderedDict[str, pd.DataFrame] = OrderedDict()
+        self._usable: dict[str, float] = {}
         # The site's work cache: what an analysis keeps between rounds (a GLM's design),
         # scoped by frame ("" is the unfiltered data; a filter's text its rows).
         self.work = WorkCache()
@@ -225,6 +232,13 @@ class SiteRuntime:
                 "last (keep one row per patient), or the study must use sdc",
                 code="policy",
             )
+        if not analysis.reads_source:  # the quality profile is how a study measures it
+            self._check_quality(
+                task.study_id,
+                scope.variables | scope.filter_variables,
+                task.min_quality,
+                approval.min_quality,
+            )
         consent = self.consent.view(approval.purpose)
         self._audit_consent(approval.purpose, consent)
         charge: Charge | None = None
@@ -305,6 +319,41 @@ class SiteRuntime:
         if committed != payload:  # another delivery of this task id committed first
             return self._replayed(committed)
         return Outcome(pb.SiteMessage.FromString(committed), "reply")
+
+    def usable_share(self, variable: str) -> float:
+        """The share of this site's loaded records whose ``variable`` holds an allowed,
+        plausible value (what ``min_quality`` compares against; kept, the data do not change)."""
+        found = self._usable.get(variable)
+        if found is None:
+            found = self._usable[variable] = usable_share(self.data, self.dictionary, variable)
+        return found
+
+    def _check_quality(
+        self,
+        study_id: str,
+        variables: frozenset[str],
+        study_minimum: Mapping[str, float],
+        site_minimum: Mapping[str, float],
+    ) -> None:
+        """Leave out of a study the variables whose usable share here is below the higher of
+        the study's and this site's minimum: refuse, naming them and the minimum, never the
+        share itself.
+
+        Raises:
+            RefusedError: code ``quality``.
+        """
+        short = []
+        for name in sorted(variables):
+            minimum = max(study_minimum.get(name, 0.0), site_minimum.get(name, 0.0))
+            if minimum > 0 and self.usable_share(name) < minimum:
+                short.append(f"{name!r} (at least {minimum:.0%} required)")
+        if short:
+            raise RefusedError(
+                f"this site leaves {', '.join(short)} out of study {study_id}: fewer of its "
+                "records hold an allowed, plausible value than the study's minimum quality; "
+                "the quality analysis shows each site's profile",
+                code="quality",
+            )
 
     def _audit_consent(self, purpose: str, consent: ConsentView) -> None:
         """Audit, once per version of the consent source and purpose, how many records it

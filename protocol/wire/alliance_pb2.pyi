@@ -31,7 +31,14 @@ class Welcome(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., coordinator: _Optional[str] = ..., software_version: _Optional[str] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "study_id", "purpose", "analysis", "params_json", "filter", "privacy_mode", "epsilon", "researcher", "round", "state_json", "request_id")
+    __slots__ = ("task_id", "study_id", "purpose", "analysis", "params_json", "filter", "privacy_mode", "epsilon", "researcher", "round", "state_json", "request_id", "min_quality")
+    class MinQualityEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     STUDY_ID_FIELD_NUMBER: _ClassVar[int]
     PURPOSE_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +51,7 @@ class Task(_message.Message):
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STATE_JSON_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MIN_QUALITY_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     study_id: str
     purpose: str
@@ -56,7 +64,8 @@ class Task(_message.Message):
     round: int
     state_json: str
     request_id: str
-    def __init__(self, task_id: _Optional[str] = ..., study_id: _Optional[str] = ..., purpose: _Optional[str] = ..., analysis: _Optional[str] = ..., params_json: _Optional[str] = ..., filter: _Optional[str] = ..., privacy_mode: _Optional[str] = ..., epsilon: _Optional[float] = ..., researcher: _Optional[str] = ..., round: _Optional[int] = ..., state_json: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    min_quality: _containers.ScalarMap[str, float]
+    def __init__(self, task_id: _Optional[str] = ..., study_id: _Optional[str] = ..., purpose: _Optional[str] = ..., analysis: _Optional[str] = ..., params_json: _Optional[str] = ..., filter: _Optional[str] = ..., privacy_mode: _Optional[str] = ..., epsilon: _Optional[float] = ..., researcher: _Optional[str] = ..., round: _Optional[int] = ..., state_json: _Optional[str] = ..., request_id: _Optional[str] = ..., min_quality: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class NamedArray(_message.Message):
     __slots__ = ("name", "shape", "values", "kind", "mechanism", "scale", "epsilon")

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from protocol.config import quality_share_problem
 from protocol.errors import RecordError, ValidationError
 from protocol.records import MAX_CELLS, AggregateRecord, RecordSpec, Release
 from protocol.wire import alliance_pb2 as pb
@@ -58,6 +59,8 @@ class TaskMessage:
         epsilon: what this round may spend at the site in dp mode.
         round: the round number, from 0.
         state: the public round state (validated by the site against the analysis).
+        min_quality: the study's least usable share per variable (the site applies the
+            higher of it and its own approval's).
     """
 
     task_id: str
@@ -72,6 +75,7 @@ class TaskMessage:
     epsilon: float = 0.0
     round: int = 0
     state: Mapping[str, Any] = field(default_factory=dict)
+    min_quality: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("task_id", "request_id", "study_id", "analysis", "researcher", "purpose"):
@@ -82,11 +86,18 @@ class TaskMessage:
         _require("TaskMessage", "round", self.round, int)
         _require("TaskMessage", "params", self.params, Mapping)
         _require("TaskMessage", "state", self.state, Mapping)
+        _require("TaskMessage", "min_quality", self.min_quality, Mapping)
+        for name, share in self.min_quality.items():
+            problem = quality_share_problem(share)
+            if problem is not None:
+                raise ValidationError(f"a task's min_quality for {name!r}: {problem}")
         if self.round < 0:
             raise ValidationError(f"a task's round must be >= 0, got {self.round}")
         object.__setattr__(self, "epsilon", float(self.epsilon))
         object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
         object.__setattr__(self, "state", MappingProxyType(dict(self.state)))
+        quality = {str(k): float(v) for k, v in self.min_quality.items()}
+        object.__setattr__(self, "min_quality", MappingProxyType(quality))
 
     def to_proto(self) -> pb.CoordinatorMessage:
         """The message on the wire."""
@@ -104,6 +115,7 @@ class TaskMessage:
                 epsilon=self.epsilon,
                 round=self.round,
                 state_json=json.dumps(dict(self.state), allow_nan=False),
+                min_quality=dict(self.min_quality),
             )
         )
 
@@ -128,6 +140,7 @@ class TaskMessage:
             epsilon=task.epsilon,
             round=task.round,
             state=_json_object(task.state_json, "task round state"),
+            min_quality=dict(task.min_quality),
         )
 
 

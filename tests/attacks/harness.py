@@ -100,11 +100,13 @@ class Researcher:
         dictionary: DataDictionary,
         mode: str = "sdc",
         name: str = "r.curious",
+        min_quality: Mapping[str, float] | None = None,
     ) -> None:
         self.sites = dict(sites)
         self.dictionary = dictionary
         self.mode = mode
         self.name = name
+        self.min_quality = dict(min_quality or {})  # the study file's, sent with every task
         self.asked = 0
 
     def run(
@@ -133,6 +135,7 @@ class Researcher:
             params=params,
             filter=filter,
             privacy_mode=self.mode,
+            min_quality=self.min_quality,
         )
         numbers = itertools.count()
         try:

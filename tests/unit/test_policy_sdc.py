@@ -15,7 +15,13 @@ import pandas as pd
 import pytest
 
 from coordinator.studies import check_request, check_study_terms
-from protocol.config import AnalysisRequest, DataDictionary, StudyApproval, StudyConfig
+from protocol.config import (
+    AnalysisRequest,
+    DataDictionary,
+    StudyApproval,
+    StudyConfig,
+    load_yaml,
+)
 from protocol.errors import ConfigError, ValidationError
 from tests.attacks.harness import Refused, Researcher, sdc_site
 
@@ -199,3 +205,15 @@ def test_a_study_with_an_invalid_sdc_term_is_refused_when_created(
         check_study_terms(sdc_study(populations=["weight > 3"]), heart_dict)
     with pytest.raises(ValidationError, match=r"study s1: sdc model 'chol ~ log\(age\)'"):
         check_study_terms(sdc_study(models=["chol ~ log(age)"]), heart_dict)
+
+
+def test_a_study_minimum_quality_is_checked_when_the_study_is_written(
+    heart_dict: DataDictionary, tmp_path: Path
+) -> None:
+    path = tmp_path / "study.yaml"
+    path.write_text("id: s1\ntitle: t\nmin_quality: {chol: 0.52}\n")
+    with pytest.raises(ConfigError, match=r"min_quality.chol: 0.52 is not a share in \(0, 1\]"):
+        load_yaml(path, StudyConfig)
+    study = StudyConfig.model_validate({"id": "s1", "title": "t", "min_quality": {"weight": 0.5}})
+    with pytest.raises(ValidationError, match=r"study s1: min_quality names \['weight'\]"):
+        check_study_terms(study, heart_dict)

@@ -224,3 +224,55 @@ def test_dp_profiles_are_noisy_with_the_stated_sd_and_charge_the_ledger(tmp_path
     assert dp_site.store.spent("s1").epsilon == pytest.approx(0.5)
     weight = outcome.profiles["s"]["weight"]
     assert abs(weight["missing"] - unique["weight"].isna().sum()) < 12 * outcome.noise_sd
+
+
+def test_a_study_minimum_quality_leaves_a_poor_site_out_saying_why(
+    tmp_path: Path, raw: dict[str, pd.DataFrame]
+) -> None:
+    d = heart_dictionary()
+    sites = {s: sdc_site(tmp_path, s, frame, d, FREE) for s, frame in raw.items()}
+    r = Researcher(sites, d, min_quality={"chol": 0.5})
+    result = r.run("mean", variable="chol")
+    assert not isinstance(result, Refused), result
+    status = {s.name: s for s in result.sites}
+    # Switzerland's cholesterol is all 0 (not allowed): 0% usable, below the study's 50%.
+    assert status["switzerland"].status == "refused"
+    reason = status["switzerland"].reason
+    assert "'chol' (at least 50% required)" in reason and "minimum quality" in reason
+    assert "0%" not in reason.replace("50%", "")  # the site's own share is never said
+    # Reference: pandas on the three other hospitals' allowed values (chol in [50, 700]).
+    kept = pd.concat([raw[s]["chol"] for s in ("cleveland", "hungarian", "va")])
+    kept = kept[(kept >= 50) & (kept <= 700)]
+    assert result.n == len(kept)
+    assert result.mean == pytest.approx(kept.mean(), rel=1e-12)  # type: ignore[attr-defined]
+    # A filter on the poor variable leaves the site out too; other variables are untouched.
+    filtered = r.run("count", "chol > 200")
+    assert not isinstance(filtered, Refused)
+    assert {s.name for s in filtered.sites if s.status == "refused"} == {"switzerland"}
+    everyone = r.run("mean", variable="age")
+    assert not isinstance(everyone, Refused) and len(everyone.contributing_sites) == 4
+    # The quality profile itself is how a study measures it: never left out.
+    profile = r.run("quality", variables=["chol"])
+    assert isinstance(profile, QualityResult) and "switzerland" in profile.profiles
+
+
+def test_the_higher_of_the_study_and_site_minimum_applies(
+    tmp_path: Path, raw: dict[str, pd.DataFrame]
+) -> None:
+    d = heart_dictionary()
+    # VA's cholesterol: 49 not allowed and 7 missing of 200, 72% usable. The study asks 50%,
+    # the site's own approval 80%: VA leaves chol out.
+    strict = {**FREE, "min_quality": {"chol": 0.8}}
+    site = sdc_site(tmp_path, "va", raw["va"], d, strict)
+    assert site.usable_share("chol") == pytest.approx(
+        raw["va"]["chol"].between(50, 700).mean(), abs=1e-12
+    )
+    outcome = Researcher({"va": site}, d, min_quality={"chol": 0.5}).run("mean", variable="chol")
+    assert isinstance(outcome, Refused)
+    assert "'chol' (at least 80% required)" in outcome.reasons["va"]
+    assert outcome.codes["va"] == "quality"
+    lenient = sdc_site(tmp_path / "lenient", "va", raw["va"], d, FREE)
+    assert not isinstance(
+        Researcher({"va": lenient}, d, min_quality={"chol": 0.5}).run("mean", variable="chol"),
+        Refused,
+    )

@@ -103,3 +103,22 @@ def test_check_shows_classes_sdc_terms_patient_ids_and_consent(tmp_path: Path) -
     assert f"consent: csv {consent}; rules: research opt-in" in lines
     assert "  sdc terms: approved populations: age >= 50; approved models: none" in lines
     assert "data: pid" not in result.stdout  # the id column is not reported as unknown
+
+
+def test_check_shows_each_approvals_minimum_quality_against_the_sites_share(
+    tmp_path: Path,
+) -> None:
+    studies = [{"id": "s1", "min_quality": {"chol": 0.8, "age": 0.95}}]
+    config = write_site(tmp_path, {"allowed_analyses": ["mean"], "studies": studies})
+    result = runner.invoke(app, ["site", "check", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    # Reference: pandas on VA's raw file (chol in [50, 700] is allowed; "?" is missing).
+    source = heart_source("va")
+    raw = pd.read_csv(source.path, header=None, names=source.column_names, na_values=["?"])
+    share = raw["chol"].between(50, 700).mean()
+    assert share < 0.8
+    assert (
+        f"  min_quality chol: at least 80% usable; this site {share:.0%}: left out of this study"
+        in result.stdout.splitlines()
+    )
+    assert "  min_quality age: at least 95% usable; this site 100%: served" in result.stdout

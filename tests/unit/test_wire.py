@@ -197,3 +197,18 @@ def test_a_task_whose_json_is_not_an_object_is_a_validation_error() -> None:
         TaskMessage.from_proto(pb.Task(task_id="t", params_json="[1, 2]"))
     with pytest.raises(ValidationError, match="task round state: not valid JSON"):
         TaskMessage.from_proto(pb.Task(task_id="t", state_json="{"))
+
+
+def test_a_study_minimum_quality_travels_with_the_task_and_is_checked_at_the_site() -> None:
+    from protocol.errors import ValidationError
+    from protocol.wire.messages import TaskMessage
+
+    task = TaskMessage("t", "r", "s", "mean", "x", min_quality={"chol": 0.5, "age": 1.0})
+    again = TaskMessage.from_proto(task.to_proto().task)
+    assert again == task and dict(again.min_quality) == {"chol": 0.5, "age": 1.0}
+    # A hostile coordinator probing a site's usable share finely, or sending nonsense: refused
+    # when the task is read, naming the grid.
+    for share in (0.0, 0.51, 1.5, float("nan"), -0.05):
+        wire = pb.Task(task_id="t", min_quality={"chol": share})
+        with pytest.raises(ValidationError, match=r"min_quality for 'chol': .* grid of 0\.05"):
+            TaskMessage.from_proto(wire)
