@@ -173,8 +173,16 @@ class Quality(Analysis[QualityParams]):
 
     def local(self, data: pd.DataFrame, params: QualityParams, ctx: AnalysisContext) -> Arrays:
         source = ctx.source
-        if source is None or len(source) != len(data):
-            raise InternalError("the quality analysis ran without the rows' source states")
+        if source is None:
+            # In process (analyses.testing.federate) on conformed frames: missing is all that
+            # can be told; nothing was set missing on load, and no patient ids are known.
+            source = pd.DataFrame(
+                {name: data[name].isna().to_numpy().astype(np.int8) for name in params.variables}
+                | {DUPLICATE_ID: np.zeros(len(data), dtype=bool)},
+                index=data.index,
+            )
+        if len(source) != len(data):
+            raise InternalError("the quality analysis got source states for other rows")
         n = float(len(data))
         counts = np.zeros((len(params.variables), len(COUNTS)))
         for i, name in enumerate(params.variables):

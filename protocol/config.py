@@ -448,11 +448,84 @@ class SitePolicy(_Model):
         return None
 
 
+class UnitConversion(_Model):
+    """A local unit to the dictionary's: ``value * factor + offset``, declared once per pair."""
+
+    from_unit: str = Field(alias="from", min_length=1)
+    to: str = Field(min_length=1)
+    factor: float
+    offset: float = 0.0
+    variables: list[str] | None = Field(
+        default=None,
+        description="the variables it applies to (None: every variable with this unit pair); "
+        "the same pair may need another factor for another analyte (glucose, cholesterol)",
+    )
+
+    @model_validator(mode="after")
+    def _finite(self) -> UnitConversion:
+        if not (math.isfinite(self.factor) and self.factor != 0 and math.isfinite(self.offset)):
+            raise ValueError(
+                f"{self.from_unit} -> {self.to}: factor {self.factor!r} and offset "
+                f"{self.offset!r} must be finite numbers, the factor not 0"
+            )
+        return self
+
+
+class VariableMapping(_Model):
+    """How one dictionary variable is read from a site's local data."""
+
+    column: str | None = Field(default=None, description="the local column (default: same name)")
+    derive: str | None = Field(
+        default=None,
+        description="an arithmetic expression over local columns instead of a column: + - * / "
+        "**, numbers, years_between(start, end), days_between(start, end) for dates",
+    )
+    unit: str | None = Field(default=None, description="the local unit, if not the dictionary's")
+    codes: dict[str, float] | None = Field(
+        default=None, description="local code -> dictionary level, e.g. {M: 1, F: 0}"
+    )
+    missing: list[str | float] = Field(
+        default_factory=list, description="local values that mean missing, e.g. [0, -9, NA]"
+    )
+
+    @field_validator("codes", mode="before")
+    @classmethod
+    def _code_keys_as_text(cls, value: Any) -> Any:
+        # YAML reads {1: 0} with integer keys; local codes are compared as text.
+        if isinstance(value, dict):
+            return {str(k): v for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> VariableMapping:
+        if self.column is not None and self.derive is not None:
+            raise ValueError("give column or derive, not both")
+        return self
+
+
+class SiteMapping(_Model):
+    """A site's mapping file: local columns, units and codes to the alliance dictionary."""
+
+    variables: dict[str, VariableMapping] = Field(default_factory=dict)
+    conversions: list[UnitConversion] = Field(default_factory=list)
+
+
 class DataSource(_Model):
     """Where a site's records are and how to read them."""
 
-    connector: Literal["csv"] = "csv"
-    path: Path
+    connector: Literal["csv", "parquet", "sql"] = Field(
+        default="csv",
+        description="csv (a file, pandas), parquet (a file, scanned by DuckDB) or sql (a "
+        "table through SQLAlchemy, in a read-only session)",
+    )
+    path: Path | None = Field(default=None, description="csv and parquet: the file")
+    url: str | None = Field(
+        default=None, description="sql: a SQLAlchemy URL; use a database user that can only read"
+    )
+    table: str | None = Field(default=None, pattern=_VARIABLE, description="sql: the table")
+    db_schema: str | None = Field(
+        default=None, pattern=_VARIABLE, description="sql: the table's schema, if not the default"
+    )
     header: bool = True
     column_names: list[str] | None = Field(
         default=None, description="column names when the file has no header row"
@@ -468,6 +541,19 @@ class DataSource(_Model):
         default="refuse",
         description="several rows for one patient id: refuse dp, or keep the first or last row",
     )
+    mapping: Path | None = Field(
+        default=None,
+        description="the site mapping file (local columns, units, codes, derived variables and "
+        "missing-value codes to the dictionary), applied before rename and derive",
+    )
+
+    @model_validator(mode="after")
+    def _where(self) -> DataSource:
+        if self.connector in ("csv", "parquet") and self.path is None:
+            raise ValueError(f"a {self.connector} source needs path (the file)")
+        if self.connector == "sql" and (self.url is None or self.table is None):
+            raise ValueError("a sql source needs url (a SQLAlchemy URL) and table")
+        return self
 
 
 class ConsentColumns(_Model):

@@ -12,6 +12,7 @@ from protocol.config import (
     CoordinatorConfig,
     DataDictionary,
     SiteConfig,
+    SiteMapping,
     StudyConfig,
 )
 
@@ -21,6 +22,7 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "study": StudyConfig,
     "dictionary": DataDictionary,
     "request": AnalysisRequest,
+    "mapping": SiteMapping,
 }
 FOLDER = Path(__file__).resolve().parent.parent / "configs" / "schema"
 

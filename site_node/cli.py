@@ -13,7 +13,7 @@ import pandas as pd
 import typer
 
 from protocol.budget import PureDP, format_epsilon
-from protocol.config import DataDictionary, SiteConfig, StudyApproval, load_yaml
+from protocol.config import DataDictionary, SiteConfig, SiteMapping, StudyApproval, load_yaml
 from protocol.errors import ConfigError
 from protocol.logs import LOG_LEVEL, QUIET, configure, resolve_level
 from protocol.tlsfiles import INSECURE, check_tls_files
@@ -21,6 +21,7 @@ from site_node.connectors import load
 from site_node.harmonize import conform, patient_ids, usable_share
 from site_node.ledger import SiteStore, period_name
 from site_node.link import SiteLink
+from site_node.mapping import apply_mapping, columns_needed
 from site_node.runtime import SiteRuntime
 
 log = logging.getLogger("alliance.site")
@@ -170,16 +171,35 @@ def _check_tls(settings: SiteConfig) -> list[str]:
     return list(tls.problems)
 
 
+def _check_data(
+    settings: SiteConfig, dictionary: DataDictionary
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Print the mapping, the data check and the coverage; return the local (mapped) table
+    and the conformed data."""
+    mapping = load_yaml(settings.data.mapping, SiteMapping) if settings.data.mapping else None
+    raw = load(settings.data, columns_needed(settings.data, dictionary, mapping))
+    if mapping is not None:
+        raw, mapped = apply_mapping(raw, mapping, dictionary)
+        for line in mapped.lines():
+            typer.echo(f"mapping: {line}")
+    data, report = conform(raw, dictionary, settings.data.rename, settings.data.derive)
+    for line in report.lines():
+        typer.echo(f"data: {line}")
+    served = len(dictionary.variables) - len(report.missing_columns)
+    typer.echo(
+        f"coverage: {served} of {len(dictionary.variables)} dictionary variables held here"
+        + (" (tasks reading the others are refused)" if report.missing_columns else "")
+    )
+    return raw, data
+
+
 @site_app.command("check")
 def site_check(config: CONFIG) -> None:
     """Check the config, TLS files, data and audit log; exit 1 on a problem; write nothing."""
     settings = load_yaml(config, SiteConfig)
     problems = _check_tls(settings)
     dictionary = load_yaml(settings.dictionary, DataDictionary)
-    raw = load(settings.data)
-    data, report = conform(raw, dictionary, settings.data.rename, settings.data.derive)
-    for line in report.lines():
-        typer.echo(f"data: {line}")
+    raw, data = _check_data(settings, dictionary)
     for line in consent_lines(settings, dictionary, raw):
         typer.echo(line)
     policy = settings.policy

@@ -15,6 +15,7 @@ import pandas as pd
 from protocol.config import DataDictionary, NumericVariable
 from protocol.errors import ConfigError
 from protocol.filters import parse_filter
+from site_node.mapping import closest
 
 #: A value's state at the source, before the dictionary's check set it missing or kept it.
 SOURCE_PRESENT, SOURCE_MISSING, SOURCE_NOT_ALLOWED = 0, 1, 2
@@ -26,6 +27,8 @@ class DataReport:
 
     rows: int
     unknown_columns: list[str] = field(default_factory=list)
+    #: unknown column -> the closest dictionary name (a likely rename)
+    suggestions: dict[str, str] = field(default_factory=dict)
     missing_columns: list[str] = field(default_factory=list)
     below_min: dict[str, int] = field(default_factory=dict)
     above_max: dict[str, int] = field(default_factory=dict)
@@ -36,13 +39,22 @@ class DataReport:
     #: SOURCE_MISSING, SOURCE_NOT_ALLOWED), for the quality analysis; never printed
     status: dict[str, npt.NDArray[np.int8]] = field(default_factory=dict, repr=False)
 
+    def unknown(self, column: str, known: set[str]) -> None:
+        """Note a column the dictionary does not know, with the closest name it does."""
+        self.unknown_columns.append(column)
+        match = closest(column, known)
+        if match is not None:
+            self.suggestions[column] = match
+
     def lines(self) -> list[str]:
         """The report in plain words, one problem per line (counts, never values)."""
         out = [f"{self.rows} records loaded"]
         if self.unknown_columns:
-            out.append(
-                f"columns not in the dictionary (ignored): {', '.join(self.unknown_columns)}"
-            )
+            shown = [
+                f"{c} (did you mean {self.suggestions[c]}?)" if c in self.suggestions else c
+                for c in self.unknown_columns
+            ]
+            out.append(f"columns not in the dictionary (ignored): {', '.join(shown)}")
         if self.missing_columns:
             out.append(f"dictionary variables absent here: {', '.join(self.missing_columns)}")
         for label, counts in (
@@ -71,7 +83,7 @@ def conform(
     out: dict[str, np.ndarray] = {}
     for name in frame.columns:
         if name not in known:
-            report.unknown_columns.append(str(name))
+            report.unknown(str(name), known)
             continue
         values = pd.to_numeric(frame[name], errors="coerce")
         not_numeric = (values.isna() & frame[name].notna()).to_numpy()

@@ -27,7 +27,7 @@ import pandas as pd
 from analyses import AnalysisContext, get_analysis
 from analyses.base import DUPLICATE_ID, WorkCache
 from protocol.budget import PureDP
-from protocol.config import DataDictionary, SiteConfig, load_yaml
+from protocol.config import DataDictionary, SiteConfig, SiteMapping, load_yaml
 from protocol.errors import AllianceError, InternalError, RefusedError, ValidationError
 from protocol.filters import RowFilter, parse_filter
 from protocol.version import VERSION
@@ -44,6 +44,7 @@ from site_node.harmonize import (
     usable_share,
 )
 from site_node.ledger import Charge, SiteStore
+from site_node.mapping import apply_mapping, columns_needed
 from site_node.policy import TaskScope, canonical_filter, check_approval_terms, check_task
 from site_node.privacy import privatize
 
@@ -115,6 +116,8 @@ class SiteRuntime:
         self._row_sets: OrderedDict[tuple[str, str, tuple[str, ...]], RecordSet] = OrderedDict()
         self._consented: OrderedDict[str, pd.DataFrame] = OrderedDict()
         self._usable: dict[str, float] = {}
+        # Dictionary variables this site's data does not hold: tasks reading them are refused.
+        self.unmapped = frozenset(self.report.missing_columns)
         # The site's work cache: what an analysis keeps between rounds (a GLM's design),
         # scoped by frame ("" is the unfiltered data; a filter's text its rows).
         self.work = WorkCache()
@@ -129,7 +132,10 @@ class SiteRuntime:
         check changes nothing, the audit log included.
         """
         dictionary = load_yaml(config.dictionary, DataDictionary)
-        raw = load(config.data)
+        mapping = load_yaml(config.data.mapping, SiteMapping) if config.data.mapping else None
+        raw = load(config.data, columns_needed(config.data, dictionary, mapping))
+        if mapping is not None:
+            raw, _ = apply_mapping(raw, mapping, dictionary)
         data, report = conform(raw, dictionary, config.data.rename, config.data.derive)
         ids = patient_ids(raw, dictionary, config.data.rename)
         runtime = cls(config, dictionary, data, report, ids)
@@ -231,6 +237,14 @@ class SiteRuntime:
                 "row per patient; the site admin must set data.duplicate_patients to first or "
                 "last (keep one row per patient), or the study must use sdc",
                 code="policy",
+            )
+        absent = sorted((scope.variables | scope.filter_variables) & self.unmapped)
+        if absent and not analysis.reads_source:  # a profile shows them all missing
+            raise RefusedError(
+                f"this site cannot serve {', '.join(map(repr, absent))}: its data has no column "
+                "for it and its mapping file maps none (the site admin can add one to the "
+                "file named by data.mapping)",
+                code="mapping",
             )
         if not analysis.reads_source:  # the quality profile is how a study measures it
             self._check_quality(

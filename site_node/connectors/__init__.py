@@ -1,15 +1,28 @@
-"""Connectors: read a hospital's records into a DataFrame."""
+"""Connectors: read a hospital's records, read only, into a DataFrame.
+
+``csv`` reads a file with pandas; ``parquet`` scans a file with DuckDB (embedded, no server);
+``sql`` reads a table through SQLAlchemy in a read-only session (PostgreSQL, SQLite, MySQL and
+MariaDB are made read-only by the connector; for any other dialect the site's database user
+must be read-only, and the site says so when it starts). ``columns`` limits what is read to
+the columns the site needs (the dictionary's and the mapping's), where the source can project.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Set
 
 import pandas as pd
 
 from protocol.config import DataSource
 from site_node.connectors.csv import read_csv
+from site_node.connectors.parquet import read_parquet
+from site_node.connectors.sql import read_sql
 
 
-def load(source: DataSource) -> pd.DataFrame:
-    """Read the records a site's ``data`` section describes."""
-    if source.connector == "csv":
-        return read_csv(source)
-    raise NotImplementedError(source.connector)  # the config model admits csv only
+def load(source: DataSource, columns: Set[str] | None = None) -> pd.DataFrame:
+    """Read the records a site's ``data`` section describes (only ``columns``, where given)."""
+    if source.connector == "parquet":
+        return read_parquet(source, columns)
+    if source.connector == "sql":
+        return read_sql(source, columns)
+    return read_csv(source)

@@ -12,6 +12,7 @@ from protocol.config import (
     CoordinatorConfig,
     DataDictionary,
     SiteConfig,
+    SiteMapping,
     StudyConfig,
     load_yaml,
 )
@@ -27,6 +28,8 @@ def test_example_configs_validate() -> None:
     assert site.data.path.exists()  # the example points at the shipped UCI file
     study = load_yaml(CONFIGS / "study.yaml", StudyConfig)
     assert site.policy.approval(study.id) is not None
+    mapping = load_yaml(CONFIGS / "mapping.yaml", SiteMapping)
+    assert mapping.variables["chol"].unit == "mmol/L"  # the example converts to mg/dL
     for path in sorted((CONFIGS / "requests").glob("*.yaml")):
         request = load_yaml(path, AnalysisRequest)
         get_analysis(request.analysis).parse_params(request.params, dictionary)

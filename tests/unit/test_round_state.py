@@ -35,6 +35,7 @@ REQUESTS: dict[str, dict[str, Any]] = {
     "mantel_haenszel": {"exposure": "sex", "outcome": "event"},
     "ttest": {"variable": "age", "group": "sex"},
     "correlation": {"variables": ["age", "biomarker"]},
+    "quality": {"variables": ["age", "biomarker"]},
     "glm": {"formula": "event ~ age + sex", "family": "binomial"},
     "kaplan_meier": {"time": "time", "event": "event", "group": "sex", "horizon": 1000.0},
     "logrank": {"time": "time", "event": "event", "group": "sex", "horizon": 1000.0},

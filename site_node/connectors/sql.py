@@ -1,0 +1,105 @@
+"""The SQL connector: a table through SQLAlchemy, in a session that cannot write."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Set
+from typing import Any
+
+import pandas as pd
+
+from protocol.config import DataSource
+from protocol.errors import ConfigError
+
+log = logging.getLogger("alliance.site")
+
+#: dialects whose sessions the connector itself makes read-only
+READ_ONLY_DIALECTS = ("postgresql", "sqlite", "mysql", "mariadb")
+
+
+def shown_url(url: Any) -> str:
+    """A URL as it may be printed: the password hidden."""
+    return str(url.render_as_string(hide_password=True))
+
+
+def read_only_engine(url_text: str) -> Any:
+    """An engine whose every connection refuses to write.
+
+    PostgreSQL: ``default_transaction_read_only``; SQLite: the file opened in mode ``ro``;
+    MySQL and MariaDB: ``SET SESSION TRANSACTION READ ONLY`` on connect. Other dialects get a
+    warning: their database user must be read-only.
+
+    Raises:
+        ConfigError: the URL cannot be parsed or names no installed driver.
+    """
+    import sqlalchemy as sa
+
+    try:
+        url = sa.engine.make_url(url_text)
+    except sa.exc.ArgumentError:
+        raise ConfigError(
+            "data.url: not a SQLAlchemy URL (dialect+driver://user@host/db)"
+        ) from None
+    dialect = url.get_backend_name()
+    kwargs: dict[str, Any] = {}
+    if dialect == "postgresql":
+        kwargs["connect_args"] = {"options": "-c default_transaction_read_only=on"}
+    elif dialect == "sqlite":
+        database = url.database or ""
+        if database in ("", ":memory:"):
+            raise ConfigError("data.url: a sqlite source needs a database file")
+        url = url.set(database=f"file:{database}?mode=ro", query={"uri": "true"})
+    try:
+        engine = sa.create_engine(url, **kwargs)
+    except (sa.exc.NoSuchModuleError, ImportError) as exc:
+        raise ConfigError(
+            f"data.url: {shown_url(url)}: no driver for it is installed ({exc})"
+        ) from None
+    if dialect in ("mysql", "mariadb"):
+
+        @sa.event.listens_for(engine, "connect")
+        def _read_only(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("SET SESSION TRANSACTION READ ONLY")
+            cursor.close()
+
+    elif dialect not in READ_ONLY_DIALECTS:
+        log.warning(
+            "the %s connector cannot make its session read-only; give this site a database "
+            "user that can only read",
+            dialect,
+        )
+    return engine
+
+
+def read_sql(source: DataSource, columns: Set[str] | None = None) -> pd.DataFrame:
+    """Read the table a site's ``data`` section names: the needed columns only, read only.
+
+    Raises:
+        ConfigError: the database or table cannot be read (the URL shown without password).
+    """
+    import sqlalchemy as sa
+
+    assert source.url is not None and source.table is not None
+    engine = read_only_engine(source.url)
+    where = f"data: table {source.table!r} at {shown_url(sa.engine.make_url(source.url))}"
+    try:
+        with engine.connect() as connection:
+            table = sa.Table(
+                source.table, sa.MetaData(), schema=source.db_schema, autoload_with=connection
+            )
+            keep = [
+                c
+                for c in table.columns
+                if (columns is None or c.name in columns) and c.name not in source.drop
+            ]
+            rows = connection.execute(sa.select(*keep) if keep else sa.select(sa.literal(1)))
+            frame = pd.DataFrame(rows.fetchall(), columns=[c.name for c in keep] or ["_none"])
+    except sa.exc.NoSuchTableError:
+        raise ConfigError(f"{where}: no such table") from None
+    except sa.exc.SQLAlchemyError as exc:
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: cannot be read ({type(exc).__name__}: {first})") from None
+    finally:
+        engine.dispose()
+    return frame if keep else frame.iloc[:, :0]
