@@ -510,13 +510,53 @@ class SiteMapping(_Model):
     conversions: list[UnitConversion] = Field(default_factory=list)
 
 
+class OmopVariable(_Model):
+    """One dictionary variable from an OMOP CDM database, per person.
+
+    kinds: ``age`` (years from birth to the index date, the start of the person's first
+    observation period); ``gender`` (``gender_concept_id`` recoded by ``codes``, e.g.
+    ``{8507: 1, 8532: 0}``); ``measurement`` (``value_as_number`` of the ``concepts``, the
+    ``first`` or ``last`` by date, or their ``mean``); ``condition`` and ``drug`` (1 when the
+    person has an occurrence or exposure of the ``concepts``, else 0); ``death`` (1 when the
+    person has a death record, else 0); ``follow_up`` (days from the index date to death, or
+    else to the end of the last observation period).
+    """
+
+    kind: Literal["age", "gender", "measurement", "condition", "drug", "death", "follow_up"]
+    concepts: list[int] = Field(default_factory=list, max_length=10000)
+    codes: dict[str, float] | None = None
+    value: Literal["first", "last", "mean"] = "last"
+
+    @field_validator("codes", mode="before")
+    @classmethod
+    def _code_keys_as_text(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {str(k): v for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _needs(self) -> OmopVariable:
+        if self.kind in ("measurement", "condition", "drug") and not self.concepts:
+            raise ValueError(f"kind {self.kind} needs concepts (OMOP concept ids)")
+        if self.kind == "gender" and not self.codes:
+            raise ValueError("kind gender needs codes: gender_concept_id -> level")
+        return self
+
+
+class OmopSource(_Model):
+    """How a site's OMOP CDM tables become one row per person."""
+
+    variables: dict[str, OmopVariable]
+
+
 class DataSource(_Model):
     """Where a site's records are and how to read them."""
 
-    connector: Literal["csv", "parquet", "sql"] = Field(
+    connector: Literal["csv", "parquet", "sql", "omop"] = Field(
         default="csv",
-        description="csv (a file, pandas), parquet (a file, scanned by DuckDB) or sql (a "
-        "table through SQLAlchemy, in a read-only session)",
+        description="csv (a file, pandas), parquet (a file, scanned by DuckDB), sql (a "
+        "table through SQLAlchemy, in a read-only session) or omop (an OMOP CDM database: "
+        "one row per person, by the concept ids in omop)",
     )
     path: Path | None = Field(default=None, description="csv and parquet: the file")
     url: str | None = Field(
@@ -526,6 +566,7 @@ class DataSource(_Model):
     db_schema: str | None = Field(
         default=None, pattern=_VARIABLE, description="sql: the table's schema, if not the default"
     )
+    omop: OmopSource | None = Field(default=None, description="omop: the variables per person")
     header: bool = True
     column_names: list[str] | None = Field(
         default=None, description="column names when the file has no header row"
@@ -553,6 +594,8 @@ class DataSource(_Model):
             raise ValueError(f"a {self.connector} source needs path (the file)")
         if self.connector == "sql" and (self.url is None or self.table is None):
             raise ValueError("a sql source needs url (a SQLAlchemy URL) and table")
+        if self.connector == "omop" and (self.url is None or self.omop is None):
+            raise ValueError("an omop source needs url (a SQLAlchemy URL) and omop.variables")
         return self
 
 

@@ -3,8 +3,8 @@
 Applied to the local table before the dictionary's check (``harmonize.conform``), in this
 order for each mapped variable: read its local column (``column``, default the same name) or
 compute it (``derive``); set the local missing-value codes (``missing``) missing; recode
-(``codes``: a local code without an entry is kept as it is, so the check reports it as a value
-the dictionary does not allow); convert the unit (``unit``, by the one declared conversion for
+(``codes``: a local code without an entry becomes text, so the check reports it as a value the
+dictionary does not allow); convert the unit (``unit``, by the one declared conversion for
 the pair). Variables the file does not name pass through under their own (or renamed) names.
 
 ``derive`` is a small arithmetic language, parsed into a tree and interpreted, never eval'd:
@@ -62,6 +62,12 @@ def code_key(value: Any) -> str:
             return str(int(number))
         return repr(number)
     return str(value).strip()
+
+
+def unmapped_code(value: Any) -> str:
+    """What a local code without an entry becomes: text, which the dictionary's check counts as
+    a value it does not allow (kept as a number, a code ``0`` could pass as level 0)."""
+    return f"unmapped code {code_key(value)}"
 
 
 def closest(name: str, choices: Iterable[str]) -> str | None:
@@ -304,9 +310,9 @@ def apply_mapping(
             recoded = keys.map(entry.codes)
             unmapped = keys.notna() & recoded.isna()
             report.unmapped_codes[name] = int(unmapped.sum())
-            # A code without an entry stays as it was: the dictionary's check then reports it
-            # as a value it does not allow, rather than as a missing one.
-            values = recoded.where(~unmapped, values)
+            # A code without an entry becomes text: the dictionary's check then reports it as
+            # a value it does not allow, rather than as a missing one or as a level.
+            values = recoded.astype(object).where(~unmapped, keys.map(unmapped_code))
         conversion = _conversion(name, entry, mapping, dictionary)
         if conversion is not None:
             numbers = pd.to_numeric(values, errors="coerce")

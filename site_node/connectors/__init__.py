@@ -1,6 +1,7 @@
 """Connectors: read a hospital's records, read only, into a DataFrame.
 
 ``csv`` reads a file with pandas; ``parquet`` scans a file with DuckDB (embedded, no server);
+``omop`` builds one row per person from an OMOP CDM database (``connectors/omop.py``);
 ``sql`` reads a table through SQLAlchemy in a read-only session (PostgreSQL, SQLite, MySQL and
 MariaDB are made read-only by the connector; for any other dialect the site's database user
 must be read-only, and the site says so when it starts). ``columns`` limits what is read to
@@ -15,6 +16,7 @@ import pandas as pd
 
 from protocol.config import DataSource
 from site_node.connectors.csv import read_csv
+from site_node.connectors.omop import read_omop
 from site_node.connectors.parquet import read_parquet
 from site_node.connectors.sql import read_sql
 
@@ -25,4 +27,6 @@ def load(source: DataSource, columns: Set[str] | None = None) -> pd.DataFrame:
         return read_parquet(source, columns)
     if source.connector == "sql":
         return read_sql(source, columns)
+    if source.connector == "omop":
+        return read_omop(source, columns)
     return read_csv(source)
