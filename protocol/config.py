@@ -567,6 +567,12 @@ class DataSource(_Model):
         default=None, pattern=_VARIABLE, description="sql: the table's schema, if not the default"
     )
     omop: OmopSource | None = Field(default=None, description="omop: the variables per person")
+    where: str | None = Field(
+        default=None,
+        description="the rows this site exposes at all, in the filter language over the "
+        "source's columns (e.g. 'age >= 18'): run in the source's query (parquet, sql) or "
+        "right after reading (csv, omop)",
+    )
     header: bool = True
     column_names: list[str] | None = Field(
         default=None, description="column names when the file has no header row"
@@ -596,6 +602,14 @@ class DataSource(_Model):
             raise ValueError("a sql source needs url (a SQLAlchemy URL) and table")
         if self.connector == "omop" and (self.url is None or self.omop is None):
             raise ValueError("an omop source needs url (a SQLAlchemy URL) and omop.variables")
+        if self.where is not None:
+            from protocol.errors import FilterError
+            from protocol.filters import parse_filter
+
+            try:  # the syntax now; the names against the source's columns when it is read
+                parse_filter(self.where)
+            except FilterError as exc:
+                raise ValueError(str(exc)) from None
         return self
 
 

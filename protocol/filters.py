@@ -167,3 +167,48 @@ def _operand(node: ast.expr, columns: Mapping[str, npt.NDArray[Any]]) -> Any:
             raise FilterError(f"filter uses {node.id!r}, which is not a column here")
         return np.asarray(columns[node.id], dtype=float)
     return _number(node, "")
+
+
+def to_sql(row_filter: RowFilter, column: Callable[[str], Any]) -> Any:
+    """The filter as a SQLAlchemy boolean expression, with every number a bound parameter.
+
+    ``column(name)`` gives the SQL column for a name the filter reads. Each comparison is
+    guarded with ``IS NOT NULL`` on its columns, so that, as in :meth:`RowFilter.mask`, a
+    comparison with a missing value is false (not SQL's unknown) and ``not`` turns it true.
+    SQL sources must hold missing values as NULL (a float NaN is a value to SQL).
+    """
+    import sqlalchemy as sa
+
+    def operand(node: ast.expr) -> Any:
+        if isinstance(node, ast.Name):
+            return column(node.id)
+        return sa.bindparam(None, _number(node, row_filter.text), type_=sa.Float)
+
+    def compile_node(node: ast.expr) -> Any:
+        if isinstance(node, ast.BoolOp):
+            parts = [compile_node(v) for v in node.values]
+            return sa.and_(*parts) if isinstance(node.op, ast.And) else sa.or_(*parts)
+        if isinstance(node, ast.UnaryOp):  # only `not` passes _check
+            return sa.not_(compile_node(node.operand))
+        if not isinstance(node, ast.Compare):
+            raise FilterError(f"cannot compile {ast.unparse(node)!r}")  # unreachable
+        clauses = []
+        left_node = node.left
+        for op, right_node in zip(node.ops, node.comparators, strict=True):
+            left = operand(left_node)
+            present = [operand(n).is_not(None) for n in (left_node,) if isinstance(n, ast.Name)]
+            if isinstance(op, (ast.In, ast.NotIn)):
+                assert isinstance(right_node, (ast.List, ast.Tuple))
+                values = [_number(e, row_filter.text) for e in right_node.elts]
+                listed = sa.bindparam(None, values, expanding=True, type_=sa.Float)
+                hit = left.in_(listed) if isinstance(op, ast.In) else left.not_in(listed)
+                clauses.append(sa.and_(*present, hit))
+                continue
+            right = operand(right_node)
+            if isinstance(right_node, ast.Name):
+                present.append(right.is_not(None))
+            clauses.append(sa.and_(*present, _COMPARE[type(op)](left, right)))
+            left_node = right_node
+        return sa.and_(*clauses)
+
+    return compile_node(row_filter.tree)

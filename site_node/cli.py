@@ -178,6 +178,9 @@ def _check_data(
     and the conformed data."""
     mapping = load_yaml(settings.data.mapping, SiteMapping) if settings.data.mapping else None
     raw = load(settings.data, columns_needed(settings.data, dictionary, mapping))
+    if settings.data.where is not None:
+        place = "in the source" if settings.data.connector in ("sql", "parquet") else "on reading"
+        typer.echo(f"data: only rows where {settings.data.where} ({place})")
     if mapping is not None:
         raw, mapped = apply_mapping(raw, mapping, dictionary)
         for line in mapped.lines():

@@ -339,6 +339,10 @@ def columns_needed(
     names of ``rename``, the names ``derive`` reads, and the mapping's columns and inputs. A
     connector that can project reads only these."""
     needed = set(dictionary.variables) | set(source.rename)
+    if source.where is not None:  # csv and omop filter after reading
+        needed |= {
+            n.id for n in ast.walk(ast.parse(source.where, mode="eval")) if isinstance(n, ast.Name)
+        }
     if dictionary.patient_id:
         needed.add(dictionary.patient_id)
     for text in source.derive.values():

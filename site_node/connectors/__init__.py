@@ -18,15 +18,16 @@ from protocol.config import DataSource
 from site_node.connectors.csv import read_csv
 from site_node.connectors.omop import read_omop
 from site_node.connectors.parquet import read_parquet
+from site_node.connectors.rows import apply_where
 from site_node.connectors.sql import read_sql
 
 
 def load(source: DataSource, columns: Set[str] | None = None) -> pd.DataFrame:
     """Read the records a site's ``data`` section describes (only ``columns``, where given)."""
     if source.connector == "parquet":
-        return read_parquet(source, columns)
+        return read_parquet(source, columns)  # data.where runs in DuckDB
     if source.connector == "sql":
-        return read_sql(source, columns)
+        return read_sql(source, columns)  # data.where runs in the database
     if source.connector == "omop":
-        return read_omop(source, columns)
-    return read_csv(source)
+        return apply_where(source, read_omop(source, columns))
+    return apply_where(source, read_csv(source))

@@ -1,4 +1,5 @@
-"""The Parquet connector: DuckDB scans the file in place and reads only the needed columns."""
+"""The Parquet connector: DuckDB scans the file in place, reading only the needed columns and
+only the rows ``data.where`` lets through (compiled to SQL with bound parameters)."""
 
 from __future__ import annotations
 
@@ -8,19 +9,22 @@ import pandas as pd
 
 from protocol.config import DataSource
 from protocol.errors import ConfigError
+from protocol.filters import to_sql
+from site_node.connectors.rows import row_filter
 
-
-def _quoted(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
+VIEW = "source_rows"
 
 
 def read_parquet(source: DataSource, columns: Set[str] | None = None) -> pd.DataFrame:
-    """Read a Parquet file (or a glob of them): the needed columns only.
+    """Read a Parquet file (or a glob of them): the needed columns and rows only.
 
     Raises:
-        ConfigError: the file is missing or not Parquet.
+        ConfigError: the file is missing or not Parquet, or ``data.where`` names a column the
+            file does not have.
     """
     import duckdb
+    import sqlalchemy as sa
+    from sqlalchemy.dialects import sqlite
 
     assert source.path is not None
     where = f"data.path: {str(source.path)!r}"
@@ -28,21 +32,26 @@ def read_parquet(source: DataSource, columns: Set[str] | None = None) -> pd.Data
         raise ConfigError(f"{where}: file not found")
     con = duckdb.connect(":memory:")
     try:
-        # The path is a bound parameter: file names never become SQL text.
-        scan = "read_parquet($path)"
         try:
-            present = [
-                row[0]
-                for row in con.execute(
-                    f"DESCRIBE SELECT * FROM {scan}", {"path": str(source.path)}
-                ).fetchall()
-            ]
+            # The path goes through DuckDB's API, never into SQL text.
+            relation = con.read_parquet(str(source.path))
         except duckdb.Error as exc:
             first = str(exc).splitlines()[0]
             raise ConfigError(f"{where}: not a readable Parquet file ({first})") from None
+        relation.create_view(VIEW)
+        present = [str(c) for c in relation.columns]
         keep = [c for c in present if (columns is None or c in columns) and c not in source.drop]
-        listed = ", ".join(_quoted(c) for c in keep) or "NULL AS _none"
-        frame = con.execute(f"SELECT {listed} FROM {scan}", {"path": str(source.path)}).df()
+        table = sa.table(VIEW, *(sa.column(c) for c in present))
+        query = sa.select(*(table.c[c] for c in keep) if keep else [sa.literal(1)])
+        rule = row_filter(source, present)
+        if rule is not None:
+            query = query.where(to_sql(rule, lambda name: table.c[name]))
+        # DuckDB reads SQLite's SQL for a plain select: double-quoted names, `?` parameters.
+        compiled = query.compile(
+            dialect=sqlite.dialect(), compile_kwargs={"render_postcompile": True}
+        )
+        parameters = [compiled.params[name] for name in compiled.positiontup or []]
+        frame = con.execute(str(compiled), parameters).df()
     finally:
         con.close()
     return frame if keep else frame.iloc[:, :0]

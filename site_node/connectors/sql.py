@@ -1,4 +1,5 @@
-"""The SQL connector: a table through SQLAlchemy, in a session that cannot write."""
+"""The SQL connector: a table through SQLAlchemy, in a session that cannot write; only the
+needed columns, and only the rows ``data.where`` lets through (run in the database)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import pandas as pd
 
 from protocol.config import DataSource
 from protocol.errors import ConfigError
+from protocol.filters import to_sql
+from site_node.connectors.rows import row_filter
 
 log = logging.getLogger("alliance.site")
 
@@ -93,7 +96,11 @@ def read_sql(source: DataSource, columns: Set[str] | None = None) -> pd.DataFram
                 for c in table.columns
                 if (columns is None or c.name in columns) and c.name not in source.drop
             ]
-            rows = connection.execute(sa.select(*keep) if keep else sa.select(sa.literal(1)))
+            query = sa.select(*keep) if keep else sa.select(sa.literal(1))
+            rule = row_filter(source, table.columns.keys())
+            if rule is not None:  # run in the database, every number a bound parameter
+                query = query.where(to_sql(rule, lambda name: table.c[name]))
+            rows = connection.execute(query)
             frame = pd.DataFrame(rows.fetchall(), columns=[c.name for c in keep] or ["_none"])
     except sa.exc.NoSuchTableError:
         raise ConfigError(f"{where}: no such table") from None

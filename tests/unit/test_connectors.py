@@ -12,12 +12,15 @@ from typing import Any
 
 import duckdb
 import pandas as pd
+import pydantic
 import pytest
 import sqlalchemy as sa
 import yaml
+from sqlalchemy.dialects import sqlite
 
 from protocol.config import DataSource, SiteConfig, load_yaml
 from protocol.errors import ConfigError
+from protocol.filters import parse_filter, to_sql
 from simulations.heart import DICTIONARY_PATH, heart_dictionary, read_raw
 from site_node.connectors import load
 from site_node.connectors.sql import read_only_engine
@@ -193,3 +196,103 @@ def test_a_missing_sql_table_names_the_database_without_its_password(tmp_path: P
     with pytest.raises(ConfigError) as caught:
         load(DataSource(connector="sql", url=secret, table="heart"))
     assert "s3cret" not in str(caught.value) and "***" in str(caught.value)
+
+
+FILTERS = [
+    "age >= 50",
+    "not (chol > 250)",
+    "age >= 50 and not (chol > 250) or cp in [1, 2]",
+    "cp not in [4] and 40 < age <= 60",
+    "trestbps != 130 or not (thalach < 150 and oldpeak >= 1)",
+    "ca == 0 or ca > 1.5",
+]
+
+
+@pytest.mark.parametrize("text", FILTERS)
+def test_compiled_filters_select_the_rows_the_filter_language_selects(
+    tmp_path: Path, cleveland: pd.DataFrame, text: str
+) -> None:
+    # Reference: RowFilter.mask on the same table in memory (a comparison with a missing value
+    # is false; `not` makes it true). ca holds missing values in this table.
+    frame = cleveland.drop(columns="notes").assign(row=range(len(cleveland)))
+    assert frame["ca"].isna().sum() > 0
+    rule = parse_filter(text)
+    numbers = {c: frame[c].to_numpy(dtype=float) for c in rule.variables}
+    expected = frame.loc[rule.mask(numbers, len(frame)), "row"].tolist()
+    parquet = tmp_path / "t.parquet"
+    write_parquet(frame, parquet)
+    db = tmp_path / "t.db"
+    engine = sa.create_engine(f"sqlite:///{db}")
+    frame.to_sql("heart", engine, index=False)
+    engine.dispose()
+    for source in (
+        DataSource(connector="parquet", path=parquet, where=text),
+        DataSource(connector="sql", url=f"sqlite:///{db}", table="heart", where=text),
+        DataSource(connector="csv", path=write_csv(frame, tmp_path / "t.csv"), where=text),
+    ):
+        assert load(source, {"row"})["row"].tolist() == expected, source.connector
+    assert 0 < len(expected) < len(frame)
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> Path:
+    frame.to_csv(path, index=False)
+    return path
+
+
+def test_filter_values_are_bound_parameters_never_sql_text() -> None:
+    table = sa.table("t", sa.column("age"), sa.column("cp"))
+    rule = parse_filter("age >= 12345.5 and cp in [777, 888]")
+    compiled = (
+        sa.select(table.c.age)
+        .where(to_sql(rule, lambda n: table.c[n]))
+        .compile(dialect=sqlite.dialect(), compile_kwargs={"render_postcompile": True})
+    )
+    text = str(compiled)
+    assert "12345" not in text and "777" not in text and text.count("?") == 3
+    assert sorted(compiled.params.values()) == [777.0, 888.0, 12345.5]
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "age > 1; DROP TABLE heart",
+        "age > 1 -- and everything else",
+        "age > '1' or '1' == '1'",
+        "age > 1 or __import__('os').system('id')",
+        "age > (SELECT 1)",
+        "heart.age > 1",
+    ],
+)
+def test_a_where_that_tries_sql_injection_is_refused_at_start(attack: str) -> None:
+    with pytest.raises(pydantic.ValidationError) as caught:
+        DataSource(connector="sql", url="sqlite:///x.db", table="heart", where=attack)
+    assert "allowed:" in str(caught.value)  # what was wrong, and what the language allows
+
+
+def test_hostile_column_names_are_quoted_and_the_table_survives(
+    tmp_path: Path, cleveland: pd.DataFrame
+) -> None:
+    hostile = 'x"; DROP TABLE heart; --'
+    frame = cleveland.drop(columns="notes").assign(**{hostile: 1.0})
+    db = tmp_path / "t.db"
+    engine = sa.create_engine(f"sqlite:///{db}")
+    frame.to_sql("heart", engine, index=False)
+    parquet = tmp_path / "t.parquet"
+    write_parquet(frame, parquet)
+    for source in (
+        DataSource(connector="sql", url=f"sqlite:///{db}", table="heart", where="age >= 60"),
+        DataSource(connector="parquet", path=parquet, where="age >= 60"),
+    ):
+        read = load(source, {"age", hostile})
+        assert list(read.columns) == ["age", hostile] and (read["age"] >= 60).all()
+        assert len(read) == (frame["age"] >= 60).sum()
+    with engine.connect() as connection:
+        assert connection.execute(sa.text("SELECT count(*) FROM heart")).scalar() == len(frame)
+    engine.dispose()
+
+
+def test_a_where_naming_an_absent_column_is_one_clear_error(tmp_path: Path) -> None:
+    parquet = tmp_path / "t.parquet"
+    write_parquet(pd.DataFrame({"age": [50.0, 60.0]}), parquet)
+    with pytest.raises(ConfigError, match=r"data.where: filter 'agee >= 18' uses 'agee'"):
+        load(DataSource(connector="parquet", path=parquet, where="agee >= 18"))
