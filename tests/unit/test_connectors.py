@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pandas as pd
 import pydantic
 import pytest
@@ -153,6 +154,15 @@ def test_a_postgresql_table_gives_the_same_site_data_in_a_read_only_session(
         assert_same_site_data(site, cleveland)
     finally:
         site.close()
+    # data.where runs in PostgreSQL (COPY of a query whose numbers psycopg binds).
+    for text in FILTERS:
+        rule = parse_filter(text)
+        numbers = {c: cleveland[c].to_numpy(dtype=float) for c in rule.variables}
+        restricted = DataSource(connector="sql", url=PG_URL, table="heart",
+                                db_schema=pg_schema, where=text)  # fmt: skip
+        got = load(restricted, {"age", "chol"})
+        expected = cleveland.loc[rule.mask(numbers, len(cleveland)), ["age", "chol"]]
+        np.testing.assert_array_equal(got.to_numpy(float), expected.to_numpy(float))
     engine = read_only_engine(PG_URL)
     with engine.connect() as connection, pytest.raises(sa.exc.InternalError, match="read-only"):
         connection.execute(sa.text(f"DELETE FROM {pg_schema}.heart"))
