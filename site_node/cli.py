@@ -193,6 +193,12 @@ def _check_data(
         f"coverage: {served} of {len(dictionary.variables)} dictionary variables held here"
         + (" (tasks reading the others are refused)" if report.missing_columns else "")
     )
+    for name in dictionary.variables:
+        if name in report.missing_columns:
+            typer.echo(f"coverage {name}: not held here (no column, no mapping)")
+            continue
+        present = int(data[name].notna().sum())
+        typer.echo(f"coverage {name}: {present} of {len(data)} records hold an allowed value")
     return raw, data
 
 

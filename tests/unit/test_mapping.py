@@ -170,6 +170,11 @@ def test_site_check_reports_the_mapping_coverage_and_suggests_names(tmp_path: Pa
         in lines
     )
     assert "data: dictionary variables absent here: thal" in lines
+    assert "coverage thal: not held here (no column, no mapping)" in lines
+    # Reference: pandas on the hospital's table (chol in mmol/L, 0 meaning not measured).
+    chol = table["CHOL_MMOL"].where(table["CHOL_MMOL"] != 0) * 38.67
+    held = int(chol.between(50, 700).sum())
+    assert f"coverage chol: {held} of 100 records hold an allowed value" in lines
 
 
 @pytest.mark.parametrize(

@@ -276,3 +276,33 @@ def test_the_higher_of_the_study_and_site_minimum_applies(
         Researcher({"va": lenient}, d, min_quality={"chol": 0.5}).run("mean", variable="chol"),
         Refused,
     )
+
+
+def test_one_patients_row_moves_the_dp_counts_within_the_declared_sensitivity(
+    tmp_path: Path,
+) -> None:
+    # The dp claim, checked on neighbouring data: adding or removing any one row moves n and
+    # duplicate_ids by at most 1 and the per-variable counts by at most 2 per variable in L1
+    # (what `declare` states), whatever the row holds.
+    d = quality_dictionary()
+    raw = synthetic_raw(400, seed=12)
+    variables = ["weight", "admitted", "discharged", "sex"]
+    analysis = get_analysis("quality")
+    params = analysis.parse_params({"variables": variables}, d)
+
+    def counts(frame: pd.DataFrame, name: str) -> dict[str, Any]:
+        site = sdc_site(tmp_path / name, "s", frame, d, FREE)
+        ctx = AnalysisContext(d, "dp", SDCThresholds(), source=site.source)
+        out = analysis.local(site.data, params, ctx)
+        site.close()
+        return out
+
+    spec = analysis.declare(params, AnalysisContext(d, "dp"))
+    base = counts(raw, "base")
+    rng = np.random.default_rng(0)
+    for trial, i in enumerate(rng.choice(len(raw), 12, replace=False)):
+        for neighbour in (raw.drop(index=i), pd.concat([raw, raw.iloc[[i]]])):
+            moved = counts(neighbour.reset_index(drop=True), f"n{trial}-{len(neighbour)}")
+            for name, array in spec.arrays.items():
+                change = np.abs(np.asarray(moved[name]) - np.asarray(base[name])).sum()
+                assert change <= array.sensitivity + 1e-9, (name, change, array.sensitivity)
