@@ -567,6 +567,11 @@ class DataSource(_Model):
         default=None, pattern=_VARIABLE, description="sql: the table's schema, if not the default"
     )
     omop: OmopSource | None = Field(default=None, description="omop: the variables per person")
+    order_by: list[str] | None = Field(
+        default=None,
+        description="sql: columns that fix the rows' order (default: the primary key); sdc's "
+        "differencing guard knows records by their position",
+    )
     where: str | None = Field(
         default=None,
         description="the rows this site exposes at all, in the filter language over the "

@@ -4,6 +4,7 @@ only the rows ``data.where`` lets through (compiled to SQL with bound parameters
 from __future__ import annotations
 
 from collections.abc import Set
+from typing import Any
 
 import pandas as pd
 
@@ -34,15 +35,19 @@ def read_parquet(source: DataSource, columns: Set[str] | None = None) -> pd.Data
     try:
         try:
             # The path goes through DuckDB's API, never into SQL text.
-            relation = con.read_parquet(str(source.path))
+            # file_row_number and filename give the rows a fixed order: the differencing
+            # guard knows records by their position, so it must not change between starts.
+            relation = con.read_parquet(str(source.path), file_row_number=True, filename=True)
         except duckdb.Error as exc:
             first = str(exc).splitlines()[0]
             raise ConfigError(f"{where}: not a readable Parquet file ({first})") from None
         relation.create_view(VIEW)
-        present = [str(c) for c in relation.columns]
+        present = [str(c) for c in relation.columns if c not in ("file_row_number", "filename")]
+        order: list[Any] = [sa.column("filename"), sa.column("file_row_number")]
         keep = [c for c in present if (columns is None or c in columns) and c not in source.drop]
         table = sa.table(VIEW, *(sa.column(c) for c in present))
         query = sa.select(*(table.c[c] for c in keep) if keep else [sa.literal(1)])
+        query = query.select_from(table).order_by(*order)
         rule = row_filter(source, present)
         if rule is not None:
             query = query.where(to_sql(rule, lambda name: table.c[name]))

@@ -40,8 +40,7 @@ def cleveland() -> pd.DataFrame:
 
 def write_parquet(frame: pd.DataFrame, path: Path) -> None:
     con = duckdb.connect(":memory:")
-    con.register("frame", frame)
-    con.execute("COPY frame TO $path (FORMAT PARQUET)", {"path": str(path)})
+    con.from_df(frame).write_parquet(str(path))  # the relation API: the path is no SQL text
     con.close()
 
 
@@ -306,3 +305,31 @@ def test_a_where_naming_an_absent_column_is_one_clear_error(tmp_path: Path) -> N
     write_parquet(pd.DataFrame({"age": [50.0, 60.0]}), parquet)
     with pytest.raises(ConfigError, match=r"data.where: filter 'agee >= 18' uses 'agee'"):
         load(DataSource(connector="parquet", path=parquet, where="agee >= 18"))
+
+
+def test_rows_come_in_a_fixed_order_the_primary_key_or_order_by(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The differencing guard knows records by position: a database that returns them in
+    # another order after a restart would misalign its memory. Rows inserted out of order come
+    # back by primary key, or by data.order_by.
+    db = tmp_path / "keyed.db"
+    engine = sa.create_engine(f"sqlite:///{db}")
+    with engine.begin() as connection:
+        connection.execute(sa.text("CREATE TABLE t (id INTEGER PRIMARY KEY, age REAL, k REAL)"))
+        for key in (5, 1, 4, 2, 3):
+            connection.execute(
+                sa.text("INSERT INTO t VALUES (:id, :age, :k)"), {"id": key, "age": key, "k": -key}
+            )
+        connection.execute(sa.text("CREATE TABLE loose (age REAL)"))
+    engine.dispose()
+    url = f"sqlite:///{db}"
+    assert load(DataSource(connector="sql", url=url, table="t"))["id"].tolist() == [1, 2, 3, 4, 5]
+    by_k = load(DataSource(connector="sql", url=url, table="t", order_by=["k"]))
+    assert by_k["id"].tolist() == [5, 4, 3, 2, 1]
+    with pytest.raises(ConfigError, match=r"data.order_by: \['kk'\] are not columns of 't'"):
+        load(DataSource(connector="sql", url=url, table="t", order_by=["kk"]))
+    load(DataSource(connector="sql", url=url, table="loose"))
+    assert any(
+        "has no primary key and data.order_by is not set" in r.message for r in caplog.records
+    )
