@@ -17,11 +17,11 @@ from protocol.config import DataDictionary, SiteConfig, SiteMapping, StudyApprov
 from protocol.errors import ConfigError
 from protocol.logs import LOG_LEVEL, QUIET, configure, resolve_level
 from protocol.tlsfiles import INSECURE, check_tls_files
-from site_node.connectors import load
+from site_node.connectors import load, source_columns
 from site_node.harmonize import conform, patient_ids, usable_share
 from site_node.ledger import SiteStore, period_name
 from site_node.link import SiteLink
-from site_node.mapping import apply_mapping, columns_needed
+from site_node.mapping import apply_mapping, closest, columns_needed
 from site_node.runtime import SiteRuntime
 
 log = logging.getLogger("alliance.site")
@@ -177,7 +177,14 @@ def _check_data(
     """Print the mapping, the data check and the coverage; return the local (mapped) table
     and the conformed data."""
     mapping = load_yaml(settings.data.mapping, SiteMapping) if settings.data.mapping else None
-    raw = load(settings.data, columns_needed(settings.data, dictionary, mapping))
+    needed = columns_needed(settings.data, dictionary, mapping)
+    raw = load(settings.data, needed)
+    unread = [c for c in source_columns(settings.data) or [] if c not in needed]
+    if unread:
+        known = set(dictionary.variables)
+        shown = [f"{c} (did you mean {closest(c, known)}?)" if closest(c, known) else c
+                 for c in unread]  # fmt: skip
+        typer.echo(f"data: source columns not read (nothing needs them): {', '.join(shown)}")
     if settings.data.where is not None:
         place = "in the source" if settings.data.connector in ("sql", "parquet") else "on reading"
         typer.echo(f"data: only rows where {settings.data.where} ({place})")

@@ -19,7 +19,7 @@ from site_node.connectors.csv import read_csv
 from site_node.connectors.omop import read_omop
 from site_node.connectors.parquet import read_parquet
 from site_node.connectors.rows import apply_where
-from site_node.connectors.sql import read_sql
+from site_node.connectors.sql import read_only_engine, read_sql
 
 
 def load(source: DataSource, columns: Set[str] | None = None) -> pd.DataFrame:
@@ -31,3 +31,27 @@ def load(source: DataSource, columns: Set[str] | None = None) -> pd.DataFrame:
     if source.connector == "omop":
         return apply_where(source, read_omop(source, columns))
     return apply_where(source, read_csv(source))
+
+
+def source_columns(source: DataSource) -> list[str] | None:
+    """The columns a parquet or sql source holds (None for csv and omop, which are read whole),
+    so that ``alliance site check`` can name those it does not read."""
+    if source.connector == "parquet":
+        import duckdb
+
+        con = duckdb.connect(":memory:")
+        try:
+            return [str(c) for c in con.read_parquet(str(source.path)).columns]
+        finally:
+            con.close()
+    if source.connector == "sql":
+        import sqlalchemy as sa
+
+        engine = read_only_engine(source.url or "")
+        try:
+            with engine.connect() as connection:
+                names = sa.inspect(connection).get_columns(source.table, schema=source.db_schema)
+            return [str(c["name"]) for c in names]
+        finally:
+            engine.dispose()
+    return None

@@ -333,3 +333,31 @@ def test_rows_come_in_a_fixed_order_the_primary_key_or_order_by(
     assert any(
         "has no primary key and data.order_by is not set" in r.message for r in caplog.records
     )
+
+
+def test_site_check_names_the_source_columns_it_does_not_read(
+    tmp_path: Path, cleveland: pd.DataFrame
+) -> None:
+    from typer.testing import CliRunner
+
+    from simulations.cli import app
+
+    path = tmp_path / "cleveland.parquet"
+    write_parquet(cleveland.assign(cholesterol_hdl=50.0), path)
+    config = tmp_path / "site.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {"name": "cleveland", "coordinator": "127.0.0.1:1", "dictionary": str(DICTIONARY_PATH),
+             "data": {"connector": "parquet", "path": str(path), "where": "age >= 40"},
+             "insecure": True}
+        )
+    )  # fmt: skip
+    result = CliRunner().invoke(app, ["site", "check", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert (
+        "data: source columns not read (nothing needs them): notes, cholesterol_hdl "
+        "(did you mean chol?)" in lines
+    )
+    assert "data: only rows where age >= 40 (in the source)" in lines
+    assert f"data: {(cleveland['age'] >= 40).sum()} records loaded" in lines
