@@ -3,8 +3,8 @@ needed columns, and only the rows ``data.where`` lets through (run in the databa
 
 from __future__ import annotations
 
-import io
 import logging
+import tempfile
 from collections.abc import Set
 from typing import Any
 
@@ -104,16 +104,18 @@ def _copy_out(connection: Any, query: Any, keep: list[Any]) -> pd.DataFrame:
         dialect=connection.dialect, compile_kwargs={"render_postcompile": True}
     )
     statement = f"COPY ({compiled.string}) TO STDOUT WITH (FORMAT CSV, HEADER)"
-    buffer = io.BytesIO()
-    cursor = connection.connection.driver_connection.cursor()
-    try:
-        with cursor.copy(statement, compiled.params or None) as copy:
-            for block in copy:
-                buffer.write(block)
-    finally:
-        cursor.close()
-    buffer.seek(0)
-    frame = pd.read_csv(buffer, keep_default_na=False, na_values=[""], low_memory=False)
+    # Spooled to a temporary file past 64 MiB: the CSV text and the parsed frame are then not
+    # both in memory.
+    with tempfile.SpooledTemporaryFile(max_size=64 * 2**20) as buffer:
+        cursor = connection.connection.driver_connection.cursor()
+        try:
+            with cursor.copy(statement, compiled.params or None) as copy:
+                for block in copy:
+                    buffer.write(block)
+        finally:
+            cursor.close()
+        buffer.seek(0)
+        frame = pd.read_csv(buffer, keep_default_na=False, na_values=[""], low_memory=False)
     for column in keep:
         if isinstance(column.type, sa.Boolean):  # CSV writes t / f
             frame[column.name] = frame[column.name].map({"t": 1.0, "f": 0.0})
