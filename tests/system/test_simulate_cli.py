@@ -56,7 +56,11 @@ def test_requests_run_in_order_one_json_line_each_and_the_budget_holds(
         *("--keep", str(keep)),
     )
     lines = [json.loads(line) for line in result.stdout.strip().splitlines()]
-    assert [doc["analysis"] for doc in lines] == ["count", "mean", "count"]
+    assert [doc["analysis"] for doc in lines] == ["count", "mean", "count"], (
+        result.exit_code,
+        result.output,
+        repr(result.exception),
+    )
     assert lines[0]["privacy"]["mode"] == "dp"
     assert lines[0]["privacy"]["epsilon_per_site"] == pytest.approx(0.4)
     true_n = len(heart_frames["cleveland"]) + len(heart_frames["hungarian"])
