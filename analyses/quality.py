@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 from pydantic import Field, field_validator
 
@@ -184,9 +185,20 @@ class Quality(Analysis[QualityParams]):
         if len(source) != len(data):
             raise InternalError("the quality analysis got source states for other rows")
         n = float(len(data))
+        # Each order check's broken rows, once: both of its variables count them.
+        broken = {}
+        for check in ctx.dictionary.order_checks:
+            earlier = data[check.earlier].to_numpy(dtype=np.float64, na_value=np.nan)
+            later = data[check.later].to_numpy(dtype=np.float64, na_value=np.nan)
+            with np.errstate(invalid="ignore"):
+                broken[check] = earlier > later  # NaN compares False: both must be present
         counts = np.zeros((len(params.variables), len(COUNTS)))
         for i, name in enumerate(params.variables):
-            counts[i] = self._profile(data, source, name, ctx.dictionary)
+            backwards = np.zeros(len(data), dtype=bool)
+            for check, rows in broken.items():
+                if name in (check.earlier, check.later):
+                    backwards |= rows
+            counts[i] = self._profile(data, source, name, ctx.dictionary, backwards)
         duplicates = float(np.count_nonzero(source[DUPLICATE_ID].to_numpy()))
         arrays: Arrays = {"n": np.array(n), "counts": counts, "duplicate_ids": np.array(duplicates)}
         if ctx.mode == "dp":
@@ -211,7 +223,11 @@ class Quality(Analysis[QualityParams]):
 
     @staticmethod
     def _profile(
-        data: pd.DataFrame, source: pd.DataFrame, name: str, dictionary: DataDictionary
+        data: pd.DataFrame,
+        source: pd.DataFrame,
+        name: str,
+        dictionary: DataDictionary,
+        backwards: npt.NDArray[np.bool_],
     ) -> FloatArray:
         state = source[name].to_numpy()
         values = data[name].to_numpy(dtype=np.float64, na_value=np.nan)
@@ -223,13 +239,6 @@ class Quality(Analysis[QualityParams]):
             low, high = var.plausible
             present = ~np.isnan(values)
             implausible = float(np.count_nonzero(present & ((values < low) | (values > high))))
-        backwards = np.zeros(len(data), dtype=bool)
-        for check in dictionary.order_checks:
-            if name in (check.earlier, check.later):
-                earlier = data[check.earlier].to_numpy(dtype=np.float64, na_value=np.nan)
-                later = data[check.later].to_numpy(dtype=np.float64, na_value=np.nan)
-                with np.errstate(invalid="ignore"):
-                    backwards |= earlier > later  # NaN compares False: both must be present
         return np.array([missing, not_allowed, implausible, float(np.count_nonzero(backwards))])
 
     def combine(

@@ -471,6 +471,17 @@ class UnitConversion(_Model):
         return self
 
 
+def _codes_as_text(value: Any) -> Any:
+    # YAML reads {1: 0} with integer keys; local codes are compared as text.
+    if isinstance(value, dict):
+        return {str(k): v for k, v in value.items()}
+    return value
+
+
+#: local code (as text) -> dictionary level
+LocalCodes = Annotated[dict[str, float], BeforeValidator(_codes_as_text)]
+
+
 class VariableMapping(_Model):
     """How one dictionary variable is read from a site's local data."""
 
@@ -481,20 +492,12 @@ class VariableMapping(_Model):
         "**, numbers, years_between(start, end), days_between(start, end) for dates",
     )
     unit: str | None = Field(default=None, description="the local unit, if not the dictionary's")
-    codes: dict[str, float] | None = Field(
+    codes: LocalCodes | None = Field(
         default=None, description="local code -> dictionary level, e.g. {M: 1, F: 0}"
     )
     missing: list[str | float] = Field(
         default_factory=list, description="local values that mean missing, e.g. [0, -9, NA]"
     )
-
-    @field_validator("codes", mode="before")
-    @classmethod
-    def _code_keys_as_text(cls, value: Any) -> Any:
-        # YAML reads {1: 0} with integer keys; local codes are compared as text.
-        if isinstance(value, dict):
-            return {str(k): v for k, v in value.items()}
-        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> VariableMapping:
@@ -524,15 +527,8 @@ class OmopVariable(_Model):
 
     kind: Literal["age", "gender", "measurement", "condition", "drug", "death", "follow_up"]
     concepts: list[int] = Field(default_factory=list, max_length=10000)
-    codes: dict[str, float] | None = None
+    codes: LocalCodes | None = None
     value: Literal["first", "last", "mean"] = "last"
-
-    @field_validator("codes", mode="before")
-    @classmethod
-    def _code_keys_as_text(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            return {str(k): v for k, v in value.items()}
-        return value
 
     @model_validator(mode="after")
     def _needs(self) -> OmopVariable:

@@ -182,8 +182,8 @@ def _check_data(
     unread = [c for c in source_columns(settings.data) or [] if c not in needed]
     if unread:
         known = set(dictionary.variables)
-        shown = [f"{c} (did you mean {closest(c, known)}?)" if closest(c, known) else c
-                 for c in unread]  # fmt: skip
+        hints = {c: closest(c, known) for c in unread}
+        shown = [f"{c} (did you mean {hints[c]}?)" if hints[c] else c for c in unread]
         typer.echo(f"data: source columns not read (nothing needs them): {', '.join(shown)}")
     if settings.data.where is not None:
         place = "in the source" if settings.data.connector in ("sql", "parquet") else "on reading"

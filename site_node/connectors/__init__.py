@@ -19,7 +19,7 @@ from site_node.connectors.csv import read_csv
 from site_node.connectors.omop import read_omop
 from site_node.connectors.parquet import read_parquet
 from site_node.connectors.rows import apply_where
-from site_node.connectors.sql import read_only_engine, read_sql
+from site_node.connectors.sql import read_sql, reading
 
 
 def load(source: DataSource, columns: Set[str] | None = None) -> pd.DataFrame:
@@ -47,11 +47,7 @@ def source_columns(source: DataSource) -> list[str] | None:
     if source.connector == "sql":
         import sqlalchemy as sa
 
-        engine = read_only_engine(source.url or "")
-        try:
-            with engine.connect() as connection:
-                names = sa.inspect(connection).get_columns(source.table, schema=source.db_schema)
-            return [str(c["name"]) for c in names]
-        finally:
-            engine.dispose()
+        with reading(source.url or "", f"table {source.table!r}") as connection:
+            names = sa.inspect(connection).get_columns(source.table, schema=source.db_schema)
+        return [str(c["name"]) for c in names]
     return None

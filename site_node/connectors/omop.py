@@ -10,6 +10,7 @@ observation period are left out (they have no index date).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Set
 from typing import Any
 
@@ -17,8 +18,7 @@ import numpy as np
 import pandas as pd
 
 from protocol.config import DataSource, OmopVariable
-from protocol.errors import ConfigError
-from site_node.connectors.sql import read_only_engine, shown_url
+from site_node.connectors.sql import reading
 from site_node.mapping import DAYS_PER_YEAR, code_key, unmapped_code
 
 #: the column holding OMOP's person_id in the frame (declare it as the dictionary's patient_id)
@@ -99,6 +99,7 @@ class _Omop:
         rows = self.connection.execute(query.distinct(), {"concepts": concepts}).fetchall()
         return {row[0] for row in rows}
 
+    @functools.cached_property
     def deaths(self) -> pd.Series:
         sa = self.sa
         death = self.table("death")
@@ -156,7 +157,7 @@ def _variable(omop: _Omop, spec: OmopVariable, persons: pd.DataFrame) -> pd.Seri
         return pd.Series(index.isin(list(having)).astype(np.float64), index=index)
     if spec.kind == "measurement":
         return omop.measurement(spec.concepts, spec.value).reindex(index)
-    died = omop.deaths().reindex(index)
+    died = omop.deaths.reindex(index)
     if spec.kind == "death":
         return died.notna().astype(np.float64)
     until = died.where(died.notna(), persons["end"])
@@ -169,24 +170,14 @@ def read_omop(source: DataSource, columns: Set[str] | None = None) -> pd.DataFra
     Raises:
         ConfigError: a table or column of the CDM cannot be read (the URL without password).
     """
-    import sqlalchemy as sa
 
     assert source.url is not None and source.omop is not None
-    engine = read_only_engine(source.url)
-    where = f"data: the OMOP database at {shown_url(sa.engine.make_url(source.url))}"
-    try:
-        with engine.connect() as connection:
-            omop = _Omop(connection, source.db_schema)
-            persons = omop.persons()
-            out = {PERSON_ID: persons.index.astype(str)}
-            for name, spec in source.omop.variables.items():
-                if columns is None or name in columns:
-                    out[name] = _variable(omop, spec, persons).to_numpy()
-    except sa.exc.NoSuchTableError as exc:
-        raise ConfigError(f"{where}: no table {exc.args[0]!r} (an OMOP CDM 5.x schema)") from None
-    except sa.exc.SQLAlchemyError as exc:
-        first = str(exc).splitlines()[0]
-        raise ConfigError(f"{where}: cannot be read ({type(exc).__name__}: {first})") from None
-    finally:
-        engine.dispose()
+    missing = "no table {table!r} (an OMOP CDM 5.x schema)"
+    with reading(source.url, "the OMOP database", missing) as connection:
+        omop = _Omop(connection, source.db_schema)
+        persons = omop.persons()
+        out = {PERSON_ID: persons.index.astype(str)}
+        for name, spec in source.omop.variables.items():
+            if columns is None or name in columns:
+                out[name] = _variable(omop, spec, persons).to_numpy()
     return pd.DataFrame(out)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Set
+from collections.abc import Iterator, Set
+from contextlib import contextmanager
 from typing import Any
 
 import pandas as pd
@@ -76,6 +77,27 @@ def read_only_engine(url_text: str) -> Any:
     return engine
 
 
+@contextmanager
+def reading(url: str, what: str, no_table: str = "no such table") -> Iterator[Any]:
+    """A read-only connection to ``url``; a missing table or any SQLAlchemy error becomes one
+    ConfigError naming ``what`` and the database with its password hidden. ``no_table`` may
+    hold ``{table}``."""
+    import sqlalchemy as sa
+
+    engine = read_only_engine(url)
+    where = f"data: {what} at {shown_url(sa.engine.make_url(url))}"
+    try:
+        with engine.connect() as connection:
+            yield connection
+    except sa.exc.NoSuchTableError as exc:
+        raise ConfigError(f"{where}: {no_table.format(table=exc.args[0])}") from None
+    except sa.exc.SQLAlchemyError as exc:
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: cannot be read ({type(exc).__name__}: {first})") from None
+    finally:
+        engine.dispose()
+
+
 def _row_order(source: DataSource, table: Any) -> list[Any]:
     """The columns that fix the rows' order: ``data.order_by``, else the primary key. The
     differencing guard knows records by their position, so it must not change between starts;
@@ -131,33 +153,23 @@ def read_sql(source: DataSource, columns: Set[str] | None = None) -> pd.DataFram
     import sqlalchemy as sa
 
     assert source.url is not None and source.table is not None
-    engine = read_only_engine(source.url)
-    where = f"data: table {source.table!r} at {shown_url(sa.engine.make_url(source.url))}"
-    try:
-        with engine.connect() as connection:
-            table = sa.Table(
-                source.table, sa.MetaData(), schema=source.db_schema, autoload_with=connection
-            )
-            keep = [
-                c
-                for c in table.columns
-                if (columns is None or c.name in columns) and c.name not in source.drop
-            ]
-            query = sa.select(*keep) if keep else sa.select(sa.literal(1))
-            query = query.select_from(table).order_by(*_row_order(source, table))
-            rule = row_filter(source, table.columns.keys())
-            if rule is not None:  # run in the database, every number a bound parameter
-                query = query.where(to_sql(rule, lambda name: table.c[name]))
-            names = [c.name for c in keep] or ["_none"]
-            if connection.dialect.name == "postgresql" and connection.dialect.driver == "psycopg":
-                frame = _copy_out(connection, query, keep)
-            else:
-                frame = pd.DataFrame(connection.execute(query).fetchall(), columns=names)
-    except sa.exc.NoSuchTableError:
-        raise ConfigError(f"{where}: no such table") from None
-    except sa.exc.SQLAlchemyError as exc:
-        first = str(exc).splitlines()[0]
-        raise ConfigError(f"{where}: cannot be read ({type(exc).__name__}: {first})") from None
-    finally:
-        engine.dispose()
+    with reading(source.url, f"table {source.table!r}") as connection:
+        table = sa.Table(
+            source.table, sa.MetaData(), schema=source.db_schema, autoload_with=connection
+        )
+        keep = [
+            c
+            for c in table.columns
+            if (columns is None or c.name in columns) and c.name not in source.drop
+        ]
+        query = sa.select(*keep) if keep else sa.select(sa.literal(1))
+        query = query.select_from(table).order_by(*_row_order(source, table))
+        rule = row_filter(source, table.columns.keys())
+        if rule is not None:  # run in the database, every number a bound parameter
+            query = query.where(to_sql(rule, lambda name: table.c[name]))
+        names = [c.name for c in keep] or ["_none"]
+        if connection.dialect.name == "postgresql" and connection.dialect.driver == "psycopg":
+            frame = _copy_out(connection, query, keep)
+        else:
+            frame = pd.DataFrame(connection.execute(query).fetchall(), columns=names)
     return frame if keep else frame.iloc[:, :0]

@@ -4,9 +4,6 @@ CSV; a write through a connector's session fails; hostile names stay data."""
 
 from __future__ import annotations
 
-import os
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +25,7 @@ from site_node.connectors.sql import read_only_engine
 from site_node.harmonize import conform
 from site_node.runtime import SiteRuntime
 from tests.attacks.harness import ALL_ANALYSES, Researcher
-
-PG_URL = os.environ.get("ALLIANCE_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+from tests.unit.conftest import PG_URL
 
 
 @pytest.fixture(scope="module")
@@ -118,28 +114,6 @@ def test_a_sqlite_table_gives_the_same_site_data_and_cannot_be_written(
         connection.execute(sa.text("DELETE FROM heart"))
     engine.dispose()
     assert db.read_bytes() == before  # the hospital's database, byte for byte
-
-
-@pytest.fixture
-def pg_schema() -> Iterator[str]:
-    try:
-        admin = sa.create_engine(PG_URL)
-        with admin.connect() as connection:
-            connection.execute(sa.text("SELECT 1"))
-    except Exception as exc:  # any failure means: not available here
-        problem = f"PostgreSQL not reachable at {PG_URL}: {type(exc).__name__}"
-        if os.environ.get("ALLIANCE_REQUIRE_PG") == "1":
-            pytest.fail(f"ALLIANCE_REQUIRE_PG=1 but {problem}")
-        pytest.skip(problem)
-    schema = f"ehr_{uuid.uuid4().hex[:8]}"
-    with admin.begin() as connection:
-        connection.execute(sa.text(f"CREATE SCHEMA {schema}"))
-    try:
-        yield schema
-    finally:
-        with admin.begin() as connection:
-            connection.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
 
 
 def test_a_postgresql_table_gives_the_same_site_data_in_a_read_only_session(

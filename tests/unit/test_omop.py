@@ -4,8 +4,6 @@ one row per person equal to the same rules written out in pandas over the source
 from __future__ import annotations
 
 import datetime as dt
-import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,8 +19,8 @@ from protocol.errors import ConfigError
 from site_node.connectors import load
 from site_node.runtime import SiteRuntime
 from tests.attacks.harness import ALL_ANALYSES, Refused, Researcher
+from tests.unit.conftest import PG_URL
 
-PG_URL = os.environ.get("ALLIANCE_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MALE, FEMALE, CHOLESTEROL, DIABETES, STATIN = 8507, 8532, 3027114, 201826, 1539403
 
 OMOP = {
@@ -155,25 +153,13 @@ def cdm(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, s
         engine.dispose()
         yield url, None
         return
-    try:
-        admin = sa.create_engine(PG_URL)
-        with admin.connect() as connection:
-            connection.execute(sa.text("SELECT 1"))
-    except Exception as exc:  # any failure means: not available here
-        problem = f"PostgreSQL not reachable at {PG_URL}: {type(exc).__name__}"
-        if os.environ.get("ALLIANCE_REQUIRE_PG") == "1":
-            pytest.fail(f"ALLIANCE_REQUIRE_PG=1 but {problem}")
-        pytest.skip(problem)
-    schema = f"cdm_{uuid.uuid4().hex[:8]}"
-    with admin.begin() as connection:
-        connection.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    schema = request.getfixturevalue("pg_schema")
+    admin = sa.create_engine(PG_URL)
     try:
         write_cdm(admin, tables, schema)
-        yield PG_URL, schema
     finally:
-        with admin.begin() as connection:
-            connection.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
         admin.dispose()
+    yield PG_URL, schema
 
 
 def test_one_row_per_person_equals_pandas_on_the_cdm_tables(

@@ -172,12 +172,22 @@ class CoxSite(Analysis[CoxParams]):
     # ------------------------------------------------------------------ site half
 
     def _rows(
-        self, data: pd.DataFrame, params: CoxParams, dictionary: DataDictionary
+        self, data: pd.DataFrame, params: CoxParams, ctx: AnalysisContext
     ) -> tuple[FloatArray, npt.NDArray[np.bool_], FloatArray]:
-        frame = rows_used(data, [params.time, params.event, *params.covariates])
-        x, valid = design_matrix(frame, cox_terms(dictionary, params.covariates), dictionary)
-        times, events = times_events(frame, params, dictionary)
-        return times[valid], events[valid], x[valid]
+        """Times, events and the scaled design of the model's rows; built once per frame (the
+        dominance cells and the round's sums read the same rows)."""
+
+        def build() -> tuple[FloatArray, npt.NDArray[np.bool_], FloatArray]:
+            frame = rows_used(data, [params.time, params.event, *params.covariates])
+            terms = cox_terms(ctx.dictionary, params.covariates)
+            x, valid = design_matrix(frame, terms, ctx.dictionary)
+            times, events = times_events(frame, params, ctx.dictionary)
+            return times[valid], events[valid], x[valid]
+
+        if ctx.cache is None:
+            return build()
+        key = ("cox-rows", params.time, params.event, tuple(params.covariates))
+        return ctx.cache.get(key, build, lambda rows: sum(a.nbytes for a in rows))
 
     @staticmethod
     def _check_model(x: FloatArray, params: CoxParams, ctx: AnalysisContext) -> None:
@@ -222,7 +232,7 @@ class CoxSite(Analysis[CoxParams]):
         censorings or both. 0/1 columns sum to counts, which the model's cell checks cover."""
         if ctx.state.get("phase") in ("probe", "counts"):
             return []
-        times, events, x = self._rows(data, params, ctx.dictionary)
+        times, events, x = self._rows(data, params, ctx)
         terms = cox_terms(ctx.dictionary, params.covariates)
         numeric = [
             x[:, j] * t.scale + t.centre
@@ -240,7 +250,7 @@ class CoxSite(Analysis[CoxParams]):
     def local(self, data: pd.DataFrame, params: CoxParams, ctx: AnalysisContext) -> Arrays:
         check_sdc_horizon(params, ctx)
         phase = ctx.state.get("phase")
-        times, events, x = self._rows(data, params, ctx.dictionary)
+        times, events, x = self._rows(data, params, ctx)
         if phase == "probe":
             low, high = time_range(params, ctx.dictionary)
             flags = []
