@@ -10,6 +10,7 @@ from analyses import (  # noqa: F401
     proportion,
     quality,
     quantiles,
+    scripts,
     survival,
     tables,
 )

@@ -156,6 +156,8 @@ class AnalysisContext:
             source, aligned with the frame ``local`` computes on (a column per dictionary
             variable: 0 present, 1 missing, 2 not allowed by the dictionary; and
             ``DUPLICATE_ID``: the row is the first of a patient id with several rows).
+        sandbox: the limits (``analyses.sandbox.SandboxLimits``) for analyses that run a
+            researcher's code; None: the defaults.
     """
 
     dictionary: DataDictionary
@@ -166,6 +168,7 @@ class AnalysisContext:
     memo: Mapping[str, Any] = field(default_factory=dict)
     cache: ScopedCache | None = None
     source: pd.DataFrame | None = None
+    sandbox: Any = None
 
 
 #: The column of ``AnalysisContext.source`` that flags a duplicated patient id (no dictionary
@@ -233,6 +236,11 @@ class Analysis(ABC, Generic[P]):
         set). Default: every variable read. An analysis that counts missing values covers every
         row of its frame and returns none."""
         return self.variables(params)
+
+    def reviewed_code(self, params: P) -> Any:
+        """The researcher's code this request would run (an ``analyses.scripts.ScriptBundle``),
+        which a site runs only when its admin approved that code's hash; None: no such code."""
+        return None
 
     def magnitude_cells(
         self, data: pd.DataFrame, params: P, ctx: AnalysisContext

@@ -389,9 +389,11 @@ async def submit(
     if status != "open":
         raise APIError(409, f"study {study_id!r} is {status}; it takes no more requests")
     body = parse_model(AnalysisRequest, await body_json(request), "request")
+    # A script request names its script by hash; its tasks carry the script.
+    sent = await asyncio.to_thread(its.studies.expand_script, study, body)
     # Bad requests fail here, before any task leaves. The check may build a model spec for a
     # while: in a worker thread, so the site link and other requests go on meanwhile.
-    params = await asyncio.to_thread(its.studies.check_request, study, body)
+    params = await asyncio.to_thread(its.studies.check_request, study, sent)
     request_id = uuid.uuid4().hex[:16]
     # Shown as running at once, so a client that does not wait finds it; stored when done.
     its.pending[request_id] = {
@@ -407,7 +409,7 @@ async def submit(
         "result": None,
     }
     job = asyncio.create_task(
-        _execute(its, study, body, params, who.user, request_id), name=request_id
+        _execute(its, study, body, params, who.user, request_id, sent), name=request_id
     )
     its.running[request_id] = job
     job.add_done_callback(lambda _: its.running.pop(request_id, None))
@@ -427,12 +429,18 @@ async def _execute(
     params: Any,
     researcher: str,
     request_id: str,
+    sent: AnalysisRequest | None = None,
 ) -> dict[str, Any]:
-    """Run one request and store it; never raises, so nothing hangs in "running"."""
+    """Run one request and store it; never raises, so nothing hangs in "running".
+
+    ``sent`` is the request as its tasks carry it (a script request with its script), when
+    that differs from ``body``, the request as the researcher wrote and the store keeps it.
+    """
     result: dict[str, Any] | None = None
     error: str | None = None
     try:
-        result = (await its.scheduler.run(study, body, researcher, request_id, params)).to_dict()
+        outcome = await its.scheduler.run(study, sent or body, researcher, request_id, params)
+        result = outcome.to_dict()
     except RequestFailed as exc:
         error = str(exc)
         result = {"analysis": body.analysis, "sites": [s.to_json() for s in exc.sites]}
@@ -467,6 +475,31 @@ async def _execute(
         "error": error,
         "result": result,
     }
+
+
+@router.post("/studies/{study_id}/scripts")
+async def submit_script(
+    study_id: str,
+    request: Request,
+    who: Principal = Depends(require("researcher", "lead")),
+    its: Services = Depends(services),
+) -> dict[str, Any]:
+    study, status = visible_study(its, study_id, who)
+    if not who.can_run(study):
+        raise not_found("study", study_id, who)
+    if status != "open":
+        raise APIError(409, f"study {study_id!r} is {status}; it takes no more scripts")
+    body = await body_json(request)
+    if not (
+        isinstance(body, dict)
+        and set(body) == {"module", "manifest"}
+        and all(isinstance(v, str) for v in body.values())
+    ):
+        raise APIError(400, "a script submission is {module: <text>, manifest: <text>}")
+    stored = await asyncio.to_thread(
+        its.studies.submit_script, study, body["module"], body["manifest"], who.user
+    )
+    return {"ok": True, "study_id": study.id, **stored}
 
 
 @router.get("/requests/{request_id}")

@@ -23,6 +23,9 @@ coordinator_app = typer.Typer(help="Run the coordinator.", no_args_is_help=True)
 pki_app = typer.Typer(help="The alliance CA and its certificates.", no_args_is_help=True)
 study_app = typer.Typer(help="Create, list, show and close studies.", no_args_is_help=True)
 token_app = typer.Typer(help="API tokens for people (the alliance lead).", no_args_is_help=True)
+script_app = typer.Typer(
+    help="Researchers' own analyses: submit a script, or try it locally.", no_args_is_help=True
+)
 
 INSECURE_WARNING = (
     "WARNING: --insecure: the site link runs WITHOUT TLS. Anyone on the network can read the "
@@ -230,3 +233,30 @@ def run_command(
     with _client(url, token) as client:
         result = client.run(study, body)
     typer.echo(json.dumps(result.to_dict()) if as_json else str(result))
+
+
+@script_app.command("submit")
+def script_submit(
+    module: Annotated[Path, typer.Argument(help="the script's Python module")],
+    manifest: Annotated[Path, typer.Argument(help="its manifest (YAML)")],
+    study: Annotated[str, typer.Option("--study", help="the study id")],
+    url: URL = "http://127.0.0.1:8080",
+    token: TOKEN = "",
+) -> None:
+    """Store a script at the coordinator by its content hash; print the hash that requests
+    name ({analysis: script, params: {hash: ...}}) and each site's admin approves."""
+    texts = []
+    for path in (module, manifest):
+        try:
+            texts.append(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read it ({exc})") from None
+    with _client(url, token) as client:
+        stored = client.submit_script(study, texts[0], texts[1])
+    state = "submitted" if stored["new"] else "already submitted"
+    typer.echo(f"{state}: script {stored['name']!r} {stored['version']} to study {study}")
+    typer.echo(f"hash: {stored['hash']}")
+    typer.echo(
+        "each site runs it once its admin approves this hash (alliance site review-script / "
+        "approve-script); request it with analysis: script, params: {hash: " + stored["hash"] + "}"
+    )

@@ -186,6 +186,14 @@ class AllianceClient:
             )
         return result_from_json(body["result"])
 
+    def submit_script(self, study_id: str, module: str, manifest: str) -> dict[str, Any]:
+        """Submit a script's module and manifest to a study; the body holds its ``hash``."""
+        return self._call(
+            "POST",
+            f"/api/studies/{study_id}/scripts",
+            json={"module": module, "manifest": manifest},
+        )
+
     def request(self, request_id: str) -> dict[str, Any]:
         """A request's status and result."""
         return self._call("GET", f"/api/requests/{request_id}")

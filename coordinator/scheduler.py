@@ -92,9 +92,15 @@ class Scheduler:
             filter=request.filter or "",
             privacy_mode=mode,
         )
+        # A researcher's script combines in the sandbox, which takes a second or more: in a
+        # worker thread, so the site link and other requests go on meanwhile.
+        runs_code = analysis.reviewed_code(params) is not None
         while (step := driver.next_round()) is not None:
             answers = await self._dispatch(driver, step, base)
-            driver.receive(answers)
+            if runs_code:
+                await asyncio.to_thread(driver.receive, answers)
+            else:
+                driver.receive(answers)
         result = driver.result()
         # Researchers see the coordinator's wall time only: a site's own compute time is exact
         # and depends on its data.

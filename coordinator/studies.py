@@ -15,6 +15,7 @@ from typing import Any
 
 from analyses import get_analysis
 from analyses.model_size import COLUMN_COUNT_CAP, model_columns
+from analyses.scripts import ScriptBundle
 from coordinator.store import Store
 from protocol.budget import over_request_cap
 from protocol.config import AnalysisRequest, DataDictionary, SDCTerms, StudyConfig
@@ -179,3 +180,54 @@ class StudyBook:
     def check_request(self, study: StudyConfig, request: AnalysisRequest) -> Any:
         """:func:`check_request` against this coordinator's dictionary."""
         return check_request(study, request, self.dictionary)
+
+    def submit_script(
+        self, study: StudyConfig, module: str, manifest: str, actor: str
+    ) -> dict[str, Any]:
+        """Keep a researcher's script for ``study`` by its content hash, after checking it
+        parses, names its two functions and reads only dictionary variables in the study.
+
+        Raises:
+            ValidationError: what is wrong with the script.
+        """
+        bundle = ScriptBundle(module, manifest)
+        bundle.check_source()
+        parsed = bundle.manifest
+        for variable in parsed.variables:
+            self.dictionary.variable(variable)
+        outside = sorted(set(parsed.variables) - set(study.variables)) if study.variables else []
+        if outside:
+            raise ValidationError(
+                f"script {bundle.label} reads {', '.join(outside)}, outside study {study.id!r}'s "
+                "variables"
+            )
+        new = self.store.submit_script(
+            study.id, bundle.hash, parsed.name, parsed.version, module, manifest, actor
+        )
+        return {"hash": bundle.hash, "name": parsed.name, "version": parsed.version, "new": new}
+
+    def expand_script(self, study: StudyConfig, request: AnalysisRequest) -> AnalysisRequest:
+        """A ``script`` request names its script by hash; its tasks carry the script itself
+        (each site checks the text against the hash and its approvals). Other requests are
+        returned as they are.
+
+        Raises:
+            ValidationError: no such script was submitted to the study.
+        """
+        if request.analysis != "script":
+            return request
+        digest = request.params.get("hash")
+        if set(request.params) != {"hash"} or not isinstance(digest, str):
+            raise ValidationError(
+                "a script request's params are {hash: <the hash `alliance script submit` "
+                f"printed>}}, got keys {sorted(request.params)}"
+            )
+        found = self.store.script(study.id, digest.lower())
+        if found is None:
+            raise ValidationError(
+                f"no script with hash {digest[:64]!r} was submitted to study {study.id!r}; "
+                "submit it with `alliance script submit MODULE MANIFEST --study "
+                f"{study.id}`"
+            )
+        params = {"hash": found["hash"], "module": found["module"], "manifest": found["manifest"]}
+        return request.model_copy(update={"params": params})

@@ -425,6 +425,14 @@ class PeriodBudget(_Model):
     epsilon: Epsilon
 
 
+class ScriptSandbox(_Model):
+    """What a researcher's script may use per call at this site (``analyses.sandbox``)."""
+
+    cpu_seconds: int = Field(default=30, ge=1, le=3600)
+    memory_mb: int = Field(default=1024, ge=64, le=65536)
+    wall_seconds: float = Field(default=60.0, gt=0, le=7200)
+
+
 class SitePolicy(_Model):
     """What a site allows. Empty means nothing: a site runs nothing it has not approved."""
 
@@ -438,6 +446,11 @@ class SitePolicy(_Model):
     consent: dict[str, Literal["opt-in", "opt-out"]] = Field(
         default_factory=dict,
         description="purpose code -> opt-in (a grant is needed) or opt-out (a withdrawal excludes)",
+    )
+    scripts: ScriptSandbox = Field(
+        default_factory=ScriptSandbox,
+        description="limits of researchers' scripts (the 'script' analysis; each script runs "
+        "only once its hash is approved with `alliance site approve-script`)",
     )
 
     def approval(self, study_id: str) -> StudyApproval | None:

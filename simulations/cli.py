@@ -15,7 +15,14 @@ from typing import Annotated
 import typer
 
 from analyses import get_analysis
-from coordinator.cli import coordinator_app, pki_app, run_command, study_app, token_app
+from coordinator.cli import (
+    coordinator_app,
+    pki_app,
+    run_command,
+    script_app,
+    study_app,
+    token_app,
+)
 from protocol.config import (
     AnalysisRequest,
     DataDictionary,
@@ -27,6 +34,7 @@ from protocol.config import (
 )
 from protocol.errors import AllianceError, ConfigError
 from protocol.logs import LOG_LEVEL, QUIET, configure, resolve_level
+from simulations.script_try import script_try
 from site_node.cli import site_app
 from site_node.ledger import SiteStore
 
@@ -44,6 +52,8 @@ app.add_typer(token_app, name="token")
 audit_app = typer.Typer(help="Verify audit logs.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
 app.command("run")(run_command)
+app.add_typer(script_app, name="script")
+script_app.command("try")(script_try)
 
 
 @app.callback()

@@ -22,6 +22,7 @@ from site_node.harmonize import conform, patient_ids, usable_share
 from site_node.ledger import SiteStore, period_name
 from site_node.link import SiteLink
 from site_node.mapping import apply_mapping, closest, columns_needed
+from site_node.review import approve_script, review_script
 from site_node.runtime import SiteRuntime
 
 log = logging.getLogger("alliance.site")
@@ -321,3 +322,7 @@ def budget_lines(settings: SiteConfig, store: SiteStore, study: str | None) -> l
         for researcher, spent in store.spent_by_researcher(approval.id).items():
             lines.append(_level(f"    researcher {researcher}", spent, approval.researcher_budget))
     return lines
+
+
+site_app.command("review-script")(review_script)
+site_app.command("approve-script")(approve_script)

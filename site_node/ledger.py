@@ -44,6 +44,12 @@ CREATE TABLE IF NOT EXISTS replies (
     task_id TEXT PRIMARY KEY, time TEXT NOT NULL, study_id TEXT NOT NULL,
     payload BLOB NOT NULL, receipt TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS scripts (
+    hash TEXT PRIMARY KEY, name TEXT NOT NULL, version TEXT NOT NULL, module TEXT NOT NULL,
+    manifest TEXT NOT NULL, received TEXT NOT NULL, status TEXT NOT NULL
+        CHECK (status IN ('pending', 'approved', 'refused')),
+    decided TEXT, decided_by TEXT, reason TEXT
+);
 CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
@@ -203,6 +209,86 @@ class SiteStore:
         """Append one entry in its own transaction."""
         with self._transaction() as db:
             return self._append_audit(db, action, detail)
+
+    # ------------------------------------------------------------------ scripts
+    def receive_script(
+        self, digest: str, name: str, version: str, module: str, manifest: str
+    ) -> bool:
+        """Keep a script a task brought, for its admin to review (audited once per hash).
+
+        Returns:
+            Whether it was new here.
+        """
+        with self._transaction() as db:
+            inserted = db.execute(
+                "INSERT OR IGNORE INTO scripts (hash, name, version, module, manifest, received, "
+                "status) VALUES (?, ?, ?, ?, ?, ?, 'pending')",
+                (digest, name, version, module, manifest, now()),
+            ).rowcount
+            if inserted:
+                self._append_audit(
+                    db, "script_received", {"hash": digest, "name": name, "version": version}
+                )
+        return bool(inserted)
+
+    def script_status(self, digest: str) -> str | None:
+        """``pending``, ``approved`` or ``refused``; None for a script never seen here."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT status FROM scripts WHERE hash = ?", (digest,)
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def scripts(self) -> list[dict[str, Any]]:
+        """Every script this site has seen, newest first."""
+        with self._lock:
+            cursor = self._db.execute(
+                "SELECT hash, name, version, module, manifest, received, status, decided, "
+                "decided_by, reason FROM scripts ORDER BY received DESC, hash"
+            )
+            names = [c[0] for c in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def find_script(self, prefix: str) -> dict[str, Any]:
+        """The one script whose hash starts with ``prefix`` (8 hex digits at least).
+
+        Raises:
+            ValueError: no such script, or several.
+        """
+        prefix = prefix.strip().lower()
+        if len(prefix) < 8 or any(c not in "0123456789abcdef" for c in prefix):
+            raise ValueError(
+                f"a script hash is 64 hex digits (8 or more to abbreviate), got {prefix[:70]!r}"
+            )
+        found = [s for s in self.scripts() if s["hash"].startswith(prefix)]
+        if not found:
+            raise ValueError(
+                f"no script with hash {prefix} has reached this site; a site keeps a script "
+                "when the first task that runs it arrives"
+            )
+        if len(found) > 1:
+            raise ValueError(f"hash {prefix} is ambiguous here; give more of its digits")
+        return found[0]
+
+    def decide_script(self, digest: str, approve: bool, by: str, reason: str = "") -> None:
+        """Approve or refuse a script by its full hash, in force at once (audited)."""
+        status = "approved" if approve else "refused"
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT name, version FROM scripts WHERE hash = ?", (digest,)
+            ).fetchone()
+            if row is None:
+                raise ValueError(f"no script with hash {digest} has reached this site")
+            db.execute(
+                "UPDATE scripts SET status = ?, decided = ?, decided_by = ?, reason = ? "
+                "WHERE hash = ?",
+                (status, now(), by, reason, digest),
+            )
+            self._append_audit(
+                db,
+                f"script_{status}",
+                {"hash": digest, "name": row[0], "version": row[1], "by": by, "reason": reason},
+            )
 
     def audit_entries(self) -> list[AuditEntry]:
         """Every audit entry, in order."""

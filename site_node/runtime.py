@@ -26,6 +26,8 @@ import pandas as pd
 
 from analyses import AnalysisContext, get_analysis
 from analyses.base import DUPLICATE_ID, WorkCache
+from analyses.sandbox import SandboxLimits, ScriptStopped
+from analyses.scripts import ScriptBundle
 from protocol.budget import PureDP
 from protocol.config import DataDictionary, SiteConfig, SiteMapping, load_yaml
 from protocol.errors import AllianceError, InternalError, RefusedError, ValidationError
@@ -195,6 +197,14 @@ class SiteRuntime:
             return self._replayed(stored)
         try:
             return self._run(task)
+        except ScriptStopped as exc:  # what the script printed or raised: the site log only
+            log.warning(
+                "task %s: the sandbox stopped the script (%s): %s",
+                task.task_id,
+                exc.category,
+                exc.detail.strip()[-500:],
+            )
+            reason, code = exc.reason, exc.code
         except RefusedError as exc:
             reason, code = exc.reason, exc.code
         except ConsentSourceError as exc:  # its detail may hold patient ids: the log only
@@ -231,6 +241,9 @@ class SiteRuntime:
         approval, mode = check_task(
             self.config.policy, self.name, task.study_id, scope, task.privacy_mode, self.dictionary
         )
+        reviewed = analysis.reviewed_code(params)
+        if reviewed is not None:
+            self._check_reviewed(reviewed)
         if mode == "dp" and self.duplicate_patients:
             raise RefusedError(
                 "this site's data holds several rows for some patient ids, and dp assumes one "
@@ -279,7 +292,13 @@ class SiteRuntime:
         frame_key = f"{consent.version}|{row_filter.text if row_filter else ''}"
         cache = self.work.scope(frame_key)
         ctx = AnalysisContext(
-            self.dictionary, mode, self.config.policy.sdc, task.round, state, cache=cache
+            self.dictionary,
+            mode,
+            self.config.policy.sdc,
+            task.round,
+            state,
+            cache=cache,
+            sandbox=SandboxLimits(**self.config.policy.scripts.model_dump()),
         )
         spec = analysis.declare(params, ctx)
         data = self._frame(consent, row_filter, frame_key)
@@ -333,6 +352,33 @@ class SiteRuntime:
         if committed != payload:  # another delivery of this task id committed first
             return self._replayed(committed)
         return Outcome(pb.SiteMessage.FromString(committed), "reply")
+
+    def _check_reviewed(self, bundle: ScriptBundle) -> None:
+        """Run a researcher's code only when this site's admin approved its exact hash; keep
+        code seen for the first time for review.
+
+        Raises:
+            RefusedError: code ``script``, saying how to review and approve it.
+        """
+        digest = bundle.hash
+        status = self.store.script_status(digest)
+        if status == "approved":
+            return
+        if status is None:
+            manifest = bundle.manifest
+            self.store.receive_script(
+                digest, manifest.name, manifest.version, bundle.module, bundle.manifest_text
+            )
+        if status == "refused":
+            raise RefusedError(
+                f"script {bundle.label} was refused at this site by its admin", code="script"
+            )
+        raise RefusedError(
+            f"script {bundle.label} is not approved at this site: its admin reviews it with "
+            f"`alliance site review-script {digest}` and approves it with "
+            f"`alliance site approve-script {digest}`",
+            code="script",
+        )
 
     def usable_share(self, variable: str) -> float:
         """The share of this site's loaded records whose ``variable`` holds an allowed,

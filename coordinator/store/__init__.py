@@ -178,6 +178,62 @@ class Store:
             )
             self._append_audit(conn, "study_created", {"study": study}, actor)
 
+    # ------------------------------------------------------------------ scripts
+    def submit_script(
+        self,
+        study_id: str,
+        digest: str,
+        name: str,
+        version: str,
+        module: str,
+        manifest: str,
+        actor: str,
+    ) -> bool:
+        """Keep a researcher's script for a study, by its hash (audited once).
+
+        Returns:
+            Whether it was new for the study.
+        """
+        table = models.scripts
+        with self._transaction() as conn:
+            found = conn.execute(
+                select(table.c.hash).where(table.c.hash == digest, table.c.study_id == study_id)
+            ).first()
+            if found:
+                return False
+            conn.execute(
+                insert(table).values(
+                    hash=digest,
+                    study_id=study_id,
+                    name=name,
+                    version=version,
+                    module=module,
+                    manifest=manifest,
+                    submitted_by=actor,
+                    submitted=now(),
+                )
+            )
+            self._append_audit(
+                conn,
+                "script_submitted",
+                {"study": study_id, "hash": digest, "name": name, "version": version},
+                actor,
+            )
+        return True
+
+    def script(self, study_id: str, digest: str) -> dict[str, Any] | None:
+        """A script submitted to a study, or None."""
+        table = models.scripts
+        with self.engine.connect() as conn:
+            row = (
+                conn.execute(
+                    select(table).where(table.c.hash == digest, table.c.study_id == study_id)
+                )
+                .mappings()
+                .first()
+            )
+        return None if row is None else dict(row)
+
     def study(self, study_id: str) -> dict[str, Any] | None:
         """A study with its status, or None."""
         with self.engine.connect() as conn:

@@ -62,3 +62,15 @@ sites = Table(
     Column("last_seen", String(40), nullable=False),
     Column("last_seen_unix", Float, nullable=False),
 )
+scripts = Table(
+    "alliance_scripts",
+    metadata,
+    Column("hash", String(64), primary_key=True),
+    Column("study_id", String(64), primary_key=True),
+    Column("name", String(64), nullable=False),
+    Column("version", String(32), nullable=False),
+    Column("module", Text, nullable=False),
+    Column("manifest", Text, nullable=False),
+    Column("submitted_by", String(128), nullable=False),
+    Column("submitted", String(40), nullable=False),
+)

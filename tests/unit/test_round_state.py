@@ -19,13 +19,27 @@ import analyses  # noqa: F401  (registers every analysis)
 from analyses import get_analysis, registered_analyses
 from analyses.base import AnalysisContext, NoState
 from analyses.driver import RoundTask, SiteAnswer, SiteReply
+from analyses.scripts import ScriptBundle
 from analyses.testing import federate
 from protocol.config import DataDictionary
 from protocol.errors import ValidationError
 from tests import dp_noise
 
+_AGE_SCRIPT = ScriptBundle(
+    "import numpy as np\n\n\ndef per_record(frame):\n"
+    "    return np.column_stack([frame.age.to_numpy(), np.ones(len(frame))])\n\n\n"
+    "def combine(total, n):\n    return {'mean': total[0] / total[1]}\n",
+    "name: age\nversion: '1'\nvariables: [age]\nk: 2\n"
+    "bound: {norm: per_coordinate, value: [120, 1]}\nmode: dp\n",
+)
+
 #: One request per analysis, over the synthetic cohort's dictionary.
 REQUESTS: dict[str, dict[str, Any]] = {
+    "script": {
+        "hash": _AGE_SCRIPT.hash,
+        "module": _AGE_SCRIPT.module,
+        "manifest": _AGE_SCRIPT.manifest_text,
+    },
     "count": {},
     "proportion": {"variable": "event"},
     "mean": {"variable": "age"},

@@ -1,0 +1,170 @@
+"""``alliance site review-script`` and ``approve-script``: a site admin's review of
+researchers' scripts, by hash.
+
+A site keeps every script a task brought (its module and manifest, exactly); it runs one only
+after its admin approved that exact hash, so a changed byte is a new script and a new review.
+Decisions are audited in the site's hash-chained log and are in force at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from analyses.scripts import ScriptBundle
+from protocol.config import DataDictionary, SiteConfig, load_yaml
+from protocol.errors import ValidationError
+from site_node.ledger import SiteStore
+
+
+def _open_store(config: Path, read_only: bool) -> tuple[SiteConfig, SiteStore]:
+    settings = load_yaml(config, SiteConfig)
+    db = settings.state_dir / "site.db"
+    if not db.exists():
+        typer.echo(
+            f"no script has reached site {settings.name} yet (its store {db} does not exist)",
+            err=True,
+        )
+        raise typer.Exit(1)
+    return settings, SiteStore(db, settings.name, read_only=read_only)
+
+
+def _find(store: SiteStore, prefix: str) -> dict[str, Any]:
+    try:
+        return store.find_script(prefix)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+def review_lines(
+    script: dict[str, Any], earlier: dict[str, Any] | None, settings: SiteConfig
+) -> list[str]:
+    """The review in words: what the script may read and do here, and what changed."""
+    bundle = ScriptBundle(script["module"], script["manifest"])
+    lines = [
+        f"script {script['name']!r} version {script['version']}",
+        f"  hash:     {script['hash']}",
+        f"  status:   {script['status']} at {settings.name} (received {script['received']})",
+    ]
+    try:
+        manifest = bundle.manifest
+        dictionary = load_yaml(settings.dictionary, DataDictionary)
+        lines.append(f"  may:      {manifest.describe()}")
+        for name in manifest.variables:
+            variable = dictionary.variables.get(name)
+            kind = "not in the dictionary" if variable is None else variable.type
+            lines.append(f"    reads {name} ({kind})")
+        denied = sorted(set(manifest.variables) & set(settings.policy.denied_variables))
+        if denied:
+            lines.append(f"  NOTE: this site denies {', '.join(denied)}: tasks will be refused")
+    except ValidationError as exc:
+        lines.append(f"  manifest: INVALID: {exc}")
+    limits = settings.policy.scripts
+    lines.append(
+        f"  runs in:  the sandbox, at most {limits.cpu_seconds} CPU s, {limits.memory_mb} MB, "
+        f"{limits.wall_seconds:g} s per task; no network, no files, no processes"
+    )
+    if "script" not in settings.policy.allowed_analyses:
+        lines.append(
+            "  NOTE: this site's policy does not allow the analysis 'script' "
+            "(policy.allowed_analyses): approved scripts still do not run"
+        )
+    if earlier is not None:
+        lines.append(
+            f"  changes since {earlier['version']} ({earlier['hash'][:12]}, {earlier['status']}):"
+        )
+        for old, new, label in (
+            (earlier["manifest"], script["manifest"], "manifest"),
+            (earlier["module"], script["module"], "module"),
+        ):
+            diff = list(
+                difflib.unified_diff(
+                    old.splitlines(),
+                    new.splitlines(),
+                    f"{label} (earlier)",
+                    f"{label}",
+                    lineterm="",
+                )
+            )
+            lines.extend("    " + line for line in diff) if diff else lines.append(
+                f"    {label}: unchanged"
+            )
+    else:
+        lines.append("  changes:  no earlier version of this script has reached this site")
+    return lines
+
+
+def _earlier(store: SiteStore, script: dict[str, Any]) -> dict[str, Any] | None:
+    """The latest other script of the same name this site decided on (else: received)."""
+    others = [
+        s for s in store.scripts() if s["name"] == script["name"] and s["hash"] != script["hash"]
+    ]
+    decided = [s for s in others if s["status"] == "approved"]
+    found = decided or others
+    return found[0] if found else None
+
+
+def review_script(
+    digest: Annotated[str, typer.Argument(help="the script's hash (8 or more hex digits)")],
+    config: Annotated[Path, typer.Option("--config", help="site.yaml")],
+    plain: Annotated[
+        bool, typer.Option(help="no colours (the default when not a terminal)")
+    ] = False,
+) -> None:
+    """Show a script a task brought here: its manifest, what it may read, its code, and what
+    changed since an earlier version. Changes nothing."""
+    settings, store = _open_store(config, read_only=True)
+    try:
+        script = _find(store, digest)
+        earlier = _earlier(store, script)
+    finally:
+        store.close()
+    for line in review_lines(script, earlier, settings):
+        typer.echo(line)
+    typer.echo("\n--- manifest ---")
+    typer.echo(script["manifest"].rstrip())
+    typer.echo("--- module ---")
+    if plain or not sys.stdout.isatty():
+        for number, line in enumerate(script["module"].splitlines(), start=1):
+            typer.echo(f"{number:4d}  {line}")
+    else:
+        from rich.console import Console
+        from rich.syntax import Syntax
+
+        Console().print(Syntax(script["module"], "python", line_numbers=True))
+    if script["status"] != "approved":
+        typer.echo(
+            f"\napprove it with: alliance site approve-script {script['hash']} --config {config}"
+        )
+
+
+def approve_script(
+    digest: Annotated[str, typer.Argument(help="the script's hash (8 or more hex digits)")],
+    config: Annotated[Path, typer.Option("--config", help="site.yaml")],
+    by: Annotated[str, typer.Option(help="who approves (for the audit log)")] = "site admin",
+    refuse: Annotated[str | None, typer.Option(help="refuse it instead, with this reason")] = None,
+) -> None:
+    """Approve a script by its exact hash (or refuse it with --refuse REASON): in force at
+    once, without a restart, and audited."""
+    settings, store = _open_store(config, read_only=False)
+    try:
+        script = _find(store, digest)
+        try:
+            ScriptBundle(script["module"], script["manifest"]).check_source()
+            _ = ScriptBundle(script["module"], script["manifest"]).manifest
+        except ValidationError as exc:
+            typer.echo(f"error: cannot approve: {exc}", err=True)
+            raise typer.Exit(1) from None
+        store.decide_script(script["hash"], refuse is None, by, refuse or "")
+    finally:
+        store.close()
+    verb = "approved" if refuse is None else "refused"
+    typer.echo(
+        f"{verb} script {script['name']!r} {script['version']} ({script['hash']}) at "
+        f"{settings.name}; in force from the next task"
+    )

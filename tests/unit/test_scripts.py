@@ -1,0 +1,269 @@
+"""Researchers' scripts: the manifest, the hash, clipping, and the site's review by hash."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analyses.scripts import ScriptBundle, ScriptManifest, clip_contributions
+from protocol.errors import RecordError, ValidationError
+from site_node.runtime import SiteRuntime
+from tests.unit.test_site_runtime import make_site
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "configs" / "scripts"
+
+
+def bundle(name: str) -> ScriptBundle:
+    return ScriptBundle(
+        (SCRIPTS / f"{name}.py").read_text(), (SCRIPTS / f"{name}.yaml").read_text()
+    )
+
+
+def manifest(**changes: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "name": "m",
+        "version": "1",
+        "variables": ["age"],
+        "k": 2,
+        "bound": {"norm": "l1", "value": 10},
+        "mode": "dp",
+    }
+    return {**base, **changes}
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        ({"bound": {"norm": "l2", "value": 1}}, "norm 'l2' needs Gaussian noise under zCDP"),
+        ({"bound": {"norm": "per_coordinate", "value": [1]}}, "lists k = 2 values"),
+        ({"bound": {"norm": "l1", "value": float("inf")}}, "finite numbers above 0"),
+        ({"counts": [2]}, "counts are distinct coordinates in 0..1"),
+        ({"k": 0}, "k"),
+        ({"rounds": 3}, "rounds"),
+    ],
+)
+def test_a_bad_manifest_is_refused_naming_the_field(changes, words):
+    with pytest.raises(Exception) as caught:
+        ScriptManifest.model_validate(manifest(**changes))
+    assert words in str(caught.value)
+
+
+def test_one_changed_byte_is_a_new_hash_and_no_byte_moves_between_the_texts():
+    original = bundle("weighted_mean")
+    changed = ScriptBundle(original.module.replace("weight", "weigHt", 1), original.manifest_text)
+    assert changed.hash != original.hash
+    # Moving the boundary between module and manifest changes the hash too.
+    moved = ScriptBundle(original.module + original.manifest_text[:1], original.manifest_text[1:])
+    assert moved.hash != original.hash
+
+
+def test_clipping_scales_an_l1_contribution_down_and_clamps_per_coordinate():
+    m = ScriptManifest.model_validate(manifest())
+    values = np.array([[3.0, 4.0], [30.0, -10.0]])
+    clipped, touched = clip_contributions(values, m, 2)
+    assert touched == 1
+    np.testing.assert_allclose(clipped[0], [3.0, 4.0])
+    np.testing.assert_allclose(np.abs(clipped[1]).sum(), 10.0)
+    np.testing.assert_allclose(clipped[1], [7.5, -2.5])
+    per = ScriptManifest.model_validate(manifest(bound={"norm": "per_coordinate", "value": [1, 5]}))
+    clipped, touched = clip_contributions(values, per, 2)
+    np.testing.assert_allclose(clipped, [[1.0, 4.0], [1.0, -5.0]])
+    assert touched == 2
+
+
+@pytest.mark.parametrize(
+    ("values", "words"),
+    [
+        (np.ones((3, 2)), "one row per record and k = 2 columns"),
+        (np.ones(4), "one row per record and k = 2 columns"),
+        (np.array([[1.0, np.nan], [0.0, 0.0]]), "non-finite"),
+        (np.array([[2.0, 0.0], [0.0, 0.0]]), "other than 0 or 1"),
+    ],
+)
+def test_a_wrong_contribution_is_refused_without_its_values(values, words):
+    m = ScriptManifest.model_validate(manifest(counts=[0]))
+    with pytest.raises(RecordError) as caught:
+        clip_contributions(values, m, 2)
+    assert words in str(caught.value)
+    assert "2.0" not in str(caught.value)
+
+
+def test_a_script_must_define_both_functions():
+    broken = ScriptBundle(
+        "def per_record(frame):\n    return 1\n", bundle("odds_ratio").manifest_text
+    )
+    with pytest.raises(ValidationError, match="defines no combine function"):
+        broken.check_source()
+
+
+# ----------------------------------------------------------------------------- the site
+
+
+def script_task(b: ScriptBundle, task_id: str = "t1", mode: str = "sdc", epsilon: float = 0.0):
+    from protocol.wire import alliance_pb2 as pb
+
+    params = {"hash": b.hash, "module": b.module, "manifest": b.manifest_text}
+    return pb.Task(
+        task_id=task_id,
+        study_id="s1",
+        request_id=task_id,
+        analysis="script",
+        privacy_mode=mode,
+        epsilon=epsilon,
+        researcher="r.chen",
+        params_json=json.dumps(params),
+    )
+
+
+def script_site(tmp_path: Path, frame: pd.DataFrame, heart_dict, mode: str = "sdc") -> SiteRuntime:
+    policy = {
+        "allowed_analyses": ["script"],
+        "studies": [{"id": "s1", "mode": mode, "budget": 5.0, "epsilon_per_request": 1.0}],
+        "scripts": {"cpu_seconds": 2, "memory_mb": 256, "wall_seconds": 20},
+    }
+    return make_site(tmp_path, frame, heart_dict, policy)
+
+
+def test_a_site_runs_only_approved_hashes_and_one_changed_byte_needs_a_new_review(
+    tmp_path, heart_frames, heart_dict
+):
+    site = script_site(tmp_path, heart_frames["cleveland"], heart_dict)
+    original = bundle("odds_ratio")
+    first = site.handle(script_task(original, "t1"))
+    assert first.status == "refused" and first.message.refusal.code == "script"
+    assert f"alliance site approve-script {original.hash}" in first.message.refusal.reason
+    assert site.store.script_status(original.hash) == "pending"  # kept for review
+    site.store.decide_script(original.hash, True, "it.cleveland")
+    approved = site.handle(script_task(original, "t2"))
+    assert approved.status == "reply"
+    # Reference: the 2x2 table counted with pandas on Cleveland's rows.
+    rows = heart_frames["cleveland"].dropna(subset=["sex", "num"])
+    male, disease = rows.sex == 1, rows.num > 0
+    expected = [
+        (male & disease).sum(),
+        (male & ~disease).sum(),
+        (~male & disease).sum(),
+        (~male & ~disease).sum(),
+    ]
+    record = {a.name: list(a.values) for a in approved.message.reply.record.arrays}
+    assert record["total"] == [float(v) for v in expected]
+    changed = ScriptBundle(original.module + "\n", original.manifest_text)
+    again = site.handle(script_task(changed, "t3"))
+    assert again.status == "refused" and again.message.refusal.code == "script"
+    assert changed.hash in again.message.refusal.reason
+    actions = [e.action for e in site.store.audit_entries()]
+    assert actions.count("script_received") == 2 and "script_approved" in actions
+    site.close()
+
+
+MANIFEST = (
+    "name: NAME\nversion: '1'\nvariables: [chol]\nk: 1\nbound: {norm: l1, value: 1}\nmode: sdc\n"
+)
+ATTACKS = {
+    "opens a socket": ("import socket\n", "network|import"),
+    "reads a file": ("open('/etc/hostname').read()\n", "file"),
+    "imports ctypes": ("import ctypes\n", "import"),
+    "imports subprocess": ("import subprocess\n", "import"),
+    "runs a shell": ("import os\nos.system('true')\n", "process"),
+    "forks": ("import os\nos.fork()\n", "process"),
+    "exceeds its memory": ("x = np.ones(1 << 29)\n", "memory"),
+    "runs forever": ("while True:\n        pass\n", "cpu"),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_the_sandbox_stops_each_attack_by_name_and_the_site_keeps_serving(
+    attack, tmp_path, heart_frames, heart_dict, caplog
+):
+    body, category = ATTACKS[attack]
+    module = (
+        "import numpy as np\n\n\ndef per_record(frame):\n    "
+        + body.replace("\n", "\n    ").rstrip()
+        + "\n    return np.ones((len(frame), 1))\n\n\ndef combine(total, n):\n    return {'n': n}\n"
+    )
+    text = MANIFEST.replace("NAME", "attack")
+    site = script_site(tmp_path, heart_frames["cleveland"], heart_dict)
+    evil = ScriptBundle(module, text)
+    site.handle(script_task(evil, "a0"))
+    site.store.decide_script(evil.hash, True, "it.cleveland")
+    with caplog.at_level("WARNING", logger="alliance.site"):
+        outcome = site.handle(script_task(evil, "a1"))
+    assert outcome.status == "refused" and outcome.message.refusal.code == "script"
+    reason = outcome.message.refusal.reason
+    assert reason.startswith("the sandbox stopped script 'attack' 1")
+    assert any(f"({c})" in caplog.text for c in category.split("|")), caplog.text
+    refused = [e for e in site.store.audit_entries() if e.action == "refused"]
+    assert json.loads(refused[-1].detail)["reason"] == reason  # the audit log says why
+    # The site keeps serving: an approved, well-behaved script runs next.
+    good = bundle("odds_ratio")
+    site.handle(script_task(good, "g0"))
+    site.store.decide_script(good.hash, True, "it.cleveland")
+    assert site.handle(script_task(good, "g1")).status == "reply"
+    site.close()
+
+
+def test_a_refusal_never_carries_what_the_script_raised_or_printed(
+    tmp_path, heart_frames, heart_dict, caplog
+):
+    """A refusal oracle: a script that puts a patient's value in its error message. The value
+    reaches the site's own log, never the refusal the coordinator sees."""
+    module = (
+        "def per_record(frame):\n    print(frame.chol.iloc[0])\n"
+        "    raise ValueError(f'leak {float(frame.chol.iloc[0])!r}')\n\n\n"
+        "def combine(total, n):\n    return {'n': n}\n"
+    )
+    text = MANIFEST.replace("NAME", "leak")
+    site = script_site(tmp_path, heart_frames["cleveland"], heart_dict)
+    evil = ScriptBundle(module, text)
+    site.handle(script_task(evil, "l0"))
+    site.store.decide_script(evil.hash, True, "it.cleveland")
+    with caplog.at_level("WARNING", logger="alliance.site"):
+        outcome = site.handle(script_task(evil, "l1"))
+    value = repr(float(heart_frames["cleveland"].chol.dropna().iloc[0]))
+    assert outcome.message.refusal.reason.endswith("it raised an error")
+    assert value not in outcome.message.refusal.reason
+    assert all(value not in e.detail for e in site.store.audit_entries())
+    assert f"leak {value}" in caplog.text  # the site admin can still debug it
+    site.close()
+
+
+def test_a_malicious_unbounded_script_releases_only_clipped_noised_sums(
+    tmp_path, heart_frames, heart_dict
+):
+    """per_record returns each patient's raw cholesterol, far above the declared bound of 1:
+    the framework clips every record to 1, so the exact total is the record count, and dp adds
+    Laplace noise scaled to that bound."""
+    module = (
+        "def per_record(frame):\n    return frame.chol.to_numpy()\n\n\n"
+        "def combine(total, n):\n    return {'total': float(total[0])}\n"
+    )
+    text = (
+        "name: raw\nversion: '1'\nvariables: [chol]\nk: 1\nbound: {norm: l1, value: 1}\nmode: dp\n"
+    )
+    from analyses import get_analysis
+    from analyses.base import AnalysisContext
+
+    evil = ScriptBundle(module, text)
+    analysis = get_analysis("script")
+    params = analysis.parse_params(
+        {"hash": evil.hash, "module": evil.module, "manifest": evil.manifest_text}, heart_dict
+    )
+    frame = heart_frames["cleveland"]
+    arrays = analysis.local(frame, params, AnalysisContext(heart_dict, "dp"))
+    rows = frame.chol.notna().sum()
+    assert arrays["total"][0] == pytest.approx(float(rows))  # each record clipped to 1
+    assert frame.chol.dropna().sum() > 100 * rows  # what an unclipped sum would have been
+    site = script_site(tmp_path, frame, heart_dict, mode="dp")
+    site.handle(script_task(evil, "r0", mode="dp", epsilon=1.0))
+    site.store.decide_script(evil.hash, True, "it.cleveland")
+    reply = site.handle(script_task(evil, "r1", mode="dp", epsilon=1.0)).message.reply
+    total = next(a for a in reply.record.arrays if a.name == "total")
+    assert total.mechanism == "laplace" and 0 < total.scale <= 2.0 + 1e-9
+    assert abs(total.values[0] - rows) < 60  # noise of scale <= 2, not a sum of cholesterol
+    site.close()
