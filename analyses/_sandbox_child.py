@@ -376,12 +376,13 @@ def main() -> None:
     layers["network namespace"] = _network_namespace()
     layers["landlock"] = _landlock(readable)
     layers["seccomp"] = _seccomp()
-    layers["audit hook"] = "applied"
+    layers["audit hook"] = "applied" if job.get("audit_hook", True) else "left out (a test)"
     _write_frame(out, b"L", json.dumps(layers).encode())
     namespace: dict[str, Any] = {"__name__": "alliance_script", "np": np, "pd": pd}
     for loaded in [m for m in sys.modules if m.split(".")[0] in HARD_FORBIDDEN]:
         del sys.modules[loaded]  # a fresh import of any of them raises an audit event
-    sys.addaudithook(_audit_hook_for(job["filename"], tuple(readable)))
+    if job.get("audit_hook", True):
+        sys.addaudithook(_audit_hook_for(job["filename"], tuple(readable)))
     try:
         code = compile(job["source"], job["filename"], "exec")
         exec(code, namespace)
@@ -423,5 +424,50 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"combine returned a {type(value).__name__}, which is not a number or list")
 
 
+def zygote(control_fd: int) -> None:
+    """Fork server: import numpy and pandas once, then fork one locked-down child per job.
+
+    Each job arrives as one message on the control socket with three descriptors (the child's
+    stdin, stdout and stderr pipes, which the parent holds the other ends of, so the job's data
+    never passes through here). The reply is the child's pid, then its exit status (negative: a
+    signal). One job at a time; the parent starts a fresh process when this one is busy.
+    """
+    import socket
+
+    import numpy  # noqa: F401 - what every child would import, imported once
+    import pandas
+    import pandas.core.groupby
+    import pandas.core.reshape.pivot  # noqa: F401
+
+    control = socket.socket(fileno=control_fd)
+    control.sendall(b"R")  # ready
+    while True:
+        try:
+            message, fds, _, _ = socket.recv_fds(control, 16, 3)
+        except OSError:
+            return
+        if not message or len(fds) != 3:
+            return
+        pid = os.fork()
+        if pid == 0:  # the child: its own session, the job's pipes as 0, 1 and 2
+            try:
+                control.close()
+                os.setsid()
+                for target, fd in enumerate(fds):
+                    os.dup2(fd, target)
+                    os.close(fd)
+                main()
+            finally:
+                os._exit(STOPPED["error"])
+        for fd in fds:
+            os.close(fd)
+        control.sendall(struct.pack("<q", pid))
+        _, status = os.waitpid(pid, 0)
+        control.sendall(struct.pack("<q", os.waitstatus_to_exitcode(status)))
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == "--zygote":
+        zygote(int(sys.argv[2]))
+    else:
+        main()

@@ -318,6 +318,11 @@ def clip_contributions(
     return clipped, int(np.count_nonzero(touched))
 
 
+def contributions_bytes(rows: int, k: int) -> int:
+    """The most output ``per_record`` may write: its (rows, k) float64 array and the header."""
+    return rows * k * 8 + 4096
+
+
 def script_frame(data: pd.DataFrame, manifest: ScriptManifest) -> pd.DataFrame:
     """What ``per_record`` sees: the complete cases of the manifest's variables, in a fresh,
     writable frame with a 0..n-1 index (no site row positions)."""
@@ -373,7 +378,14 @@ class ScriptAnalysis(Analysis[ScriptParams]):
         def build() -> npt.NDArray[np.float64]:
             frame = script_frame(data, manifest)
             limits = ctx.sandbox if isinstance(ctx.sandbox, SandboxLimits) else SandboxLimits()
-            run = run_function(bundle.label, bundle.module, "per_record", limits, frame=frame)
+            run = run_function(
+                bundle.label,
+                bundle.module,
+                "per_record",
+                limits,
+                frame=frame,
+                output_cap=contributions_bytes(len(frame), manifest.k),
+            )
             clipped, _ = clip_contributions(run.value, manifest, len(frame))
             return clipped
 

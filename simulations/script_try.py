@@ -16,6 +16,7 @@ from analyses.scripts import (
     ScriptAnalysis,  # noqa: F401 - registers the analysis
     ScriptBundle,
     clip_contributions,
+    contributions_bytes,
     script_frame,
 )
 from protocol.config import DataDictionary, SDCThresholds
@@ -50,7 +51,14 @@ def try_script(
             f"{', '.join(manifest.variables)})"
         )
     frame = script_frame(data, manifest)
-    run = run_function(bundle.label, bundle.module, "per_record", limits, frame=frame)
+    run = run_function(
+        bundle.label,
+        bundle.module,
+        "per_record",
+        limits,
+        frame=frame,
+        output_cap=contributions_bytes(len(frame), manifest.k),
+    )
     clipped, touched = clip_contributions(run.value, manifest, len(frame))
     analysis = get_analysis("script")
     params = {"hash": bundle.hash, "module": bundle.module, "manifest": bundle.manifest_text}

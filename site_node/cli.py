@@ -12,6 +12,7 @@ from typing import Annotated
 import pandas as pd
 import typer
 
+from analyses.sandbox import ScriptStopped, isolation_layers
 from protocol.budget import PureDP, format_epsilon
 from protocol.config import DataDictionary, SiteConfig, SiteMapping, StudyApproval, load_yaml
 from protocol.errors import ConfigError
@@ -210,6 +211,28 @@ def _check_data(
     return raw, data
 
 
+def _check_sandbox(settings: SiteConfig) -> list[str]:
+    """Which isolation layers researchers' scripts get on this machine (a probe run)."""
+    limits = settings.policy.scripts
+    typer.echo(
+        f"scripts: each call at most {limits.cpu_seconds} CPU s, {limits.memory_mb} MB, "
+        f"{limits.wall_seconds:g} s; approved by hash only (alliance site approve-script)"
+    )
+    try:
+        layers = isolation_layers()
+    except ScriptStopped as exc:
+        return [f"scripts: the sandbox does not run on this machine ({exc}; {exc.detail.strip()})"]
+    for name, state in layers.items():
+        typer.echo(f"  sandbox {name}: {state}")
+    missing = [n for n, state in layers.items() if not state.startswith("applied")]
+    if missing:
+        typer.echo(
+            f"  note: {', '.join(missing)} unavailable here; the other layers still apply "
+            "(docs/threat-model.md)"
+        )
+    return []
+
+
 @site_app.command("check")
 def site_check(config: CONFIG) -> None:
     """Check the config, TLS files, data and audit log; exit 1 on a problem; write nothing."""
@@ -228,6 +251,8 @@ def site_check(config: CONFIG) -> None:
             "policy: this site will refuse every task until it allows an analysis and "
             "approves a study (default deny)"
         )
+    if "script" in policy.allowed_analyses:
+        problems += _check_sandbox(settings)
     db = settings.state_dir / "site.db"
     store = SiteStore(db, settings.name, read_only=True) if db.exists() else None
     try:

@@ -267,3 +267,139 @@ def test_a_malicious_unbounded_script_releases_only_clipped_noised_sums(
     assert total.mechanism == "laplace" and 0 < total.scale <= 2.0 + 1e-9
     assert abs(total.values[0] - rows) < 60  # noise of scale <= 2, not a sum of cholesterol
     site.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "category"),
+    [
+        ("import socket", "import"),
+        ("open('/etc/hostname').read()", "file"),
+        ("import os; os.fork()", "process"),
+        ("return np.ones((len(frame), 1))", None),
+    ],
+)
+def test_a_fresh_interpreter_isolates_as_the_fork_server_does(body, category):
+    """The cold path (the fork server busy or unavailable) applies the same layers."""
+    from analyses.sandbox import SandboxLimits, ScriptStopped, run_function
+
+    source = f"import numpy as np\n\n\ndef per_record(frame):\n    {body}\n"
+    frame = pd.DataFrame({"chol": [200.0, 250.0]})
+    limits = SandboxLimits(cpu_seconds=2, memory_mb=256, wall_seconds=30)
+    if category is None:
+        run = run_function("cold", source, "per_record", limits, frame=frame, warm=False)
+        assert run.value.shape == (2, 1)
+        assert all(state.startswith("applied") for state in run.layers.values()), run.layers
+        assert set(run.layers) == {
+            "limits",
+            "network namespace",
+            "landlock",
+            "seccomp",
+            "audit hook",
+        }
+        return
+    with pytest.raises(ScriptStopped) as caught:
+        run_function("cold", source, "per_record", limits, frame=frame, warm=False)
+    assert caught.value.category == category
+
+
+KERNEL_PROBE = """
+import errno
+import os
+import socket
+
+import numpy as np
+
+
+def attempt(action):
+    try:
+        action()
+    except OSError as exc:
+        return exc.errno
+    return 0
+
+
+def per_record(frame):
+    def connect():
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.connect(("127.0.0.1", 5432))
+
+    def read():
+        with open("/etc/hostname") as f:
+            f.read()
+
+    def fork():
+        if os.fork() == 0:
+            os._exit(0)
+
+    def write():
+        with open("/tmp/alliance-sandbox-escape", "w") as f:
+            f.write("x")
+
+    codes = [attempt(a) for a in (connect, read, fork, write)]
+    return np.tile(np.array(codes, dtype=float), (len(frame), 1))
+"""
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_below_the_audit_hook_the_kernel_refuses_sockets_files_and_forks(warm):
+    """With the audit hook left out (as if a script slipped past it), seccomp refuses the
+    socket and the fork (EPERM) and Landlock the read and the write (EACCES): the script can
+    only report the failures. On the old code (no kernel layers) each call succeeded."""
+    import errno
+
+    from analyses.sandbox import SandboxLimits, run_function
+
+    run = run_function(
+        "probe",
+        KERNEL_PROBE,
+        "per_record",
+        SandboxLimits(),
+        frame=pd.DataFrame({"a": [1.0]}),
+        warm=warm,
+        audit_hook=False,
+    )
+    connect, read, fork, write = run.value[0]
+    assert connect == errno.EPERM and fork == errno.EPERM
+    assert read == errno.EACCES and write == errno.EACCES
+    assert not Path("/tmp/alliance-sandbox-escape").exists()
+
+
+def test_the_audit_hook_stops_a_script_reaching_ctypes_through_numpy():
+    """numpy holds a reference to ctypes; loading a library through it is an audit event."""
+    from analyses.sandbox import SandboxLimits, run_function
+
+    source = (
+        "import numpy as np\n\n\ndef per_record(frame):\n"
+        "    ctypes = np._core._internal.ctypes\n"
+        "    libc = ctypes.CDLL(None, use_errno=True)\n"
+        "    return np.ones((len(frame), 1))\n"
+    )
+    from analyses.sandbox import ScriptStopped
+
+    with pytest.raises(ScriptStopped) as caught:  # the hook sees dlopen first
+        run_function(
+            "ctypes", source, "per_record", SandboxLimits(), frame=pd.DataFrame({"a": [1.0]})
+        )
+    assert caught.value.category == "process"
+
+
+def test_a_large_site_gets_its_whole_contribution_array_back(heart_dict):
+    """200,000 rows x 2 contributions (3.2 MB) come back whole: the output cap follows the
+    declared shape (it was once a fixed 1 MB, which refused every site above 65,000 rows)."""
+    from analyses import get_analysis
+    from analyses.base import AnalysisContext
+
+    rng = np.random.default_rng(3)
+    frame = pd.DataFrame(
+        {"age": rng.uniform(20, 90, 200_000), "chol": rng.uniform(100, 400, 200_000)}
+    )
+    b = bundle("weighted_mean")
+    analysis = get_analysis("script")
+    params = analysis.parse_params(
+        {"hash": b.hash, "module": b.module, "manifest": b.manifest_text}, heart_dict
+    )
+    arrays = analysis.local(frame, params, AnalysisContext(heart_dict, "sdc"))
+    # Reference: numpy's sums of age * chol and of age.
+    np.testing.assert_allclose(
+        arrays["total"], [(frame.age * frame.chol).sum(), frame.age.sum()], rtol=1e-12
+    )
