@@ -237,6 +237,11 @@ class Analysis(ABC, Generic[P]):
         row of its frame and returns none."""
         return self.variables(params)
 
+    def dp_measure(self, params: P) -> str:
+        """What a dp release of this request spends: ``pure`` (epsilon, Laplace) or ``zcdp``
+        (rho, Gaussian: arrays declared ``norm="l2"``)."""
+        return "pure"
+
     def reviewed_code(self, params: P) -> Any:
         """The researcher's code this request would run (an ``analyses.scripts.ScriptBundle``),
         which a site runs only when its admin approved that code's hash; None: no such code."""

@@ -24,7 +24,7 @@ from typing import Any
 
 from analyses.base import Analysis, AnalysisContext, NextRound
 from analyses.results import AnalysisResult, PrivacySummary, SiteContribution
-from protocol.budget import PureDP
+from protocol.budget import ZCDP, PureDP
 from protocol.config import DataDictionary, SDCThresholds, stricter_mode
 from protocol.errors import AllianceError, InternalError, ValidationError
 from protocol.records import AggregateRecord, RecordSpec
@@ -50,12 +50,14 @@ class RoundTask:
         state: the public round state, validated against the analysis's declaration.
         epsilon: what each site may spend on this round in dp mode; None otherwise.
         sites: the sites to ask.
+        rho: what each site may spend on this round in zCDP (Gaussian releases); else None.
     """
 
     round: int
     state: dict[str, Any]
     epsilon: PureDP | None
     sites: tuple[str, ...]
+    rho: ZCDP | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class SiteReply:
     record: AggregateRecord
     mode: str
     epsilon: PureDP = field(default_factory=lambda: PureDP(0.0))
+    rho: ZCDP = field(default_factory=lambda: ZCDP(0.0))
 
 
 @dataclass(frozen=True)
@@ -86,8 +89,21 @@ class SiteFailure:
 SiteAnswer = SiteReply | SiteFailure
 
 
-def guarantee(mode: str, epsilon: float) -> str:
+def guarantee(mode: str, epsilon: float, rho: float = 0.0) -> str:
     """The privacy guarantee of a result, in words."""
+    if mode == "dp" and rho > 0:
+        pure = (
+            f"; with the epsilon {epsilon:.4g} of its Laplace arrays, "
+            f"{epsilon * epsilon / 2 + rho:.4g}-zCDP"
+            if epsilon > 0
+            else ""
+        )
+        return (
+            f"rho-zCDP per patient row at each site, rho <= {rho:.4g} for this result (add/"
+            "remove one row; the declared L2 bound, enforced by clipping; OpenDP Gaussian)"
+            f"{pure}; for any delta in (0, 1) it implies (rho + 2 sqrt(rho ln(1/delta)), "
+            "delta)-DP"
+        )
     if mode == "dp":
         return (
             f"epsilon-DP per patient row at each site, epsilon <= {epsilon:.4g} for this "
@@ -113,6 +129,7 @@ class RoundDriver:
         sites: list[str],
         epsilon: PureDP | None = None,
         sdc: SDCThresholds | None = None,
+        rho: ZCDP | None = None,
     ) -> None:
         """Plan the first round.
 
@@ -124,6 +141,8 @@ class RoundDriver:
             sites: the sites to ask, in the order results list them.
             epsilon: the request's epsilon per site (dp mode only).
             sdc: the disclosure-control thresholds the coordinator assumes.
+            rho: the request's zCDP rho per site (dp mode, analyses that release with Gaussian
+                noise only).
 
         Raises:
             ValidationError: dp mode without an epsilon, or one too small to split.
@@ -137,7 +156,22 @@ class RoundDriver:
         self.sdc = sdc or SDCThresholds()
         self.rounds_budgeted = 1
         self.epsilon_round: PureDP | None = None
-        if mode == "dp":
+        self.rho_round: ZCDP | None = None
+        if mode == "dp" and analysis.dp_measure(params) == "zcdp":
+            if rho is None or rho.rho <= 0:
+                raise ValidationError(
+                    f"{analysis.name}: this request releases with Gaussian noise and spends "
+                    "zCDP rho: give `rho` in the request or set the study's "
+                    "privacy.rho_per_request"
+                )
+            self.rounds_budgeted = analysis.dp_rounds(params, self._ctx(0))
+            self.rho_round = rho.split(self.rounds_budgeted)
+            if self.rho_round.rho <= 0:
+                raise ValidationError(
+                    f"rho {rho.rho:g} split over {self.rounds_budgeted} rounds is below the "
+                    "ledger's unit (1e-9) per round; ask for more"
+                )
+        elif mode == "dp":
             if epsilon is None or epsilon.epsilon <= 0:
                 raise ValidationError("a dp request needs an epsilon above 0")
             self.rounds_budgeted = analysis.dp_rounds(params, self._ctx(0))
@@ -186,7 +220,9 @@ class RoundDriver:
         """The round to run next, or None once the result is ready."""
         if self._result is not None:
             return None
-        return RoundTask(self._round, dict(self._state), self.epsilon_round, tuple(self.active))
+        return RoundTask(
+            self._round, dict(self._state), self.epsilon_round, tuple(self.active), self.rho_round
+        )
 
     def spec(self, mode: str | None = None) -> RecordSpec:
         """The record this round declares, for a site that applied ``mode`` (declared once
@@ -215,6 +251,7 @@ class RoundDriver:
                 continue
             records[site] = answer.record
             entry.epsilon += answer.epsilon
+            entry.rho = float((ZCDP(entry.rho) + answer.rho).rho)
             entry.mode = answer.mode
             entry.records = self.analysis.site_records(answer.record)
             modes.append(answer.mode)
@@ -268,6 +305,7 @@ class RoundDriver:
     ) -> AnalysisResult:
         result.sites = self._sites()
         spent = max((s.epsilon for s in result.sites), default=PureDP(0.0))
+        rho = max((s.rho for s in result.sites), default=0.0)
         mechanisms = sorted(
             {rel.mechanism for r in records.values() for rel in r.releases.values()} - {"none"}
         )
@@ -275,7 +313,8 @@ class RoundDriver:
             mode=mode,
             mechanism=", ".join(mechanisms) or "none",
             epsilon_per_site=spent,
-            guarantee=guarantee(mode, spent.epsilon),
+            guarantee=guarantee(mode, spent.epsilon, rho),
+            rho_per_site=rho,
         )
         if self.restarts:
             result.notes.append(

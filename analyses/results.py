@@ -26,6 +26,7 @@ class SiteContribution:
         mode: the privacy mode the site applied.
         reason: why the site refused or failed, in its own words.
         replayed: the site returned a stored reply to a repeated task (charged nothing again).
+        rho: zCDP rho the site charged for this result (releases with Gaussian noise).
     """
 
     name: str
@@ -35,6 +36,7 @@ class SiteContribution:
     mode: str | None = None
     reason: str | None = None
     code: str | None = None
+    rho: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.epsilon, PureDP):  # from JSON: a number
@@ -57,6 +59,7 @@ class PrivacySummary:
     mechanism: str = "none"
     epsilon_per_site: PureDP = field(default_factory=lambda: PureDP(0.0))
     guarantee: str = ""
+    rho_per_site: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.epsilon_per_site, PureDP):  # from JSON: a number

@@ -52,25 +52,16 @@ class ContributionBound(BaseModel):
     """How far one record's contribution may reach: the framework clips to it.
 
     ``l1``: the vector's L1 norm at most ``value`` (scaled down when above), which is the L1
-    sensitivity of the sum. ``per_coordinate``: coordinate j in [-value[j], value[j]]; the
-    L1 sensitivity is their sum. ``l2`` needs the Gaussian mechanism under zCDP, which the
-    site's ledger (pure-DP epsilon) does not account yet, so it is refused.
+    sensitivity of the sum; dp adds Laplace noise under epsilon. ``per_coordinate``:
+    coordinate j in [-value[j], value[j]]; the L1 sensitivity is their sum (Laplace). ``l2``:
+    the vector's L2 norm at most ``value``, the L2 sensitivity of the sum; dp adds Gaussian
+    noise under zCDP rho, charged to the site's zCDP budget for the study.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    norm: Literal["l1", "per_coordinate"]
+    norm: Literal["l1", "l2", "per_coordinate"]
     value: float | list[float]
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_l2(cls, raw: Any) -> Any:
-        if isinstance(raw, Mapping) and raw.get("norm") == "l2":
-            raise ValueError(
-                "norm 'l2' needs Gaussian noise under zCDP, and this release's site ledgers "
-                "keep pure-DP epsilon only; declare norm 'l1' or 'per_coordinate'"
-            )
-        return raw
 
 
 class ScriptManifest(BaseModel):
@@ -104,7 +95,7 @@ class ScriptManifest(BaseModel):
                     f"a per_coordinate bound lists k = {self.k} values, got {values!r}"
                 )
         elif not isinstance(self.bound.value, (int, float)):
-            raise ValueError(f"an l1 bound is one number, got {self.bound.value!r}")
+            raise ValueError(f"an {self.bound.norm} bound is one number, got {self.bound.value!r}")
         for value in self.bounds_list():
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"bounds must be finite numbers above 0, got {value!r}")
@@ -121,15 +112,21 @@ class ScriptManifest(BaseModel):
         return [float(v) for v in value] if isinstance(value, list) else [float(value)]
 
     @property
+    def gaussian(self) -> bool:
+        """Whether dp releases this script's sums with Gaussian noise under zCDP (an L2 bound)."""
+        return self.bound.norm == "l2"
+
+    @property
     def sensitivity(self) -> float:
-        """The L1 sensitivity of the total: what one record added or removed moves it by."""
+        """The sensitivity of the total (L2 for an l2 bound, else L1): what one record added
+        or removed moves it by."""
         values = self.bounds_list()
         return float(sum(values)) if self.bound.norm == "per_coordinate" else values[0]
 
     def describe(self) -> str:
         """The manifest in words, for reviews and errors."""
-        if self.bound.norm == "l1":
-            bound = f"L1 norm at most {self.bounds_list()[0]:g}"
+        if self.bound.norm in ("l1", "l2"):
+            bound = f"{self.bound.norm.upper()} norm at most {self.bounds_list()[0]:g}"
         else:
             bound = "each coordinate within +/- " + ", ".join(f"{b:g}" for b in self.bounds_list())
         return (
@@ -311,7 +308,10 @@ def clip_contributions(
         touched = np.any(clipped != array, axis=1)
     else:
         limit = manifest.bounds_list()[0]
-        norms = np.abs(clipped).sum(axis=1)
+        if manifest.bound.norm == "l2":
+            norms = np.sqrt(np.square(clipped).sum(axis=1))
+        else:
+            norms = np.abs(clipped).sum(axis=1)
         over = norms > limit
         clipped[over] *= (limit / norms[over])[:, None]
         touched = over
@@ -354,12 +354,26 @@ class ScriptAnalysis(Analysis[ScriptParams]):
     def reviewed_code(self, params: ScriptParams) -> ScriptBundle | None:
         return params.bundle
 
+    def dp_measure(self, params: ScriptParams) -> str:
+        return "zcdp" if params.bundle.manifest.gaussian else "pure"
+
     def declare(self, params: ScriptParams, ctx: AnalysisContext) -> RecordSpec:
         manifest = params.bundle.manifest
-        return RecordSpec(
-            {
+        if manifest.gaussian:  # L2: Gaussian noise under zCDP, for the sums and the count
+            main = {
+                "total": ArraySpec(
+                    (manifest.k,), kind="sum", sensitivity=manifest.sensitivity, norm="l2"
+                ),
+                "n": ArraySpec((), kind="count", sensitivity=1.0, norm="l2"),
+            }
+        else:
+            main = {
                 "total": ArraySpec((manifest.k,), kind="sum", sensitivity=manifest.sensitivity),
                 "n": ArraySpec((), kind="count", sensitivity=1.0, integer=True),
+            }
+        return RecordSpec(
+            {
+                **main,
                 # sdc: the count coordinates' totals, so the min_cell rule applies to them.
                 **(
                     {"count_cells": ArraySpec((len(manifest.counts),), kind="count")}

@@ -26,7 +26,7 @@ from analyses.driver import (
 )
 from coordinator.link import SiteRegistry, SiteUnavailable
 from coordinator.studies import check_request
-from protocol.budget import PureDP
+from protocol.budget import ZCDP, PureDP
 from protocol.config import AnalysisRequest, DataDictionary, StudyConfig
 from protocol.errors import RecordError
 from protocol.wire import alliance_pb2 as pb
@@ -77,8 +77,15 @@ class Scheduler:
         mode = study.privacy.mode
         epsilon = request.epsilon or study.privacy.epsilon_per_request
         names = study.sites or self.registry.connected()
+        rho = request.rho or study.privacy.rho_per_request
         driver = RoundDriver(
-            analysis, params, self.dictionary, mode, names, epsilon if mode == "dp" else None
+            analysis,
+            params,
+            self.dictionary,
+            mode,
+            names,
+            epsilon if mode == "dp" else None,
+            rho=rho if mode == "dp" else None,
         )
         base = TaskMessage(
             task_id="",
@@ -122,6 +129,7 @@ class Scheduler:
             round=step.round,
             state=step.state,
             epsilon=step.epsilon.epsilon if step.epsilon is not None else 0.0,
+            rho=step.rho.rho if step.rho is not None else 0.0,
         )
         wire = task.to_proto().task  # serialised once; each site's copy differs by its id
         messages = await asyncio.gather(
@@ -145,8 +153,10 @@ class Scheduler:
         except RecordError as exc:
             reason = f"reply does not match the declared record: {exc}"
             return SiteFailure("error", reason, "record")
-        # The wire carries a number; from here on it is a typed budget.
-        return SiteReply(reply.record, reply.privacy_mode, PureDP(reply.epsilon_spent))
+        # The wire carries numbers; from here on they are typed budgets.
+        return SiteReply(
+            reply.record, reply.privacy_mode, PureDP(reply.epsilon_spent), ZCDP(reply.rho_spent)
+        )
 
     async def _ask(self, site: str, task: pb.Task) -> pb.SiteMessage | SiteUnavailable:
         try:

@@ -45,6 +45,12 @@ def check_request(study: StudyConfig, request: AnalysisRequest, dictionary: Data
     if request.epsilon is not None and request.epsilon > cap:
         # Sites refuse it too, in the same words; refusing here sends no task at all.
         raise ValidationError(over_request_cap(study.id, request.epsilon, cap))
+    rho_cap = study.privacy.rho_per_request
+    if request.rho is not None and rho_cap is not None and rho_cap < request.rho:
+        raise ValidationError(
+            f"study {study.id} allows rho {rho_cap.rho:g} per request at each site; this "
+            f"request asks for {request.rho.rho:g}. Lower `rho` in the request"
+        )
     analysis = get_analysis(request.analysis)
     size = model_columns(request.analysis, request.params, dictionary)
     if size is not None and size[0] > study.max_model_columns:

@@ -162,19 +162,71 @@ def check_budget(limit: PureDP, spent_units: int, requested: PureDP) -> BudgetCh
     return BudgetCheck(limit, PureDP.from_units(spent_units), requested, allowed)
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class ZCDP:
-    """Zero-concentrated differential privacy with parameter ``rho`` per patient row."""
+    """Zero-concentrated differential privacy: ``rho`` per patient row at one site.
+
+    Kept in the ledger in whole nano-rho units, rounded as epsilon is (a charge up, a limit
+    down). By Bun and Steinke (2016), epsilon-DP implies (epsilon^2 / 2)-zCDP, and rho-zCDP
+    implies (rho + 2 sqrt(rho ln(1/delta)), delta)-DP for every delta in (0, 1).
+    """
 
     rho: float
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rho", _check_non_negative("rho", self.rho))
 
-    def __add__(self, other: ZCDP) -> ZCDP:
+    @classmethod
+    def from_units(cls, units: int) -> ZCDP:
+        """The budget of ``units`` nano-rho (the ledger's integer unit)."""
+        if isinstance(units, bool) or not isinstance(units, int) or units < 0:
+            raise BudgetError(f"ledger units must be an integer >= 0, got {units!r}")
+        return cls(float(Fraction(units, UNITS_PER_EPSILON)))
+
+    @property
+    def exact(self) -> Fraction:
+        """The rho as an exact fraction (the decimal it was written as)."""
+        return _exact(self.rho)
+
+    def charge_units(self) -> int:
+        """Nano-rho units to charge for spending this: rounded up, never under."""
+        return math.ceil(self.exact * UNITS_PER_EPSILON)
+
+    def limit_units(self) -> int:
+        """Nano-rho units this allows as a budget or cap: rounded down, never over."""
+        return math.floor(self.exact * UNITS_PER_EPSILON)
+
+    def _other(self, other: object, verb: str) -> ZCDP:
         if not isinstance(other, ZCDP):
-            raise TypeError(f"cannot add {type(other).__name__} to ZCDP; convert first")
-        return ZCDP(self.rho + other.rho)
+            joiner = {"add": "to", "subtract": "from"}.get(verb, "with")
+            raise TypeError(f"cannot {verb} {type(other).__name__} {joiner} ZCDP; convert first")
+        return other
+
+    def __add__(self, other: ZCDP) -> ZCDP:
+        other = self._other(other, "add")
+        return ZCDP(float(self.exact + other.exact))
+
+    def __sub__(self, other: ZCDP) -> ZCDP:
+        other = self._other(other, "subtract")
+        return ZCDP(float(max(Fraction(0), self.exact - other.exact)))
+
+    def __lt__(self, other: ZCDP) -> bool:
+        return self.exact < self._other(other, "compare").exact
+
+    def __le__(self, other: ZCDP) -> bool:
+        return self.exact <= self._other(other, "compare").exact
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ZCDP) and self.exact == other.exact
+
+    def __hash__(self) -> int:
+        return hash(("zcdp", self.exact))
+
+    def split(self, parts: int) -> ZCDP:
+        """One of ``parts`` equal shares, rounded down to a ledger unit."""
+        if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
+            raise BudgetError(f"cannot split a budget into {parts} parts; use 1 or more")
+        return ZCDP.from_units(self.limit_units() // parts)
 
     def to_approx_dp_epsilon(self, delta: float) -> float:
         """The epsilon of (epsilon, delta)-DP implied by rho-zCDP (Bun and Steinke 2016)."""
@@ -184,6 +236,34 @@ class ZCDP:
 
     def __str__(self) -> str:
         return f"rho {self.rho:.4g}"
+
+
+@dataclass(frozen=True)
+class RhoCheck:
+    """The outcome of :func:`check_rho`: whether ``requested`` fits, and the figures."""
+
+    limit: ZCDP
+    spent: ZCDP
+    requested: ZCDP
+    allowed: bool
+
+    @property
+    def remaining(self) -> ZCDP:
+        """What is left of the limit."""
+        return self.limit - self.spent
+
+    @property
+    def short(self) -> ZCDP:
+        """How much more than what is left the request needs (0 when it fits)."""
+        return self.requested - self.remaining
+
+
+def check_rho(limit: ZCDP, spent_units: int, requested: ZCDP) -> RhoCheck:
+    """:func:`check_budget` for zCDP: exact integer arithmetic on nano-rho units."""
+    if isinstance(spent_units, bool) or not isinstance(spent_units, int) or spent_units < 0:
+        raise BudgetError(f"ledger units must be an integer >= 0, got {spent_units!r}")
+    allowed = spent_units + requested.charge_units() <= limit.limit_units()
+    return RhoCheck(limit, ZCDP.from_units(spent_units), requested, allowed)
 
 
 def over_request_cap(study_id: str, requested: PureDP, cap: PureDP) -> str:

@@ -30,7 +30,7 @@ from pydantic import (
     model_validator,
 )
 
-from protocol.budget import PureDP
+from protocol.budget import ZCDP, PureDP
 from protocol.errors import BudgetError, ConfigError
 
 PrivacyMode = Literal["dp", "sdc", "off"]
@@ -265,6 +265,35 @@ class AnalysisRequest(_Model):
     epsilon: PositiveEpsilon | None = Field(
         default=None, description="per site, at most the study's epsilon_per_request"
     )
+    rho: PositiveRho | None = Field(
+        default=None,
+        description="zCDP rho per site, for releases with Gaussian noise (a script with an L2 "
+        "bound); default: the study's rho_per_request",
+    )
+
+
+def _rho(value: Any) -> ZCDP:
+    if isinstance(value, ZCDP):
+        budget = value
+    else:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"must be a number, got {value!r}")
+        try:
+            budget = ZCDP(float(value))
+        except BudgetError as exc:
+            raise ValueError(str(exc)) from None
+    if budget.rho <= 0:
+        raise ValueError("must be above 0")
+    return budget
+
+
+#: A zCDP rho held in a config (above 0): a typed ``ZCDP`` in Python, a number in YAML.
+PositiveRho = Annotated[
+    ZCDP,
+    BeforeValidator(_rho),
+    PlainSerializer(lambda b: b.rho, return_type=float),
+    WithJsonSchema({"type": "number", "exclusiveMinimum": 0}),
+]
 
 
 # --------------------------------------------------------------------------- studies
@@ -277,6 +306,11 @@ class StudyPrivacy(_Model):
     epsilon_per_request: PositiveEpsilon = Field(default=PureDP(0.5))
     budget: PositiveEpsilon = Field(
         default=PureDP(3.0), description="epsilon per site for the study"
+    )
+    rho_per_request: PositiveRho | None = Field(
+        default=None,
+        description="zCDP rho per site for a request released with Gaussian noise (a script "
+        "with an L2 bound); None: such requests must give their own rho",
     )
 
 
@@ -390,6 +424,14 @@ class StudyApproval(_Model):
     expires: dt.date | None = None
     researcher_budget: Epsilon | None = Field(
         default=None, description="the most one researcher may spend on this study here"
+    )
+    rho_budget: PositiveRho | None = Field(
+        default=None,
+        description="zCDP rho this site allows the study for releases with Gaussian noise (a "
+        "script with an L2 bound); None: no such release runs here",
+    )
+    rho_per_request: PositiveRho | None = Field(
+        default=None, description="the most rho one request may spend here (None: no cap)"
     )
     sdc_filters: Literal["approved", "free"] = Field(
         default="approved",

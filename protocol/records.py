@@ -43,6 +43,9 @@ class ArraySpec:
         integer: whether cells are integers (counts), so the discrete mechanism applies.
         budget_share: this array's relative share of the task's epsilon in dp mode (the site
             splits the task's epsilon across arrays in proportion to their shares).
+        norm: ``l1``: ``sensitivity`` is an L1 sensitivity and dp adds Laplace noise under the
+            task's epsilon; ``l2``: an L2 sensitivity, and dp adds Gaussian noise under the
+            task's zCDP rho (shared among the l2 arrays by ``budget_share``).
     """
 
     shape: tuple[int, ...]
@@ -50,6 +53,7 @@ class ArraySpec:
     sensitivity: float | None = None
     integer: bool = False
     budget_share: float = 1.0
+    norm: Literal["l1", "l2"] = "l1"
 
     def __post_init__(self) -> None:
         shape = tuple(self.shape)
@@ -62,6 +66,8 @@ class ArraySpec:
                 f"declared shape {shape} has {self.size} cells; an aggregate may have at most "
                 f"{MAX_CELLS}"
             )
+        if self.norm not in ("l1", "l2"):
+            raise RecordError(f"array norm {self.norm!r} is not one of: l1, l2")
         if self.kind not in ("count", "sum", "statistic"):
             raise RecordError(f"array kind {self.kind!r} is not one of: count, sum, statistic")
         if not (math.isfinite(self.budget_share) and self.budget_share > 0):
@@ -107,6 +113,7 @@ class Release:
     mechanism: str = "none"
     scale: float = 0.0
     epsilon: float = 0.0
+    rho: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mechanism not in MECHANISMS:

@@ -233,6 +233,14 @@ def _check_sandbox(settings: SiteConfig) -> list[str]:
     return []
 
 
+def _rho_line(approval: StudyApproval, store: SiteStore | None) -> str:
+    """A study's zCDP budget and spending at this site, when it has one."""
+    if approval.rho_budget is None:
+        return ""
+    used = store.spent_rho(approval.id).rho if store else 0.0
+    return f"; zCDP rho budget {approval.rho_budget.rho:g}, spent {used:.4g}"
+
+
 @site_app.command("check")
 def site_check(config: CONFIG) -> None:
     """Check the config, TLS files, data and audit log; exit 1 on a problem; write nothing."""
@@ -258,9 +266,10 @@ def site_check(config: CONFIG) -> None:
     try:
         for approval in policy.studies:
             spent = store.spent(approval.id).epsilon if store else 0.0
+            rho = _rho_line(approval, store)
             typer.echo(
                 f"study {approval.id}: mode {approval.mode}, budget {approval.budget.epsilon:g}, "
-                f"spent {spent:.4g}"
+                f"spent {spent:.4g}{rho}"
             )
             if approval.mode == "sdc" or approval.populations or approval.models:
                 typer.echo(f"  sdc terms: {sdc_terms(approval)}")
@@ -301,15 +310,21 @@ def site_ledger(
         rows = store.ledger(study)
         totals: dict[str, float] = {}
         for row in rows:
+            spent = f"rho {row.rho:.4g}" if row.rho else f"epsilon {row.epsilon:.4g}"
             typer.echo(
                 f"{row.time}  {row.study_id:<20} {row.analysis:<12} {row.researcher:<12} "
-                f"epsilon {row.epsilon:.4g}  task {row.task_id}"
+                f"{spent}  task {row.task_id}"
             )
             totals[row.study_id] = totals.get(row.study_id, 0.0) + row.epsilon
         for study_id, total in totals.items():
             approval = settings.policy.approval(study_id)
             budget = f" of {approval.budget.epsilon:g}" if approval else ""
             typer.echo(f"total {study_id}: epsilon {total:.4g}{budget}")
+            rho = store.spent_rho(study_id).rho
+            if rho or (approval is not None and approval.rho_budget is not None):
+                limit = approval.rho_budget if approval is not None else None
+                of = f" of {limit.rho:g}" if limit is not None else ""
+                typer.echo(f"total {study_id}: rho {rho:.4g}{of} (zCDP, Gaussian releases)")
         if not rows:
             typer.echo("the ledger is empty")
         for line in budget_lines(settings, store, study):

@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from protocol.audit import AuditEntry, VerifyReport, verify_chain
-from protocol.budget import BudgetCheck, PureDP, check_budget, format_epsilon, over_request_cap
+from protocol.budget import (
+    ZCDP,
+    BudgetCheck,
+    PureDP,
+    check_budget,
+    check_rho,
+    format_epsilon,
+    over_request_cap,
+)
 from protocol.config import PeriodBudget, SDCThresholds
 from protocol.errors import InternalError, RefusedError
 from protocol.storage import connect_read_only
@@ -78,6 +86,10 @@ class Charge:
     The levels: the study's ``budget`` at this site; the approval's ``cap`` on what one request
     may spend over its rounds; the researcher's budget within the study
     (``researcher_budget``); and the site-wide budget per calendar period (``period``).
+
+    A release with Gaussian noise spends zCDP ``rho`` instead (``epsilon`` 0), against the
+    study's ``rho_budget`` at this site and the approval's ``rho_cap`` per request; the
+    researcher and period budgets count epsilon only.
     """
 
     study_id: str
@@ -88,6 +100,9 @@ class Charge:
     researcher: str = ""
     researcher_budget: PureDP | None = None
     period: PeriodBudget | None = None
+    rho: ZCDP | None = None
+    rho_budget: ZCDP | None = None
+    rho_cap: ZCDP | None = None
 
 
 def period_start(period: str, at: dt.datetime) -> dt.datetime:
@@ -126,6 +141,7 @@ class LedgerRow:
     analysis: str
     epsilon: float
     request_id: str = ""
+    rho: float = 0.0
 
 
 class SiteStore:
@@ -149,8 +165,15 @@ class SiteStore:
 
     def _migrate_ledger(self) -> None:
         """Give a ledger written before integer units its units and request ids, keeping every
-        charge (rounded up to a unit, as new charges are) and auditing the migration."""
+        charge (rounded up to a unit, as new charges are) and auditing the migration; and one
+        written before zCDP charges its rho column (every earlier charge spent no rho)."""
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(ledger)")}
+        if "rho_units" not in columns:
+            with self._transaction() as db:
+                db.execute(
+                    "ALTER TABLE ledger ADD COLUMN rho_units INTEGER NOT NULL DEFAULT 0 "
+                    "CHECK (rho_units >= 0)"
+                )
         if "units" in columns:
             return
         with self._transaction() as db:
@@ -355,6 +378,10 @@ class SiteStore:
             if not check.allowed:
                 name = period_name(charge.period.period, at)
                 raise self._refuse(check, f"this site's budget for {name} (all studies)")
+        if charge.rho is not None:
+            self._check_rho(db, charge, charge.rho)
+        if epsilon.epsilon == 0 and charge.rho is not None:
+            return
         check = check_budget(charge.budget, self._spent_units(db, study_id), epsilon)
         if not check.allowed:
             raise self._refuse(check, f"study {study_id}")
@@ -372,6 +399,46 @@ class SiteStore:
                 f"refused by {self.actor}: {over_request_cap(study_id, asked, charge.cap)}",
                 code="budget",
             )
+
+    def _check_rho(self, db: sqlite3.Connection, charge: Charge, rho: ZCDP) -> None:
+        """Refuse a zCDP charge past the study's rho budget here or the per-request cap."""
+        study_id = charge.study_id
+        if charge.rho_budget is None:
+            raise RefusedError(
+                f"refused by {self.actor}: this release adds Gaussian noise (zCDP), and this "
+                f"site's approval of study {study_id} sets no rho_budget; ask the site admin",
+                code="budget",
+            )
+        (spent,) = db.execute(
+            "SELECT COALESCE(SUM(rho_units), 0) FROM ledger WHERE study_id = ?", (study_id,)
+        ).fetchone()
+        check = check_rho(charge.rho_budget, int(spent), rho)
+        if not check.allowed:
+            raise RefusedError(
+                f"refused by {self.actor}: study {study_id} has rho "
+                f"{format_epsilon(check.remaining.rho)} left at this site; this request needs "
+                f"{format_epsilon(rho.rho)} (short by {format_epsilon(check.short.rho)}). Ask "
+                "the site admin for more budget, or lower `rho` in the request",
+                code="budget",
+            )
+        if charge.rho_cap is None:
+            return
+        (used,) = db.execute(
+            "SELECT COALESCE(SUM(rho_units), 0) FROM ledger WHERE study_id = ? AND request_id = ?",
+            (study_id, charge.request_id),
+        ).fetchone()
+        if not check_rho(charge.rho_cap, int(used), rho).allowed:
+            raise RefusedError(
+                f"refused by {self.actor}: study {study_id} allows rho "
+                f"{format_epsilon(charge.rho_cap.rho)} per request at this site; this request "
+                f"asks for {format_epsilon((ZCDP.from_units(int(used)) + rho).rho)}",
+                code="budget",
+            )
+
+    def spent_rho(self, study_id: str) -> ZCDP:
+        """zCDP rho charged to ``study_id`` at this site."""
+        total = sum(ZCDP(row.rho).charge_units() for row in self.ledger(study_id))
+        return ZCDP.from_units(total)
 
     def precheck_charge(self, charge: Charge) -> None:
         """The commit's own budget check, run before any work so a refusal costs nothing.
@@ -410,16 +477,33 @@ class SiteStore:
 
     def ledger(self, study_id: str | None = None) -> list[LedgerRow]:
         """Ledger rows, oldest first (optionally for one study)."""
-        query = (
-            "SELECT time, study_id, researcher, task_id, analysis, epsilon, request_id FROM ledger"
-        )
-        args: tuple[str, ...] = ()
-        if study_id is not None:
-            query += " WHERE study_id = ?"
-            args = (study_id,)
         with self._lock:
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(ledger)")}
+            # A file written before zCDP charges has no rho column (read-only opens do not
+            # migrate): its charges spent no rho.
+            rho = "rho_units" if "rho_units" in columns else "0"
+            query = (
+                "SELECT time, study_id, researcher, task_id, analysis, epsilon, request_id, "
+                f"{rho} FROM ledger"
+            )
+            args: tuple[str, ...] = ()
+            if study_id is not None:
+                query += " WHERE study_id = ?"
+                args = (study_id,)
             rows = self._db.execute(query + " ORDER BY id", args).fetchall()
-        return [LedgerRow(*row) for row in rows]
+        return [
+            LedgerRow(
+                time=row[0],
+                study_id=row[1],
+                researcher=row[2],
+                task_id=row[3],
+                analysis=row[4],
+                epsilon=row[5],
+                request_id=row[6],
+                rho=ZCDP.from_units(int(row[7])).rho,
+            )
+            for row in rows
+        ]
 
     # ------------------------------------------------------------------ replies
     def stored_reply(self, task_id: str) -> bytes | None:
@@ -440,7 +524,7 @@ class SiteStore:
         self._check_charge(db, charge)
         db.execute(
             "INSERT INTO ledger (time, study_id, researcher, task_id, analysis, epsilon, "
-            "units, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "units, request_id, rho_units) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 now(),
                 task.study_id,
@@ -450,6 +534,7 @@ class SiteStore:
                 charge.epsilon.epsilon,
                 charge.epsilon.charge_units(),
                 charge.request_id,
+                charge.rho.charge_units() if charge.rho is not None else 0,
             ),
         )
 
@@ -490,7 +575,9 @@ class SiteStore:
                 if released is not None:
                     self.guard.check(released, thresholds or SDCThresholds())
                     self.guard.remember(db, released)
-                if charge is not None and charge.epsilon.epsilon > 0:
+                if charge is not None and (
+                    charge.epsilon.epsilon > 0 or (charge.rho is not None and charge.rho.rho > 0)
+                ):
                     self._charge(db, task, charge)
                 db.execute(
                     "INSERT INTO replies VALUES (?, ?, ?, ?, ?)",

@@ -6,6 +6,11 @@
   (declared from the dictionary's public bounds). By sequential composition the task's release
   is epsilon-DP per patient row at this site. Assumes: one row per patient, bounds that are
   public and enforced (values outside are set missing on load and clamped by the analysis).
+* ``dp`` with arrays declared ``norm="l2"`` (a researcher's script with an L2 bound): OpenDP's
+  Gaussian mechanism, its scale calibrated so that OpenDP's zCDP map certifies at most the
+  array's share of the task's rho given the array's L2 sensitivity: the release is
+  **rho-zCDP per patient row at this site** (and its Laplace arrays, if any, epsilon-DP; the two
+  compose to (epsilon^2 / 2 + rho)-zCDP).
 * ``sdc``: exact releases; any count cell in 1 .. min_cell - 1 refuses the whole release, and
   the refusal says "fewer than min_cell", never the count, the cell or how many cells.
 * ``off``: exact releases, no thresholds (only when the site's policy names it for the study).
@@ -26,7 +31,7 @@ from opendp.mod import enable_features
 
 from protocol.config import SDCThresholds
 from protocol.errors import DisclosureError, InternalError
-from protocol.records import AggregateRecord, RecordSpec, Release
+from protocol.records import AggregateRecord, ArraySpec, RecordSpec, Release
 
 enable_features("contrib")
 
@@ -103,14 +108,44 @@ def _release(
     return values, releases
 
 
+@functools.lru_cache(maxsize=512)
+def _gaussian(scale: float, d_in: float) -> tuple[Any, float]:
+    """OpenDP's Gaussian measurement (zCDP) and the rho its map certifies for ``d_in``."""
+    domain = domains.vector_domain(domains.atom_domain(T=float, nan=False))
+    meas = measurements.make_gaussian(domain, metrics.l2_distance(T=float), scale)
+    return meas, float(meas.map(float(d_in)))  # type: ignore[no-untyped-call]
+
+
+def _release_gaussian(
+    values: np.ndarray, sensitivity: float, rho: float
+) -> tuple[np.ndarray, Release]:
+    """One array through OpenDP's Gaussian mechanism at the smallest scale whose certified
+    rho is at most ``rho`` (sigma = sensitivity / sqrt(2 rho), widened while OpenDP's rounding
+    certifies more)."""
+    scale = sensitivity / math.sqrt(2.0 * rho)
+    meas, spent = _gaussian(scale, sensitivity)
+    for _ in range(4):
+        if spent <= rho:
+            break
+        scale *= math.sqrt(spent / rho) * (1 + 1e-12)
+        meas, spent = _gaussian(scale, sensitivity)
+    if spent > rho:
+        raise InternalError(f"OpenDP certifies rho {spent} above the budget {rho}")
+    # A fresh, writable copy: OpenDP cannot take a record's read-only arrays.
+    noisy = np.asarray(meas(np.array(values, dtype=np.float64).ravel()), dtype=np.float64)
+    return noisy.reshape(values.shape), Release("gaussian", float(scale), 0.0, float(spent))
+
+
 def privatize(
     spec: RecordSpec,
     arrays: Arrays,
     mode: str,
     epsilon: float,
     sdc: SDCThresholds,
+    rho: float = 0.0,
 ) -> AggregateRecord:
-    """Turn an analysis's exact arrays into the record that may leave the site.
+    """Turn an analysis's exact arrays into the record that may leave the site (``rho``: the
+    task's zCDP budget for arrays declared ``norm="l2"``).
 
     Raises:
         DisclosureError: in sdc mode, when a count cell is non-zero and below ``min_cell``.
@@ -133,14 +168,52 @@ def privatize(
         return exact
     if mode != "dp":
         raise InternalError(f"privacy mode {mode!r} reached the engine")
-    # A hair under the task's epsilon, so float rounding in the shares can never make the
-    # certified total exceed what the ledger charges.
-    total_share = sum(s.budget_share for s in spec.arrays.values()) * (1 + 1e-12)
+    l1 = {name: a for name, a in spec.arrays.items() if a.norm == "l1"}
+    l2 = {name: a for name, a in spec.arrays.items() if a.norm == "l2"}
+    values, releases = _release_l2(l2, exact, rho)
+    laplace_values, laplace_releases = _release_l1(l1, exact, epsilon)
+    values.update(laplace_values)
+    releases.update(laplace_releases)
+    return exact.with_values(values, releases)
+
+
+def _release_l2(
+    l2: dict[str, ArraySpec], exact: AggregateRecord, rho: float
+) -> tuple[Arrays, dict[str, Release]]:
+    """The Gaussian arrays, each with its share of ``rho``."""
+    values: Arrays = {}
+    releases: dict[str, Release] = {}
+    if not l2:
+        return values, releases
+    if not (math.isfinite(rho) and rho > 0):
+        raise DisclosureError(
+            "this release adds Gaussian noise and needs a zCDP budget (rho) above 0; the "
+            "request gives none"
+        )
+    # A hair under the task's rho, as for epsilon below.
+    rho_share = sum(s.budget_share for s in l2.values()) * (1 + 1e-12)
+    for name, arr_spec in l2.items():
+        if arr_spec.sensitivity is None:
+            raise InternalError(f"l2 array '{name}' declares no sensitivity")
+        share = rho * arr_spec.budget_share / rho_share
+        if arr_spec.sensitivity == 0:
+            values[name], releases[name] = exact[name].copy(), Release("none", 0.0, 0.0)
+            continue
+        values[name], releases[name] = _release_gaussian(exact[name], arr_spec.sensitivity, share)
+    return values, releases
+
+
+def _release_l1(
+    l1: dict[str, ArraySpec], exact: AggregateRecord, epsilon: float
+) -> tuple[Arrays, dict[str, Release]]:
+    """The Laplace arrays: the task's epsilon split by budget share, a hair under the whole, so
+    float rounding in the shares can never make the certified total exceed the charge."""
+    total_share = sum(s.budget_share for s in l1.values()) * (1 + 1e-12)
     values: Arrays = {}
     releases: dict[str, Release] = {}
     floats: list[tuple[str, np.ndarray, float, float]] = []
     integers: dict[tuple[int, float], list[tuple[str, np.ndarray, float, float]]] = {}
-    for name, arr_spec in spec.arrays.items():
+    for name, arr_spec in l1.items():
         if arr_spec.sensitivity is None:
             raise DisclosureError(
                 f"array '{name}' has no declared sensitivity, so it cannot be released under "
@@ -158,4 +231,4 @@ def privatize(
         released, metadata = _release(group, integer=group is not floats)
         values.update(released)
         releases.update(metadata)
-    return exact.with_values(values, releases)
+    return values, releases

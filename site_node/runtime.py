@@ -25,11 +25,11 @@ import numpy.typing as npt
 import pandas as pd
 
 from analyses import AnalysisContext, get_analysis
-from analyses.base import DUPLICATE_ID, WorkCache
+from analyses.base import DUPLICATE_ID, Analysis, WorkCache
 from analyses.sandbox import SandboxLimits, ScriptStopped
 from analyses.scripts import ScriptBundle
-from protocol.budget import PureDP
-from protocol.config import DataDictionary, SiteConfig, SiteMapping, load_yaml
+from protocol.budget import ZCDP, PureDP
+from protocol.config import DataDictionary, SiteConfig, SiteMapping, StudyApproval, load_yaml
 from protocol.errors import AllianceError, InternalError, RefusedError, ValidationError
 from protocol.filters import RowFilter, parse_filter
 from protocol.version import VERSION
@@ -268,23 +268,8 @@ class SiteRuntime:
             )
         consent = self.consent.view(approval.purpose)
         self._audit_consent(approval.purpose, consent)
-        charge: Charge | None = None
-        if mode == "dp":
-            if not (math.isfinite(task.epsilon) and task.epsilon > 0):
-                raise ValidationError(
-                    f"a dp task needs an epsilon that is a finite number above 0, got "
-                    f"{task.epsilon!r}"
-                )
-            charge = Charge(
-                task.study_id,
-                task.request_id,
-                PureDP(task.epsilon),
-                approval.budget,
-                approval.epsilon_per_request,
-                researcher=task.researcher,
-                researcher_budget=approval.researcher_budget,
-                period=self.config.policy.period_budget,
-            )
+        charge = self._charge(task, analysis, params, approval, mode)
+        if charge is not None:
             self.store.precheck_charge(charge)
         epsilon = charge.epsilon.epsilon if charge is not None else 0.0
         base = AnalysisContext(self.dictionary, mode, self.config.policy.sdc, task.round)
@@ -314,17 +299,15 @@ class SiteRuntime:
         arrays = analysis.local(data, params, ctx)  # in sdc, the model's own checks first
         if mode == "sdc":
             check_dominance(analysis.magnitude_cells(data, params, ctx), self.config.policy.sdc)
-        record = privatize(
-            spec,
-            arrays,
-            mode,
-            epsilon,
-            self.config.policy.sdc,
-        )
+        rho = charge.rho.rho if charge is not None and charge.rho is not None else 0.0
+        record = privatize(spec, arrays, mode, epsilon, self.config.policy.sdc, rho)
         if charge is not None and record.epsilon > epsilon:
             raise InternalError(
                 f"the release spent epsilon {record.epsilon!r}, above the task's {epsilon!r}"
             )
+        spent_rho = sum(rel.rho for rel in record.releases.values())
+        if spent_rho > rho * (1 + 1e-12):
+            raise InternalError(f"the release spent rho {spent_rho!r}, above the task's {rho!r}")
         records_used = analysis.site_records(record)
         message = ReplyMessage(
             task_id=task.task_id,
@@ -332,6 +315,7 @@ class SiteRuntime:
             privacy_mode=mode,
             epsilon_spent=epsilon,
             records_used=None if mode == "dp" or records_used is None else int(records_used),
+            rho_spent=rho,
         ).to_proto()
         # The receipt covers the task id and the record exactly as it is serialised here.
         receipt = hashlib.sha256(
@@ -344,6 +328,7 @@ class SiteRuntime:
             "request": task.request_id,
             "mode": mode,
             "epsilon": message.reply.epsilon_spent,
+            **({"rho": rho} if rho else {}),
             "receipt": receipt,
         }
         committed = self.store.commit_reply(
@@ -352,6 +337,57 @@ class SiteRuntime:
         if committed != payload:  # another delivery of this task id committed first
             return self._replayed(committed)
         return Outcome(pb.SiteMessage.FromString(committed), "reply")
+
+    def _charge(
+        self,
+        task: TaskMessage,
+        analysis: Analysis[Any],
+        params: Any,
+        approval: StudyApproval,
+        mode: str,
+    ) -> Charge | None:
+        """What a dp task asks of the ledger: zCDP rho for a release with Gaussian noise,
+        else epsilon; None outside dp.
+
+        Raises:
+            ValidationError: the task's epsilon or rho is not a finite number above 0.
+        """
+        charge: Charge | None = None
+        gaussian = mode == "dp" and analysis.dp_measure(params) == "zcdp"
+        if gaussian:
+            if not (math.isfinite(task.rho) and task.rho > 0):
+                raise ValidationError(
+                    f"this dp task releases with Gaussian noise and needs a zCDP rho that is a "
+                    f"finite number above 0, got {task.rho!r}"
+                )
+            charge = Charge(
+                task.study_id,
+                task.request_id,
+                PureDP(0.0),
+                approval.budget,
+                None,
+                researcher=task.researcher,
+                rho=ZCDP(task.rho),
+                rho_budget=approval.rho_budget,
+                rho_cap=approval.rho_per_request,
+            )
+        elif mode == "dp":
+            if not (math.isfinite(task.epsilon) and task.epsilon > 0):
+                raise ValidationError(
+                    f"a dp task needs an epsilon that is a finite number above 0, got "
+                    f"{task.epsilon!r}"
+                )
+            charge = Charge(
+                task.study_id,
+                task.request_id,
+                PureDP(task.epsilon),
+                approval.budget,
+                approval.epsilon_per_request,
+                researcher=task.researcher,
+                researcher_budget=approval.researcher_budget,
+                period=self.config.policy.period_budget,
+            )
+        return charge
 
     def _check_reviewed(self, bundle: ScriptBundle) -> None:
         """Run a researcher's code only when this site's admin approved its exact hash; keep

@@ -31,7 +31,7 @@ class Welcome(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., coordinator: _Optional[str] = ..., software_version: _Optional[str] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "study_id", "purpose", "analysis", "params_json", "filter", "privacy_mode", "epsilon", "researcher", "round", "state_json", "request_id", "min_quality")
+    __slots__ = ("task_id", "study_id", "purpose", "analysis", "params_json", "filter", "privacy_mode", "epsilon", "researcher", "round", "state_json", "request_id", "min_quality", "rho")
     class MinQualityEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class Task(_message.Message):
     STATE_JSON_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MIN_QUALITY_FIELD_NUMBER: _ClassVar[int]
+    RHO_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     study_id: str
     purpose: str
@@ -65,10 +66,11 @@ class Task(_message.Message):
     state_json: str
     request_id: str
     min_quality: _containers.ScalarMap[str, float]
-    def __init__(self, task_id: _Optional[str] = ..., study_id: _Optional[str] = ..., purpose: _Optional[str] = ..., analysis: _Optional[str] = ..., params_json: _Optional[str] = ..., filter: _Optional[str] = ..., privacy_mode: _Optional[str] = ..., epsilon: _Optional[float] = ..., researcher: _Optional[str] = ..., round: _Optional[int] = ..., state_json: _Optional[str] = ..., request_id: _Optional[str] = ..., min_quality: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    rho: float
+    def __init__(self, task_id: _Optional[str] = ..., study_id: _Optional[str] = ..., purpose: _Optional[str] = ..., analysis: _Optional[str] = ..., params_json: _Optional[str] = ..., filter: _Optional[str] = ..., privacy_mode: _Optional[str] = ..., epsilon: _Optional[float] = ..., researcher: _Optional[str] = ..., round: _Optional[int] = ..., state_json: _Optional[str] = ..., request_id: _Optional[str] = ..., min_quality: _Optional[_Mapping[str, float]] = ..., rho: _Optional[float] = ...) -> None: ...
 
 class NamedArray(_message.Message):
-    __slots__ = ("name", "shape", "values", "kind", "mechanism", "scale", "epsilon")
+    __slots__ = ("name", "shape", "values", "kind", "mechanism", "scale", "epsilon", "rho")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +78,7 @@ class NamedArray(_message.Message):
     MECHANISM_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     EPSILON_FIELD_NUMBER: _ClassVar[int]
+    RHO_FIELD_NUMBER: _ClassVar[int]
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     values: _containers.RepeatedScalarFieldContainer[float]
@@ -83,7 +86,8 @@ class NamedArray(_message.Message):
     mechanism: str
     scale: float
     epsilon: float
-    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[float]] = ..., kind: _Optional[str] = ..., mechanism: _Optional[str] = ..., scale: _Optional[float] = ..., epsilon: _Optional[float] = ...) -> None: ...
+    rho: float
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[float]] = ..., kind: _Optional[str] = ..., mechanism: _Optional[str] = ..., scale: _Optional[float] = ..., epsilon: _Optional[float] = ..., rho: _Optional[float] = ...) -> None: ...
 
 class AggregateRecord(_message.Message):
     __slots__ = ("arrays",)
@@ -92,7 +96,7 @@ class AggregateRecord(_message.Message):
     def __init__(self, arrays: _Optional[_Iterable[_Union[NamedArray, _Mapping]]] = ...) -> None: ...
 
 class Reply(_message.Message):
-    __slots__ = ("task_id", "record", "privacy_mode", "epsilon_spent", "records_used", "replayed", "receipt")
+    __slots__ = ("task_id", "record", "privacy_mode", "epsilon_spent", "records_used", "replayed", "receipt", "rho_spent")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     RECORD_FIELD_NUMBER: _ClassVar[int]
     PRIVACY_MODE_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +104,7 @@ class Reply(_message.Message):
     RECORDS_USED_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    RHO_SPENT_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     record: AggregateRecord
     privacy_mode: str
@@ -107,7 +112,8 @@ class Reply(_message.Message):
     records_used: int
     replayed: bool
     receipt: str
-    def __init__(self, task_id: _Optional[str] = ..., record: _Optional[_Union[AggregateRecord, _Mapping]] = ..., privacy_mode: _Optional[str] = ..., epsilon_spent: _Optional[float] = ..., records_used: _Optional[int] = ..., replayed: _Optional[bool] = ..., receipt: _Optional[str] = ...) -> None: ...
+    rho_spent: float
+    def __init__(self, task_id: _Optional[str] = ..., record: _Optional[_Union[AggregateRecord, _Mapping]] = ..., privacy_mode: _Optional[str] = ..., epsilon_spent: _Optional[float] = ..., records_used: _Optional[int] = ..., replayed: _Optional[bool] = ..., receipt: _Optional[str] = ..., rho_spent: _Optional[float] = ...) -> None: ...
 
 class Refusal(_message.Message):
     __slots__ = ("task_id", "code", "reason")

@@ -57,6 +57,7 @@ class TaskMessage:
         filter: the safe row-filter expression, or empty.
         privacy_mode: the study's mode; the site applies the stricter of it and its own.
         epsilon: what this round may spend at the site in dp mode.
+        rho: the zCDP rho this round may spend at the site (Gaussian releases only).
         round: the round number, from 0.
         state: the public round state (validated by the site against the analysis).
         min_quality: the study's least usable share per variable (the site applies the
@@ -76,6 +77,7 @@ class TaskMessage:
     round: int = 0
     state: Mapping[str, Any] = field(default_factory=dict)
     min_quality: Mapping[str, float] = field(default_factory=dict)
+    rho: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("task_id", "request_id", "study_id", "analysis", "researcher", "purpose"):
@@ -83,6 +85,7 @@ class TaskMessage:
         _require("TaskMessage", "filter", self.filter, str)
         _require("TaskMessage", "privacy_mode", self.privacy_mode, str)
         _require("TaskMessage", "epsilon", self.epsilon, (int, float))
+        _require("TaskMessage", "rho", self.rho, (int, float))
         _require("TaskMessage", "round", self.round, int)
         _require("TaskMessage", "params", self.params, Mapping)
         _require("TaskMessage", "state", self.state, Mapping)
@@ -94,6 +97,7 @@ class TaskMessage:
         if self.round < 0:
             raise ValidationError(f"a task's round must be >= 0, got {self.round}")
         object.__setattr__(self, "epsilon", float(self.epsilon))
+        object.__setattr__(self, "rho", float(self.rho))
         object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
         object.__setattr__(self, "state", MappingProxyType(dict(self.state)))
         quality = {str(k): float(v) for k, v in self.min_quality.items()}
@@ -116,6 +120,7 @@ class TaskMessage:
                 round=self.round,
                 state_json=json.dumps(dict(self.state), allow_nan=False),
                 min_quality=dict(self.min_quality),
+                rho=self.rho,
             )
         )
 
@@ -141,6 +146,7 @@ class TaskMessage:
             round=task.round,
             state=_json_object(task.state_json, "task round state"),
             min_quality=dict(task.min_quality),
+            rho=task.rho,
         )
 
 
@@ -153,6 +159,7 @@ class ReplyMessage:
         record: the released arrays.
         privacy_mode: the mode the site applied.
         epsilon_spent: what the site's ledger charged.
+        rho_spent: the zCDP rho the site's ledger charged (Gaussian releases).
         records_used: records the site used, exact in off/sdc; None when private.
         receipt: SHA-256 over the task id and the serialised record.
         replayed: a stored reply to a repeated task id (charged nothing again).
@@ -165,12 +172,14 @@ class ReplyMessage:
     records_used: int | None = None
     receipt: str = ""
     replayed: bool = False
+    rho_spent: float = 0.0
 
     def __post_init__(self) -> None:
         _require("ReplyMessage", "task_id", self.task_id, str)
         _require("ReplyMessage", "record", self.record, AggregateRecord)
         _require("ReplyMessage", "privacy_mode", self.privacy_mode, str)
         _require("ReplyMessage", "epsilon_spent", self.epsilon_spent, (int, float))
+        _require("ReplyMessage", "rho_spent", self.rho_spent, (int, float))
         if self.records_used is not None:
             _require("ReplyMessage", "records_used", self.records_used, int)
         _require("ReplyMessage", "receipt", self.receipt, str)
@@ -187,6 +196,7 @@ class ReplyMessage:
                 records_used=-1 if self.records_used is None else self.records_used,
                 receipt=self.receipt,
                 replayed=self.replayed,
+                rho_spent=float(self.rho_spent),
             )
         )
 
@@ -207,6 +217,7 @@ class ReplyMessage:
             records_used=None if reply.records_used < 0 else int(reply.records_used),
             receipt=reply.receipt,
             replayed=reply.replayed,
+            rho_spent=reply.rho_spent,
         )
 
 
@@ -250,6 +261,7 @@ def record_to_proto(record: AggregateRecord) -> pb.AggregateRecord:
                 mechanism=rel.mechanism,
                 scale=rel.scale,
                 epsilon=rel.epsilon,
+                rho=rel.rho,
             )
         )
     return out
@@ -271,11 +283,13 @@ def record_from_proto(message: pb.AggregateRecord, spec: RecordSpec) -> Aggregat
         shape = tuple(item.shape)
         if any(dim < 0 for dim in shape) or math.prod(shape) > MAX_CELLS:
             raise RecordError(f"array {item.name!r}: shape {list(shape)} is not a valid shape")
-        if not all(math.isfinite(x) and x >= 0 for x in (item.scale, item.epsilon)):
-            raise RecordError(f"array {item.name!r}: scale and epsilon must be finite and >= 0")
+        if not all(math.isfinite(x) and x >= 0 for x in (item.scale, item.epsilon, item.rho)):
+            raise RecordError(
+                f"array {item.name!r}: scale, epsilon and rho must be finite and >= 0"
+            )
         values = np.asarray(item.values, dtype=np.float64)
         if values.size != math.prod(shape):
             raise RecordError(f"array {item.name!r}: {values.size} values for shape {shape}")
         arrays[item.name] = values.reshape(shape)
-        releases[item.name] = Release(item.mechanism or "none", item.scale, item.epsilon)
+        releases[item.name] = Release(item.mechanism or "none", item.scale, item.epsilon, item.rho)
     return AggregateRecord(spec, arrays, releases)

@@ -83,8 +83,20 @@ def test_split_needs_one_or_more_parts(parts: int) -> None:
         PureDP(1.0).split(parts)
 
 
-def test_zcdp_arithmetic() -> None:
-    assert ZCDP(0.1) + ZCDP(0.2) == ZCDP(0.1 + 0.2)
+def test_zcdp_arithmetic_is_exact_on_the_decimals_people_write() -> None:
+    assert ZCDP(0.1) + ZCDP(0.2) == ZCDP(0.3)
+    assert ZCDP(0.3) - ZCDP(0.5) == ZCDP(0.0)
+    assert ZCDP(1e-10).charge_units() == 1 and ZCDP(1e-10).limit_units() == 0
+    assert ZCDP(1.0).split(3) == ZCDP.from_units(333_333_333)
+
+
+def test_a_zcdp_check_refuses_a_hair_over_and_says_by_how_much() -> None:
+    from protocol.budget import check_rho
+
+    fits = check_rho(ZCDP(0.5), ZCDP(0.3).charge_units(), ZCDP(0.2))
+    assert fits.allowed
+    over = check_rho(ZCDP(0.5), ZCDP(0.3).charge_units(), ZCDP(0.2 + 1e-9))
+    assert not over.allowed and over.short == ZCDP(1e-9)
 
 
 def test_zcdp_to_approx_dp() -> None:

@@ -40,7 +40,7 @@ def manifest(**changes: object) -> dict[str, object]:
 @pytest.mark.parametrize(
     ("changes", "words"),
     [
-        ({"bound": {"norm": "l2", "value": 1}}, "norm 'l2' needs Gaussian noise under zCDP"),
+        ({"bound": {"norm": "l2", "value": [1, 2]}}, "an l2 bound is one number"),
         ({"bound": {"norm": "per_coordinate", "value": [1]}}, "lists k = 2 values"),
         ({"bound": {"norm": "l1", "value": float("inf")}}, "finite numbers above 0"),
         ({"counts": [2]}, "counts are distinct coordinates in 0..1"),
@@ -403,3 +403,116 @@ def test_a_large_site_gets_its_whole_contribution_array_back(heart_dict):
     np.testing.assert_allclose(
         arrays["total"], [(frame.age * frame.chol).sum(), frame.age.sum()], rtol=1e-12
     )
+
+
+# ----------------------------------------------------------------------------- L2: zCDP
+
+L2_MANIFEST = (
+    "name: age_l2\nversion: '1'\nvariables: [age]\nk: 2\nbound: {norm: l2, value: 130}\nmode: dp\n"
+)
+L2_MODULE = (
+    "import numpy as np\n\n\ndef per_record(frame):\n"
+    "    return np.column_stack([frame.age.to_numpy(), np.full(len(frame), 50.0)])\n\n\n"
+    "def combine(total, n):\n    return {'mean': total[0] / n}\n"
+)
+
+
+def test_an_l2_bound_clips_to_the_euclidean_norm():
+    m = ScriptManifest.model_validate(manifest(bound={"norm": "l2", "value": 5}))
+    clipped, touched = clip_contributions(np.array([[3.0, 4.0], [6.0, 8.0]]), m, 2)
+    np.testing.assert_allclose(clipped, [[3.0, 4.0], [3.0, 4.0]])
+    assert touched == 1
+
+
+def test_gaussian_noise_on_an_l2_total_matches_the_stated_sd_and_opendp_certifies_its_rho():
+    """The site engine releases an L2 script's totals 500 times through OpenDP's Gaussian
+    mechanism: observed over stated sd in 0.8 .. 1.25, and the rho OpenDP's zCDP map certifies
+    adds up to at most the task's rho."""
+    from analyses import get_analysis
+    from analyses.base import AnalysisContext
+    from protocol.config import DataDictionary, SDCThresholds
+    from site_node.privacy import privatize
+
+    heart = DataDictionary.model_validate(
+        {"variables": {"age": {"type": "numeric", "min": 0, "max": 120}}}
+    )
+    b = ScriptBundle(L2_MODULE, L2_MANIFEST)
+    analysis = get_analysis("script")
+    params = analysis.parse_params(
+        {"hash": b.hash, "module": b.module, "manifest": b.manifest_text}, heart
+    )
+    ctx = AnalysisContext(heart, "dp")
+    spec = analysis.declare(params, ctx)
+    arrays = {"total": np.array([5000.0, 4000.0]), "n": np.asarray(80.0)}
+    noise, stated, rho = [], set(), set()
+    for _ in range(500):
+        record = privatize(spec, arrays, "dp", 0.0, SDCThresholds(), rho=0.5)
+        noise.append(record["total"] - arrays["total"])
+        stated.add(round(record.releases["total"].scale, 9))
+        rho.add(sum(r.rho for r in record.releases.values()))
+        assert record.releases["total"].mechanism == "gaussian" and record.epsilon == 0.0
+    assert len(stated) == 1 and max(rho) <= 0.5
+    ratio = np.std(np.array(noise), axis=0, ddof=1) / stated.pop()
+    assert np.all((ratio > 0.8) & (ratio < 1.25)), ratio
+
+
+def test_a_site_charges_an_l2_script_to_its_rho_budget_and_refuses_past_it(
+    tmp_path, heart_frames, heart_dict
+):
+    policy = {
+        "allowed_analyses": ["script"],
+        "studies": [{"id": "s1", "mode": "dp", "budget": 1.0, "rho_budget": 0.5}],
+    }
+    site = make_site(tmp_path, heart_frames["cleveland"], heart_dict, policy)
+    b = ScriptBundle(L2_MODULE, L2_MANIFEST)
+
+    def l2_task(task_id: str, rho: float):
+        wire = script_task(b, task_id, mode="dp")
+        wire.rho = rho
+        return wire
+
+    site.handle(l2_task("z0", 0.3))
+    site.store.decide_script(b.hash, True, "it")
+    no_rho = site.handle(l2_task("z1", 0.0))
+    assert no_rho.message.refusal.code == "validation"
+    assert "needs a zCDP rho" in no_rho.message.refusal.reason
+    first = site.handle(l2_task("z2", 0.3))
+    assert first.status == "reply" and first.message.reply.rho_spent == 0.3
+    assert first.message.reply.epsilon_spent == 0.0
+    assert site.store.spent_rho("s1").rho == pytest.approx(0.3)
+    assert site.store.spent("s1").epsilon == 0.0  # the epsilon budget is untouched
+    second = site.handle(l2_task("z3", 0.3))
+    assert second.message.refusal.code == "budget"
+    assert "study s1 has rho 0.2 left at this site; this request needs 0.3 (short by 0.1)" in (
+        second.message.refusal.reason
+    )
+    site.close()
+
+
+def test_a_site_without_a_rho_budget_refuses_gaussian_releases(tmp_path, heart_frames, heart_dict):
+    site = script_site(tmp_path, heart_frames["cleveland"], heart_dict, mode="dp")
+    b = ScriptBundle(L2_MODULE, L2_MANIFEST)
+    wire = script_task(b, "n0", mode="dp")
+    wire.rho = 0.1
+    site.handle(wire)
+    site.store.decide_script(b.hash, True, "it")
+    wire.task_id = "n1"
+    refused = site.handle(wire)
+    assert refused.message.refusal.code == "budget"
+    assert "sets no rho_budget" in refused.message.refusal.reason
+    assert site.store.spent_rho("s1").rho == 0.0
+    site.close()
+
+
+def test_a_zcdp_request_without_rho_is_refused_before_any_task(heart_dict):
+    from analyses import get_analysis
+    from analyses.driver import RoundDriver
+    from protocol.budget import PureDP
+
+    b = ScriptBundle(L2_MODULE, L2_MANIFEST)
+    analysis = get_analysis("script")
+    params = analysis.parse_params(
+        {"hash": b.hash, "module": b.module, "manifest": b.manifest_text}, heart_dict
+    )
+    with pytest.raises(ValidationError, match="give `rho` in the request"):
+        RoundDriver(analysis, params, heart_dict, "dp", ["a"], PureDP(0.5))
