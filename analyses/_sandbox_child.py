@@ -390,8 +390,10 @@ def main() -> None:
         if not callable(function):
             _stop("error", f"the script defines no function {job['function']}")
             return
+        # Iterative scripts also get the round's public state (a dict of numbers and lists).
+        state = () if job.get("state") is None else (job["state"],)
         if job["function"] == "per_record":
-            value = function(job["frame"])
+            value = function(job["frame"], *state)
             array = np.asarray(value)
             if array.dtype == object or not (
                 np.issubdtype(array.dtype, np.number) or array.dtype == bool
@@ -401,7 +403,7 @@ def main() -> None:
             np.save(buffer, np.ascontiguousarray(array, dtype=np.float64), allow_pickle=False)
             _write_frame(out, b"A", buffer.getvalue())
         else:
-            value = function(job["total"], job["n"])
+            value = function(job["total"], job["n"], *state)
             _write_frame(out, b"J", json.dumps(value, allow_nan=True, default=_plain).encode())
     except MemoryError:
         _stop("memory", "MemoryError")

@@ -195,6 +195,8 @@ class Analysis(ABC, Generic[P]):
 
     #: the site passes each row's state at the source in ``ctx.source`` (the quality profile)
     reads_source: ClassVar[bool] = False
+    #: a dp run may finish before its budgeted ``dp_rounds`` (spending less than asked)
+    may_finish_early: ClassVar[bool] = False
 
     name: ClassVar[str]
     params_model: ClassVar[type[BaseModel]]

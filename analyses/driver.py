@@ -285,7 +285,11 @@ class RoundDriver:
                 )
             self._set_state(outcome, self._round + 1)
             return
-        if self.mode == "dp" and self._round + 1 != self.rounds_budgeted:
+        if (
+            self.mode == "dp"
+            and self._round + 1 != self.rounds_budgeted
+            and not self.analysis.may_finish_early
+        ):
             raise InternalError(
                 f"{self.analysis.name} finished after {self._round + 1} dp rounds but budgeted "
                 f"{self.rounds_budgeted} (dp_rounds)"

@@ -151,6 +151,7 @@ def run_function(
     output_cap: int = MAX_RESULT_BYTES,
     warm: bool = True,
     audit_hook: bool = True,
+    state: dict[str, Any] | None = None,
 ) -> SandboxRun:
     """Run ``function`` of a script's ``source`` in the sandbox.
 
@@ -164,6 +165,8 @@ def run_function(
             fresh interpreter; the isolation is the same, only slower).
         audit_hook: False leaves the audit hook out, so that tests can show the kernel's
             layers (seccomp, Landlock, the network namespace) hold on their own.
+        state: an iterative script's public round state, passed as the function's last
+            argument (None: single-round scripts, called without it).
 
     Returns:
         per_record: a float64 array; combine: the decoded JSON value.
@@ -178,6 +181,7 @@ def run_function(
         "frame": frame,
         "total": None if total is None else np.array(total, dtype=np.float64),
         "n": float(n),
+        "state": None if state is None else dict(state),
         "memory_bytes": int(limits.memory_mb) << 20,
         "cpu_seconds": int(limits.cpu_seconds),
         "audit_hook": bool(audit_hook),

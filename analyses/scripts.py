@@ -19,6 +19,7 @@ approved.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -32,7 +33,15 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from analyses.base import Analysis, AnalysisContext, Arrays, DistinctNames, Params
+from analyses.base import (
+    Analysis,
+    AnalysisContext,
+    Arrays,
+    DistinctNames,
+    NextRound,
+    Params,
+    RoundState,
+)
 from analyses.registry import analysis
 from analyses.results import AnalysisResult
 from analyses.sandbox import SandboxLimits, run_function
@@ -45,7 +54,43 @@ MAX_MODULE_BYTES = 256 << 10
 MAX_MANIFEST_BYTES = 16 << 10
 #: Most values a record may contribute.
 MAX_K = 1000
+#: Most rounds an iterative script may declare, and most numbers its public state may hold.
+MAX_ROUNDS = 50
+MAX_STATE_NUMBERS = 1000
 HASH_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_public_state(state: Mapping[str, Any], where: str) -> dict[str, float | list[float]]:
+    """An iterative script's public state: at most 20 names, each a finite number or a flat
+    list of finite numbers, at most ``MAX_STATE_NUMBERS`` in all. Returns it as floats.
+
+    Raises:
+        ValueError: naming what is wrong (never a value).
+    """
+    if not isinstance(state, Mapping) or len(state) > 20:
+        raise ValueError(f"{where}: a public state is a mapping of at most 20 names")
+    out: dict[str, float | list[float]] = {}
+    numbers = 0
+    for name, value in state.items():
+        if not isinstance(name, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$", name):
+            raise ValueError(f"{where}: state names are identifiers, got {str(name)[:64]!r}")
+        items = value if isinstance(value, list) else [value]
+        if not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for v in items
+        ):
+            raise ValueError(f"{where}: {name!r} must be a finite number or a list of them")
+        numbers += len(items)
+        out[name] = [float(v) for v in items] if isinstance(value, list) else float(value)
+    if numbers > MAX_STATE_NUMBERS:
+        raise ValueError(f"{where}: a public state holds at most {MAX_STATE_NUMBERS} numbers")
+    return out
+
+
+class ScriptState(RoundState):
+    """The public round state of an iterative script: what its combine returned as ``state``."""
+
+    state: dict[str, float | list[float]] = Field(default_factory=dict)
 
 
 class ContributionBound(BaseModel):
@@ -80,6 +125,16 @@ class ScriptManifest(BaseModel):
         description="coordinates that count records: each record gives 0 or 1 there",
     )
     mode: Literal["dp", "sdc"] = Field(description="the privacy mode the script is meant for")
+    rounds: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_ROUNDS,
+        description="iterative scripts: the most rounds (dp splits the request's budget over "
+        "all of them); per_record and combine then take the round's public state last",
+    )
+    initial_state: dict[str, float | list[float]] = Field(
+        default_factory=dict, description="iterative scripts: round 0's public state"
+    )
 
     @field_validator("version", mode="before")
     @classmethod
@@ -99,6 +154,8 @@ class ScriptManifest(BaseModel):
         for value in self.bounds_list():
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"bounds must be finite numbers above 0, got {value!r}")
+        if self.initial_state:
+            check_public_state(self.initial_state, "initial_state")
         bad = [j for j in self.counts if not 0 <= j < self.k]
         if bad or len(set(self.counts)) != len(self.counts):
             raise ValueError(
@@ -336,7 +393,9 @@ class ScriptAnalysis(Analysis[ScriptParams]):
     """A reviewed script, released by the framework (see the module docstring)."""
 
     params_model = ScriptParams
+    state_model = ScriptState
     result_type = ScriptResult
+    may_finish_early = True  # an iterative script may converge before its last round
 
     def check_params(self, params: ScriptParams, dictionary: DataDictionary) -> None:
         bundle = params.bundle
@@ -353,6 +412,33 @@ class ScriptAnalysis(Analysis[ScriptParams]):
 
     def reviewed_code(self, params: ScriptParams) -> ScriptBundle | None:
         return params.bundle
+
+    def dp_rounds(self, params: ScriptParams, ctx: AnalysisContext) -> int:
+        return params.bundle.manifest.rounds
+
+    def initial_state(self, params: ScriptParams, ctx: AnalysisContext) -> NextRound:
+        manifest = params.bundle.manifest
+        if manifest.rounds == 1:
+            return NextRound()
+        return NextRound(state={"state": dict(manifest.initial_state)})
+
+    def check_state(self, state: Any, params: ScriptParams, ctx: AnalysisContext) -> None:
+        manifest = params.bundle.manifest
+        if manifest.rounds == 1 and state.state:
+            raise ValidationError("script round state: a single-round script takes no state")
+        if ctx.round >= manifest.rounds:
+            raise ValidationError(
+                f"script round state: round {ctx.round} is past the script's {manifest.rounds}"
+            )
+        try:
+            check_public_state(state.state, "script round state")
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from None
+
+    def _round_state(self, params: ScriptParams, ctx: AnalysisContext) -> dict[str, Any] | None:
+        if params.bundle.manifest.rounds == 1:
+            return None
+        return dict(ctx.state.get("state", {}))
 
     def dp_measure(self, params: ScriptParams) -> str:
         return "zcdp" if params.bundle.manifest.gaussian else "pure"
@@ -399,13 +485,16 @@ class ScriptAnalysis(Analysis[ScriptParams]):
                 limits,
                 frame=frame,
                 output_cap=contributions_bytes(len(frame), manifest.k),
+                state=state,
             )
             clipped, _ = clip_contributions(run.value, manifest, len(frame))
             return clipped
 
+        state = self._round_state(params, ctx)
         if ctx.cache is None:
             return build()
-        return ctx.cache.get(("script", params.hash, ctx.round), build, lambda a: a.nbytes)
+        key = ("script", params.hash, json.dumps(state, sort_keys=True))
+        return ctx.cache.get(key, build, lambda a: a.nbytes)
 
     def local(self, data: pd.DataFrame, params: ScriptParams, ctx: AnalysisContext) -> Arrays:
         manifest = params.bundle.manifest
@@ -428,8 +517,9 @@ class ScriptAnalysis(Analysis[ScriptParams]):
 
     def combine(
         self, records: Mapping[str, AggregateRecord], params: ScriptParams, ctx: AnalysisContext
-    ) -> ScriptResult:
+    ) -> ScriptResult | NextRound:
         bundle = params.bundle
+        manifest = bundle.manifest
         total = np.sum([r["total"] for r in records.values()], axis=0)
         n = float(sum(float(r["n"]) for r in records.values()))
         sd = np.sqrt(
@@ -439,7 +529,21 @@ class ScriptAnalysis(Analysis[ScriptParams]):
             )
         )
         limits = ctx.sandbox if isinstance(ctx.sandbox, SandboxLimits) else SandboxLimits()
-        run = run_function(bundle.label, bundle.module, "combine", limits, total=total, n=n)
+        state = self._round_state(params, ctx)
+        run = run_function(
+            bundle.label, bundle.module, "combine", limits, total=total, n=n, state=state
+        )
+        if manifest.rounds > 1 and isinstance(run.value, dict) and "state" in run.value:
+            if ctx.round + 1 >= manifest.rounds:
+                raise ValidationError(
+                    f"script {bundle.label} asked for round {ctx.round + 2}, but its manifest "
+                    f"declares rounds: {manifest.rounds}"
+                )
+            try:
+                public = check_public_state(run.value["state"], "the script's next state")
+            except ValueError as exc:
+                raise ValidationError(str(exc)) from None
+            return NextRound(state={"state": public})
         return ScriptResult(
             analysis=self.name,
             script=bundle.label,

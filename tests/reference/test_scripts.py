@@ -92,3 +92,31 @@ def test_dp_noise_on_a_script_total_matches_the_stated_sd_over_500_releases(
     assert len(stated) == 1
     ratio = np.std(np.array(noise), axis=0, ddof=1) / stated.pop()
     assert np.all((ratio > 0.8) & (ratio < 1.25)), ratio
+
+
+def test_an_iterative_script_fits_the_pooled_logistic_regression_over_public_rounds(
+    heart_frames, heart_dict, heart_pooled
+):
+    """Newton's method as a script: each round's coefficients are the only state the sites
+    see; in sdc the fit is the pooled maximum-likelihood fit."""
+    seen: list[dict] = []
+    result = federate(
+        "script",
+        heart_frames,
+        params("logistic_newton"),
+        heart_dict,
+        mode="sdc",
+        release=sdc_release,
+        on_round=lambda step, spec, answers: seen.append(step.state),
+    )
+    # Reference: statsmodels Logit(num > 0 ~ 1 + age / 100) on the pooled complete cases.
+    import statsmodels.api as sm
+
+    rows = heart_pooled.dropna(subset=["age", "num"])
+    fit = sm.Logit((rows.num > 0).astype(float), sm.add_constant(rows.age / 100.0)).fit(disp=0)
+    estimates = result.estimates
+    assert estimates["intercept"] == pytest.approx(fit.params.iloc[0], rel=1e-8)
+    assert estimates["age_per_100_years"] == pytest.approx(fit.params.iloc[1], rel=1e-8)
+    assert 2 <= estimates["iterations"] <= 10
+    assert all(set(state) == {"state"} for state in seen)
+    assert all(set(state["state"]) == {"beta", "iteration"} for state in seen)

@@ -45,7 +45,9 @@ def manifest(**changes: object) -> dict[str, object]:
         ({"bound": {"norm": "l1", "value": float("inf")}}, "finite numbers above 0"),
         ({"counts": [2]}, "counts are distinct coordinates in 0..1"),
         ({"k": 0}, "k"),
-        ({"rounds": 3}, "rounds"),
+        ({"rounds": 51}, "rounds"),
+        ({"initial_state": {"beta": [float("inf")]}}, "finite number"),
+        ({"extra": 1}, "extra"),
     ],
 )
 def test_a_bad_manifest_is_refused_naming_the_field(changes, words):
@@ -516,3 +518,51 @@ def test_a_zcdp_request_without_rho_is_refused_before_any_task(heart_dict):
     )
     with pytest.raises(ValidationError, match="give `rho` in the request"):
         RoundDriver(analysis, params, heart_dict, "dp", ["a"], PureDP(0.5))
+
+
+@pytest.mark.parametrize(
+    ("state", "words"),
+    [
+        ({"state": {"beta": [0.0, float("nan")], "iteration": 0.0}}, "state"),
+        ({"state": {"beta": [0.0] * 1001}}, "at most 1000 numbers"),
+        ({"state": {"x" * 65: 1.0}}, "identifiers"),
+        ({"state": {"beta": [0.0, 0.0]}, "memo": {"site_a": 1.0}}, "memo"),
+    ],
+)
+def test_a_site_refuses_a_hostile_round_state_for_an_iterative_script(state, words, heart_dict):
+    """The round state is the coordinator's choice: NaN, an oversized state, odd names or an
+    undeclared key are refused before per_record runs."""
+    from analyses import get_analysis
+    from analyses.base import AnalysisContext
+
+    b = bundle("logistic_newton")
+    analysis = get_analysis("script")
+    params = analysis.parse_params(
+        {"hash": b.hash, "module": b.module, "manifest": b.manifest_text}, heart_dict
+    )
+    ctx = AnalysisContext(heart_dict, "sdc", round=1)
+    with pytest.raises(ValidationError) as caught:
+        analysis.parse_state(state, params, ctx)
+    assert words in str(caught.value)
+
+
+def test_an_iterative_script_cannot_run_past_its_declared_rounds(heart_frames, heart_dict):
+    module = (
+        "import numpy as np\n\n\ndef per_record(frame, state):\n"
+        "    return np.ones((len(frame), 1))\n\n\n"
+        "def combine(total, n, state):\n    return {'state': {'again': 1.0}}\n"
+    )
+    text = (
+        "name: forever\nversion: '1'\nvariables: [age]\nk: 1\nbound: {norm: l1, value: 1}\n"
+        "mode: sdc\nrounds: 3\n"
+    )
+    from analyses.testing import federate
+
+    b = ScriptBundle(module, text)
+    with pytest.raises(ValidationError, match="asked for round 4, but its manifest declares"):
+        federate(
+            "script",
+            {"a": heart_frames["cleveland"]},
+            {"hash": b.hash, "module": b.module, "manifest": b.manifest_text},
+            heart_dict,
+        )
