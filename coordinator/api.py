@@ -499,7 +499,9 @@ async def submit_script(
     stored = await asyncio.to_thread(
         its.studies.submit_script, study, body["module"], body["manifest"], who.user
     )
-    return {"ok": True, "study_id": study.id, **stored}
+    offer = {"study_id": study.id, "module": body["module"], "manifest": body["manifest"]}
+    sent = its.registry.offer_script(study.sites or its.registry.connected(), offer)
+    return {"ok": True, "study_id": study.id, **stored, "offered_to": sent}
 
 
 @router.get("/requests/{request_id}")

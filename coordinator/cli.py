@@ -256,6 +256,12 @@ def script_submit(
     state = "submitted" if stored["new"] else "already submitted"
     typer.echo(f"{state}: script {stored['name']!r} {stored['version']} to study {study}")
     typer.echo(f"hash: {stored['hash']}")
+    offered = stored.get("offered_to") or []
+    typer.echo(
+        f"sent for review to {len(offered)} connected site(s)"
+        + (f": {', '.join(offered)}" if offered else "")
+        + "; a site that connects later gets it then"
+    )
     typer.echo(
         "each site runs it once its admin approves this hash (alliance site review-script / "
         "approve-script); request it with analysis: script, params: {hash: " + stored["hash"] + "}"

@@ -50,6 +50,15 @@ class _Outstanding:
     future: asyncio.Future[pb.SiteMessage]
 
 
+def script_offer(script: dict[str, Any]) -> pb.CoordinatorMessage:
+    """The message that brings a submitted script to a site for review."""
+    return pb.CoordinatorMessage(
+        script_offer=pb.ScriptOffer(
+            study_id=script["study_id"], module=script["module"], manifest=script["manifest"]
+        )
+    )
+
+
 class SiteRegistry:
     """Connected sites and the tasks waiting for them."""
 
@@ -89,6 +98,9 @@ class SiteRegistry:
         self.disconnected_at.pop(session.name, None)
         for item in self._outstanding.get(session.name, {}).values():
             session.outbox.put_nowait(pb.CoordinatorMessage(task=item.task))
+        if self.store is not None:  # scripts its admin may want to review before any task
+            for script in await asyncio.to_thread(self.store.offered_scripts, session.name):
+                session.outbox.put_nowait(script_offer(script))
         async with self.changed:
             self.changed.notify_all()
 
@@ -99,6 +111,17 @@ class SiteRegistry:
             self.disconnected_at[session.name] = time.time()
             async with self.changed:
                 self.changed.notify_all()
+
+    def offer_script(self, sites: list[str], script: dict[str, Any]) -> list[str]:
+        """Send a submitted script to the named sites that are connected (the others get it
+        when they connect); return those it went to."""
+        sent = []
+        for name in sites:
+            session = self.sessions.get(name)
+            if session is not None:
+                session.outbox.put_nowait(script_offer(script))
+                sent.append(name)
+        return sent
 
     def deliver(self, site: str, task_id: str, message: pb.SiteMessage) -> None:
         """Resolve the task a reply or refusal answers."""

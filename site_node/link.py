@@ -283,6 +283,8 @@ class SiteLink:
                     message.task.round,
                 )
                 await self._answer(call, lock, message.task)
+            elif message.HasField("script_offer"):
+                await asyncio.to_thread(self.runtime.receive_offer, message.script_offer)
 
     async def _answer(
         self, call: grpc.aio.StreamStreamCall[Any, Any], lock: asyncio.Lock, task: pb.Task

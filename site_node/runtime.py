@@ -52,6 +52,8 @@ from site_node.privacy import privatize
 
 #: Filtered frames kept for the later rounds of iterative analyses.
 FILTER_CACHE_SIZE = 8
+#: Scripts a site keeps awaiting review at most (offers beyond it are dropped and logged).
+MAX_PENDING_SCRIPTS = 200
 #: Parsed parameters kept (by analysis and parameter text).
 PARAMS_CACHE_SIZE = 64
 log = logging.getLogger("alliance.site")
@@ -388,6 +390,38 @@ class SiteRuntime:
                 period=self.config.policy.period_budget,
             )
         return charge
+
+    def receive_offer(self, offer: pb.ScriptOffer) -> None:
+        """Keep a script the coordinator offers for review (never run: a task must name it, and
+        its admin approve it). A malformed offer, or one past the pending limit, is logged and
+        dropped; nothing is answered."""
+        try:
+            bundle = ScriptBundle(offer.module, offer.manifest)
+            manifest = bundle.manifest
+        except AllianceError as exc:
+            log.warning("dropped a script offered for study %s: %s", offer.study_id, exc)
+            return
+        digest = bundle.hash
+        if self.store.script_status(digest) is not None:
+            return
+        pending = sum(1 for s in self.store.scripts() if s["status"] == "pending")
+        if pending >= MAX_PENDING_SCRIPTS:
+            log.warning(
+                "dropped script %s offered for study %s: %d scripts already await review",
+                bundle.label,
+                offer.study_id,
+                pending,
+            )
+            return
+        self.store.receive_script(
+            digest, manifest.name, manifest.version, bundle.module, bundle.manifest_text
+        )
+        log.info(
+            "script %s was submitted to study %s; review it with `alliance site review-script %s`",
+            bundle.label,
+            offer.study_id,
+            digest,
+        )
 
     def _check_reviewed(self, bundle: ScriptBundle) -> None:
         """Run a researcher's code only when this site's admin approved its exact hash; keep

@@ -221,6 +221,29 @@ class Store:
             )
         return True
 
+    def offered_scripts(self, site: str) -> list[dict[str, Any]]:
+        """The scripts of open studies that ``site`` takes part in (a study that names no
+        sites takes every connected site), oldest first: what a site is offered on connecting."""
+        studies = models.studies
+        scripts = models.scripts
+        with self.engine.connect() as conn:
+            rows = (
+                conn.execute(
+                    select(scripts, studies.c.config_json)
+                    .join(studies, studies.c.id == scripts.c.study_id)
+                    .where(studies.c.status == "open")
+                    .order_by(scripts.c.submitted)
+                )
+                .mappings()
+                .all()
+            )
+        out = []
+        for row in rows:
+            invited = json.loads(row["config_json"]).get("sites") or []
+            if not invited or site in invited:
+                out.append({k: row[k] for k in ("study_id", "hash", "module", "manifest")})
+        return out
+
     def script(self, study_id: str, digest: str) -> dict[str, Any] | None:
         """A script submitted to a study, or None."""
         table = models.scripts

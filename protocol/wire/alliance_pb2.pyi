@@ -143,12 +143,24 @@ class SiteMessage(_message.Message):
     heartbeat: Heartbeat
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., reply: _Optional[_Union[Reply, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
 
+class ScriptOffer(_message.Message):
+    __slots__ = ("study_id", "module", "manifest")
+    STUDY_ID_FIELD_NUMBER: _ClassVar[int]
+    MODULE_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    study_id: str
+    module: str
+    manifest: str
+    def __init__(self, study_id: _Optional[str] = ..., module: _Optional[str] = ..., manifest: _Optional[str] = ...) -> None: ...
+
 class CoordinatorMessage(_message.Message):
-    __slots__ = ("welcome", "task", "heartbeat")
+    __slots__ = ("welcome", "task", "heartbeat", "script_offer")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    SCRIPT_OFFER_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     task: Task
     heartbeat: Heartbeat
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., task: _Optional[_Union[Task, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+    script_offer: ScriptOffer
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., task: _Optional[_Union[Task, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., script_offer: _Optional[_Union[ScriptOffer, _Mapping]] = ...) -> None: ...

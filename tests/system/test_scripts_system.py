@@ -5,7 +5,9 @@ exact pooled answer; one changed byte is refused everywhere again."""
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -23,6 +25,17 @@ SCRIPTS = Path(__file__).resolve().parents[2] / "configs" / "scripts"
 runner = CliRunner()
 
 
+def review_when_offered(digest: str, config: Path, seconds: float = 20.0) -> Any:
+    """``alliance site review-script`` once the site has the script (offers travel over the
+    site link, so it may take a moment)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        review = runner.invoke(app, ["site", "review-script", digest[:12], "--config", str(config)])
+        if review.exit_code == 0 or time.monotonic() > deadline:
+            return review
+        time.sleep(0.2)
+
+
 def test_a_script_runs_only_where_its_hash_is_approved(tmp_path: Path, heart_pooled: pd.DataFrame):
     federation = heart_federation(tmp_path, "sdc")
     module = (SCRIPTS / "odds_ratio.py").read_text()
@@ -30,13 +43,14 @@ def test_a_script_runs_only_where_its_hash_is_approved(tmp_path: Path, heart_poo
     try:
         federation.start(study("sdc"))
         with federation.researcher() as client:
-            digest = client.submit_script("s1", module, manifest)["hash"]
+            submitted = client.submit_script("s1", module, manifest)
+            digest = submitted["hash"]
+            configs = {s: federation.site_dir(s) / "site.yaml" for s in SITES}
+            # The coordinator sends the script to every site: its admin can review it before
+            # any request runs it.
+            review = review_when_offered(digest, configs["va"])
             request = {"analysis": "script", "params": {"hash": digest}}
             before = client.submit("s1", request)
-            configs = {s: federation.site_dir(s) / "site.yaml" for s in SITES}
-            review = runner.invoke(
-                app, ["site", "review-script", digest[:12], "--config", str(configs["va"])]
-            )
             for config in configs.values():
                 approved = runner.invoke(
                     app, ["site", "approve-script", digest, "--config", str(config), "--by", "it"]
@@ -47,6 +61,7 @@ def test_a_script_runs_only_where_its_hash_is_approved(tmp_path: Path, heart_poo
             again = client.submit("s1", {"analysis": "script", "params": {"hash": changed}})
     finally:
         federation.stop()
+    assert sorted(submitted["offered_to"]) == sorted(SITES)
     assert before["status"] == "failed"
     refusals = {s["name"]: s for s in before["result"]["sites"]}
     assert set(refusals) == set(SITES)

@@ -566,3 +566,25 @@ def test_an_iterative_script_cannot_run_past_its_declared_rounds(heart_frames, h
             {"hash": b.hash, "module": b.module, "manifest": b.manifest_text},
             heart_dict,
         )
+
+
+def test_an_offered_script_waits_for_review_and_a_malformed_offer_is_dropped(
+    tmp_path, heart_frames, heart_dict, caplog
+):
+    from protocol.wire import alliance_pb2 as pb
+
+    site = script_site(tmp_path, heart_frames["cleveland"], heart_dict)
+    good = bundle("odds_ratio")
+    offer = pb.ScriptOffer(study_id="s1", module=good.module, manifest=good.manifest_text)
+    site.receive_offer(offer)
+    site.receive_offer(offer)  # offered again on a reconnect: kept and audited once
+    assert site.store.script_status(good.hash) == "pending"
+    assert [e.action for e in site.store.audit_entries()].count("script_received") == 1
+    with caplog.at_level("WARNING", logger="alliance.site"):
+        site.receive_offer(pb.ScriptOffer(study_id="s1", module="x", manifest="k: [unclosed"))
+    assert "dropped a script offered for study s1" in caplog.text
+    assert len(site.store.scripts()) == 1
+    # Offered is not approved: a task that names it is still refused.
+    refused = site.handle(script_task(good, "o1"))
+    assert refused.message.refusal.code == "script"
+    site.close()
