@@ -372,7 +372,8 @@ def test_the_audit_hook_stops_a_script_reaching_ctypes_through_numpy():
 
     source = (
         "import numpy as np\n\n\ndef per_record(frame):\n"
-        "    ctypes = np._core._internal.ctypes\n"
+        "    internal = np._core._internal if hasattr(np, '_core') else np.core._internal\n"
+        "    ctypes = internal.ctypes\n"
         "    libc = ctypes.CDLL(None, use_errno=True)\n"
         "    return np.ones((len(frame), 1))\n"
     )
