@@ -18,6 +18,7 @@ approved.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -205,7 +206,7 @@ class ScriptBundle:
         if len(self.manifest_text.encode()) > MAX_MANIFEST_BYTES:
             raise ValidationError(f"a script manifest may have at most {MAX_MANIFEST_BYTES} bytes")
 
-    @property
+    @functools.cached_property
     def hash(self) -> str:
         """SHA-256 over both texts, length-prefixed so no byte can move between them."""
         module, manifest = self.module.encode(), self.manifest_text.encode()
@@ -214,7 +215,7 @@ class ScriptBundle:
         digest.update(len(manifest).to_bytes(8, "big") + manifest)
         return digest.hexdigest()
 
-    @property
+    @functools.cached_property
     def manifest(self) -> ScriptManifest:
         """The manifest, validated.
 
@@ -232,7 +233,7 @@ class ScriptBundle:
         except pydantic.ValidationError as exc:
             raise ValidationError(format_validation_error("script manifest", exc)) from None
 
-    @property
+    @functools.cached_property
     def label(self) -> str:
         """How people see it: name, version and the hash's start."""
         try:
@@ -272,7 +273,7 @@ class ScriptParams(Params):
             raise ValueError("the script's module and manifest do not match its hash")
         return self
 
-    @property
+    @functools.cached_property
     def bundle(self) -> ScriptBundle:
         """The script itself."""
         return ScriptBundle(self.module, self.manifest)
@@ -380,6 +381,52 @@ def contributions_bytes(rows: int, k: int) -> int:
     return rows * k * 8 + 4096
 
 
+@dataclass(frozen=True)
+class Contributions:
+    """``per_record``'s output, validated and clipped: (records, k), and how many were clipped."""
+
+    clipped: npt.NDArray[np.float64]
+    touched: int
+    layers: dict[str, str]
+
+
+def run_per_record(
+    bundle: ScriptBundle,
+    data: pd.DataFrame,
+    limits: SandboxLimits,
+    state: dict[str, Any] | None = None,
+) -> Contributions:
+    """Run ``per_record`` in the sandbox on the complete cases of the manifest's variables,
+    then validate and clip what it returned (as a site does, and ``alliance script try``)."""
+    manifest = bundle.manifest
+    frame = script_frame(data, manifest)
+    run = run_function(
+        bundle.label,
+        bundle.module,
+        "per_record",
+        limits,
+        frame=frame,
+        output_cap=contributions_bytes(len(frame), manifest.k),
+        state=state,
+    )
+    clipped, touched = clip_contributions(run.value, manifest, len(frame))
+    return Contributions(clipped, touched, run.layers)
+
+
+def site_arrays(
+    contributions: npt.NDArray[np.float64], manifest: ScriptManifest, mode: str
+) -> Arrays:
+    """The exact arrays a site releases from clipped contributions: the totals, n, and in sdc
+    the count coordinates' totals (for the min_cell rule)."""
+    arrays: Arrays = {
+        "total": contributions.sum(axis=0),
+        "n": np.asarray(float(contributions.shape[0])),
+    }
+    if mode == "sdc" and manifest.counts:
+        arrays["count_cells"] = contributions[:, manifest.counts].sum(axis=0)
+    return arrays
+
+
 def script_frame(data: pd.DataFrame, manifest: ScriptManifest) -> pd.DataFrame:
     """What ``per_record`` sees: the complete cases of the manifest's variables, in a fresh,
     writable frame with a 0..n-1 index (no site row positions)."""
@@ -472,23 +519,9 @@ class ScriptAnalysis(Analysis[ScriptParams]):
     def _contributions(
         self, data: pd.DataFrame, params: ScriptParams, ctx: AnalysisContext
     ) -> npt.NDArray[np.float64]:
-        bundle = params.bundle
-        manifest = bundle.manifest
-
         def build() -> npt.NDArray[np.float64]:
-            frame = script_frame(data, manifest)
             limits = ctx.sandbox if isinstance(ctx.sandbox, SandboxLimits) else SandboxLimits()
-            run = run_function(
-                bundle.label,
-                bundle.module,
-                "per_record",
-                limits,
-                frame=frame,
-                output_cap=contributions_bytes(len(frame), manifest.k),
-                state=state,
-            )
-            clipped, _ = clip_contributions(run.value, manifest, len(frame))
-            return clipped
+            return run_per_record(params.bundle, data, limits, state).clipped
 
         state = self._round_state(params, ctx)
         if ctx.cache is None:
@@ -497,15 +530,8 @@ class ScriptAnalysis(Analysis[ScriptParams]):
         return ctx.cache.get(key, build, lambda a: a.nbytes)
 
     def local(self, data: pd.DataFrame, params: ScriptParams, ctx: AnalysisContext) -> Arrays:
-        manifest = params.bundle.manifest
         contributions = self._contributions(data, params, ctx)
-        arrays: Arrays = {
-            "total": contributions.sum(axis=0),
-            "n": np.asarray(float(contributions.shape[0])),
-        }
-        if ctx.mode == "sdc" and manifest.counts:
-            arrays["count_cells"] = contributions[:, manifest.counts].sum(axis=0)
-        return arrays
+        return site_arrays(contributions, params.bundle.manifest, ctx.mode)
 
     def magnitude_cells(
         self, data: pd.DataFrame, params: ScriptParams, ctx: AnalysisContext

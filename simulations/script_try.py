@@ -15,9 +15,8 @@ from analyses.sandbox import SandboxLimits, run_function
 from analyses.scripts import (
     ScriptAnalysis,  # noqa: F401 - registers the analysis
     ScriptBundle,
-    clip_contributions,
-    contributions_bytes,
-    script_frame,
+    run_per_record,
+    site_arrays,
 )
 from protocol.config import DataDictionary, SDCThresholds
 from protocol.errors import AllianceError, ConfigError
@@ -50,25 +49,14 @@ def try_script(
             f"the data has no column {', '.join(map(repr, missing))} (the manifest reads "
             f"{', '.join(manifest.variables)})"
         )
-    frame = script_frame(data, manifest)
-    run = run_function(
-        bundle.label,
-        bundle.module,
-        "per_record",
-        limits,
-        frame=frame,
-        output_cap=contributions_bytes(len(frame), manifest.k),
-    )
-    clipped, touched = clip_contributions(run.value, manifest, len(frame))
+    contributions = run_per_record(bundle, data, limits)
     analysis = get_analysis("script")
     params = {"hash": bundle.hash, "module": bundle.module, "manifest": bundle.manifest_text}
     parsed = analysis.params_model.model_validate(params)
     # declare reads only the manifest: no dictionary is needed to try a script.
     ctx = AnalysisContext(dictionary or DataDictionary.model_construct(), mode, SDCThresholds())
     spec = analysis.declare(parsed, ctx)
-    arrays = {"total": clipped.sum(axis=0), "n": np.asarray(float(len(frame)))}
-    if mode == "sdc" and manifest.counts:
-        arrays["count_cells"] = clipped[:, manifest.counts].sum(axis=0)
+    arrays = site_arrays(contributions.clipped, manifest, mode)
     record = privatize(spec, arrays, mode, epsilon, SDCThresholds())
     total = record["total"]
     combined = run_function(
@@ -78,8 +66,8 @@ def try_script(
     return {
         "script": bundle.label,
         "hash": bundle.hash,
-        "records": len(frame),
-        "clipped": touched,
+        "records": len(contributions.clipped),
+        "clipped": contributions.touched,
         "mode": mode,
         "epsilon": epsilon if mode == "dp" else 0.0,
         "total": [float(v) for v in total],
@@ -87,7 +75,7 @@ def try_script(
         "total_sd": sd,
         "n": float(record["n"]),
         "estimates": combined.value,
-        "sandbox": run.layers,
+        "sandbox": contributions.layers,
     }
 
 
