@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -32,6 +32,9 @@ from analyses.results import AnalysisResult
 from protocol.config import DataDictionary, SDCThresholds, format_validation_error
 from protocol.errors import ValidationError
 from protocol.records import AggregateRecord, RecordSpec
+
+if TYPE_CHECKING:
+    from analyses.pushdown import ColumnOf, Pushdown
 
 P = TypeVar("P", bound=BaseModel)
 T = TypeVar("T")
@@ -306,6 +309,13 @@ class Analysis(ABC, Generic[P]):
         ``DisclosureError`` for analysis-specific disclosure rules (more model parameters than
         the site's records allow, say); generic small-cell rules are the site engine's job.
         """
+
+    def pushdown(self, params: P, ctx: AnalysisContext, column: ColumnOf) -> Pushdown | None:
+        """The same arrays as :meth:`local`, as SQL aggregates a site's source computes
+        (``analyses.pushdown``); None: this analysis, or these parameters, cannot be pushed
+        down, and the site computes :meth:`local` on its rows instead. Sites push down dp
+        releases only (sdc's differencing guard and dominance rule need the records)."""
+        return None
 
     # ----------------------------------------------------------------- coordinator half
     def site_records(self, record: AggregateRecord) -> float | None:

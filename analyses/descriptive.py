@@ -19,6 +19,15 @@ from pydantic import Field, field_validator
 
 from analyses.base import Analysis, AnalysisContext, Arrays, Params
 from analyses.common import FloatArray, column, pooled, require_numeric
+from analyses.pushdown import (
+    AggregateQuery,
+    ColumnOf,
+    Pushdown,
+    Rows,
+    constant,
+    grouped_counts,
+    number,
+)
 from analyses.registry import analysis
 from analyses.results import AnalysisResult, show_count
 from protocol.config import DataDictionary
@@ -66,6 +75,18 @@ class Count(Analysis[CountParams]):
         # Without a variable every row counts; with one, its non-missing values.
         n = len(data) if params.variable is None else int(data[params.variable].notna().sum())
         return {"n": np.array(float(n))}
+
+    def pushdown(self, params: CountParams, ctx: AnalysisContext, column: ColumnOf) -> Pushdown:
+        import sqlalchemy as sa
+
+        counted = (
+            sa.func.count() if params.variable is None else sa.func.count(column(params.variable))
+        )
+        return Pushdown(
+            (AggregateQuery({"n": counted}),),
+            lambda rows: {"n": np.array(number(rows[0][0][0]))},
+            "count",
+        )
 
     def combine(
         self, records: Mapping[str, AggregateRecord], params: CountParams, ctx: AnalysisContext
@@ -157,6 +178,31 @@ class Mean(Analysis[MeanParams]):
             "sum": np.array(shifted.sum()),
             "sumsq": np.array(np.einsum("i,i->", shifted, shifted)),  # BLAS wake-up costs ms
         }
+
+    def pushdown(self, params: MeanParams, ctx: AnalysisContext, column: ColumnOf) -> Pushdown:
+        import sqlalchemy as sa
+
+        low, high = ctx.dictionary.bounds(params.variable)
+        value = column(params.variable)  # within [low, high]: local's clamp is a no-op here
+        shifted = value - constant((low + high) / 2)
+        query = AggregateQuery(
+            {
+                "n": sa.func.count(),
+                "sum": sa.func.sum(shifted),
+                "sumsq": sa.func.sum(shifted * shifted),
+            },
+            where=(value.is_not(None),),
+        )
+
+        def finish(rows: list[Rows]) -> Arrays:
+            n, total, total_sq = rows[0][0]
+            return {
+                "n": np.array(number(n)),
+                "sum": np.array(number(total)),
+                "sumsq": np.array(number(total_sq)),
+            }
+
+        return Pushdown((query,), finish, "mean")
 
     def combine(
         self, records: Mapping[str, AggregateRecord], params: MeanParams, ctx: AnalysisContext
@@ -295,6 +341,31 @@ class Histogram(Analysis[HistogramParams]):
             for level in self._levels(params, ctx.dictionary)
         ]
         return {"counts": np.asarray(rows, dtype=np.float64)}
+
+    def pushdown(self, params: HistogramParams, ctx: AnalysisContext, column: ColumnOf) -> Pushdown:
+        import sqlalchemy as sa
+
+        edges = [float(e) for e in params.edges]
+        value = column(params.variable)
+        # np.histogram's bins: [e0, e1), ..., [e(k-1), ek] (the last one closed).
+        bin_of = sa.case(
+            *((value < constant(edge), i) for i, edge in enumerate(edges[1:-1])),
+            else_=len(edges) - 2,
+        )
+        where = [value.is_not(None), value >= constant(edges[0]), value <= constant(edges[-1])]
+        bins = {float(i): i for i in range(len(edges) - 1)}
+        levels = self._levels(params, ctx.dictionary)
+        if not levels:
+            query = AggregateQuery({"n": sa.func.count()}, where, (bin_of,))
+            shape: tuple[int, ...] = (len(edges) - 1,)
+            index: list[dict[float, int]] = [bins]
+        else:
+            assert params.group is not None
+            group = column(params.group)
+            query = AggregateQuery({"n": sa.func.count()}, where, (group, bin_of))
+            shape = (len(levels), len(edges) - 1)
+            index = [{float(level): i for i, level in enumerate(levels)}, bins]
+        return Pushdown((query,), lambda rows: grouped_counts(rows[0], shape, index), "histogram")
 
     def site_records(self, record: AggregateRecord) -> float:
         return float(record["counts"].sum())

@@ -27,6 +27,7 @@ from pydantic import Field
 from analyses._lazy import stats
 from analyses.base import Analysis, AnalysisContext, Arrays, Params
 from analyses.common import column, level_names, one_hot, require_levels
+from analyses.pushdown import AggregateQuery, ColumnOf, Pushdown, grouped_counts
 from analyses.registry import analysis
 from analyses.results import AnalysisResult
 from protocol.config import DataDictionary
@@ -181,6 +182,21 @@ class Table(Analysis[TableParams]):
             return {"counts": rows.sum(axis=0)}
         cols = one_hot(column(data, params.cols), ctx.dictionary.levels(params.cols))
         return {"counts": rows.T @ cols}
+
+    def pushdown(self, params: TableParams, ctx: AnalysisContext, column: ColumnOf) -> Pushdown:
+        import sqlalchemy as sa
+
+        # A conformed categorical value is a dictionary level or NULL; rows with a NULL in
+        # either key fall in no cell, as in ``local``.
+        names = [params.rows] if params.cols is None else [params.rows, params.cols]
+        keys = [column(name) for name in names]
+        index = [
+            {float(level): i for i, level in enumerate(ctx.dictionary.levels(name))}
+            for name in names
+        ]
+        shape = self._shape(params, ctx.dictionary)
+        query = AggregateQuery({"n": sa.func.count()}, [k.is_not(None) for k in keys], keys)
+        return Pushdown((query,), lambda rows: grouped_counts(rows[0], shape, index), "table")
 
     def site_records(self, record: AggregateRecord) -> float:
         return float(record["counts"].sum())

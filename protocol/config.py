@@ -649,9 +649,21 @@ class DataSource(_Model):
         description="the site mapping file (local columns, units, codes, derived variables and "
         "missing-value codes to the dictionary), applied before rename and derive",
     )
+    pushdown: bool = Field(
+        default=False,
+        description="csv, parquet and sql: compute dp aggregates (count, mean, histogram, table, "
+        "glm rounds, kaplan_meier and logrank counts, cox rounds) in the source instead of "
+        "reading the records at start; what cannot be pushed down reads the dictionary's "
+        "columns once, on first need",
+    )
 
     @model_validator(mode="after")
     def _where(self) -> DataSource:
+        if self.pushdown and self.connector not in ("csv", "parquet", "sql"):
+            raise ValueError(
+                f"pushdown: true needs connector csv, parquet or sql, not {self.connector!r} "
+                "(an omop source is reduced to one row per person in memory)"
+            )
         if self.connector in ("csv", "parquet") and self.path is None:
             raise ValueError(f"a {self.connector} source needs path (the file)")
         if self.connector == "sql" and (self.url is None or self.table is None):

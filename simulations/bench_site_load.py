@@ -1,5 +1,6 @@
-"""Benchmark: a site's data sources at scale. What loading costs today, and what an aggregate
-computed in the source (pushdown, not built yet) would cost instead.
+"""Benchmark: a site's data sources at scale. What loading the records costs, and what one
+aggregate computed in the source costs instead (``bench_pushdown`` measures the analyses'
+own pushdown).
 
     python -m simulations.bench_site_load [--rows 10000000] [--sources parquet,postgresql,csv]
 

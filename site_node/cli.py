@@ -23,6 +23,7 @@ from site_node.harmonize import conform, patient_ids, usable_share
 from site_node.ledger import SiteStore, period_name
 from site_node.link import SiteLink
 from site_node.mapping import apply_mapping, closest, columns_needed
+from site_node.pushdown import pushdown_lines
 from site_node.review import approve_script, review_script
 from site_node.runtime import SiteRuntime
 
@@ -190,6 +191,8 @@ def _check_data(
     if settings.data.where is not None:
         place = "in the source" if settings.data.connector in ("sql", "parquet") else "on reading"
         typer.echo(f"data: only rows where {settings.data.where} ({place})")
+    for line in pushdown_lines(settings, dictionary):
+        typer.echo(f"data: {line}")
     if mapping is not None:
         raw, mapped = apply_mapping(raw, mapping, dictionary)
         for line in mapped.lines():

@@ -29,7 +29,6 @@ log = logging.getLogger("alliance.site")
 _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]  # absent from the stubs
 
 #: Sites with at most this many rows answer tasks on the event loop itself.
-INLINE_ROWS = 200_000
 #: After a permanent refusal: the first retry within this many seconds, doubling up to the cap.
 REFUSED_FIRST_SECONDS = 30.0
 REFUSED_MAX_SECONDS = 300.0
@@ -289,7 +288,7 @@ class SiteLink:
     async def _answer(
         self, call: grpc.aio.StreamStreamCall[Any, Any], lock: asyncio.Lock, task: pb.Task
     ) -> None:
-        if len(self.runtime.data) <= INLINE_ROWS:
+        if self.runtime.answers_inline:
             # Small data: the task takes about a millisecond, less than a thread hop costs.
             outcome = self.runtime.handle(task)
         else:  # large data: keep the link (heartbeats, stop requests) responsive meanwhile

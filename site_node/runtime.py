@@ -14,6 +14,7 @@ import hashlib
 import logging
 import math
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ import pandas as pd
 
 from analyses import AnalysisContext, get_analysis
 from analyses.base import DUPLICATE_ID, Analysis, WorkCache
+from analyses.pushdown import MAX_COLUMNS
 from analyses.sandbox import SandboxLimits, ScriptStopped
 from analyses.scripts import ScriptBundle
 from protocol.budget import ZCDP, PureDP
@@ -49,6 +51,7 @@ from site_node.ledger import Charge, SiteStore
 from site_node.mapping import apply_mapping, columns_needed
 from site_node.policy import TaskScope, canonical_filter, check_approval_terms, check_task
 from site_node.privacy import privatize
+from site_node.pushdown import PushdownSource, why_not_pushdown
 
 #: Filtered frames kept for the later rounds of iterative analyses.
 FILTER_CACHE_SIZE = 8
@@ -56,6 +59,9 @@ FILTER_CACHE_SIZE = 8
 MAX_PENDING_SCRIPTS = 200
 #: Parsed parameters kept (by analysis and parameter text).
 PARAMS_CACHE_SIZE = 64
+#: Sites with at most this many records answer on the link's thread (a task takes about a
+#: millisecond, less than a thread hop costs); larger ones answer in a worker thread.
+INLINE_ROWS = 200_000
 log = logging.getLogger("alliance.site")
 
 
@@ -82,34 +88,79 @@ def _task_detail(task: pb.Task | TaskMessage) -> dict[str, Any]:
     }
 
 
+@dataclass
+class _Records:
+    """A site's records in memory, with what is derived from them."""
+
+    data: pd.DataFrame
+    source: pd.DataFrame
+    report: DataReport
+    duplicate_patients: bool
+    consent: Consent
+
+    @classmethod
+    def build(
+        cls,
+        config: SiteConfig,
+        data: pd.DataFrame,
+        report: DataReport | None,
+        ids: npt.NDArray[np.str_] | None,
+    ) -> _Records:
+        report = report or DataReport(rows=len(data))
+        source = _source_states(data, report, ids)
+        data, ids, kept = _one_row_per_patient(data, ids, config.data.duplicate_patients)
+        return cls(
+            data=data,
+            # Each row's state at the source (missing, not allowed, a duplicated id), aligned
+            # with data: only the quality analysis reads it.
+            source=source if kept is None else source.loc[kept].reset_index(drop=True),
+            report=report,
+            # Several rows for one patient (rule "refuse"): dp, which assumes one, is refused.
+            duplicate_patients=ids is not None and bool(pd.Series(ids).duplicated().any()),
+            consent=Consent(config.consent, dict(config.policy.consent), ids),
+        )
+
+
+def read_records(
+    config: SiteConfig, dictionary: DataDictionary
+) -> tuple[pd.DataFrame, DataReport, npt.NDArray[np.str_] | None]:
+    """Read the site's dictionary columns (mapped, conformed) and its patient ids."""
+    mapping = load_yaml(config.data.mapping, SiteMapping) if config.data.mapping else None
+    raw = load(config.data, columns_needed(config.data, dictionary, mapping))
+    if mapping is not None:
+        raw, _ = apply_mapping(raw, mapping, dictionary)
+    data, report = conform(raw, dictionary, config.data.rename, config.data.derive)
+    return data, report, patient_ids(raw, dictionary, config.data.rename)
+
+
 class SiteRuntime:
-    """A site's data, policy, privacy engine and store, without the network."""
+    """A site's data, policy, privacy engine and store, without the network.
+
+    The records are in memory (``data``), or, for a pushdown site, stay in the source
+    (``pushdown``) and are read into memory only when a task cannot be computed there.
+    """
 
     def __init__(
         self,
         config: SiteConfig,
         dictionary: DataDictionary,
-        data: pd.DataFrame,
+        data: pd.DataFrame | None = None,
         report: DataReport | None = None,
         patient_ids: npt.NDArray[np.str_] | None = None,
+        pushdown: PushdownSource | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
         self.dictionary = dictionary
-        self.report = report or DataReport(rows=len(data))
-        source = _source_states(data, self.report, patient_ids)
-        data, patient_ids, kept = _one_row_per_patient(
-            data, patient_ids, config.data.duplicate_patients
-        )
-        self.data = data
-        # Each row's state at the source (missing, not allowed, a duplicated id), aligned with
-        # self.data: only the quality analysis reads it.
-        self.source = source if kept is None else source.loc[kept].reset_index(drop=True)
-        # Several rows for one patient (rule "refuse"): dp, which assumes one, is refused.
-        self.duplicate_patients = patient_ids is not None and bool(
-            pd.Series(patient_ids).duplicated().any()
-        )
-        self.consent = Consent(config.consent, dict(config.policy.consent), patient_ids)
+        self.pushdown = pushdown
+        self._records: _Records | None = None
+        self._records_lock = threading.Lock()
+        if data is not None:
+            self._records = _Records.build(config, data, report, patient_ids)
+        elif pushdown is None:
+            raise InternalError("a site runtime needs its records or a pushdown source")
+        # A pushdown site has no consent source (why_not_pushdown): every record is usable.
+        self._all_consent = Consent(None, dict(config.policy.consent), None)
         self._consent_audited: set[str] = set()
         for approval in config.policy.studies:
             check_approval_terms(approval, dictionary, f"{config.name}: policy")
@@ -121,28 +172,105 @@ class SiteRuntime:
         self._consented: OrderedDict[str, pd.DataFrame] = OrderedDict()
         self._usable: dict[str, float] = {}
         # Dictionary variables this site's data does not hold: tasks reading them are refused.
-        self.unmapped = frozenset(self.report.missing_columns)
+        self.unmapped = (
+            frozenset(self._records.report.missing_columns)
+            if self._records is not None
+            else pushdown.unmapped  # type: ignore[union-attr]
+        )
         # The site's work cache: what an analysis keeps between rounds (a GLM's design),
         # scoped by frame ("" is the unfiltered data; a filter's text its rows).
         self.work = WorkCache()
         self._task_locks: dict[str, tuple[threading.Lock, int]] = {}
         self._task_locks_guard = threading.Lock()
 
+    # ------------------------------------------------------------------ records
+    def _in_memory(self) -> _Records:
+        """The records in memory, read from the source on first need (a pushdown site)."""
+        with self._records_lock:
+            if self._records is None:
+                started = time.perf_counter()
+                data, report, ids = read_records(self.config, self.dictionary)
+                self._records = _Records.build(self.config, data, report, ids)
+                log.info(
+                    "read the dictionary's columns into memory for what pushdown cannot "
+                    "compute (%.1f s)",
+                    time.perf_counter() - started,
+                )
+            return self._records
+
+    @property
+    def data(self) -> pd.DataFrame:
+        """The site's conformed records (read now, for a pushdown site that has not yet)."""
+        return self._in_memory().data
+
+    @property
+    def source(self) -> pd.DataFrame:
+        """Each record's state at the source, aligned with ``data``."""
+        return self._in_memory().source
+
+    @property
+    def report(self) -> DataReport:
+        """The data check of the records in memory; a pushdown site's row count and the
+        variables it does not hold, until it reads them."""
+        if self._records is None and self.pushdown is not None:
+            return DataReport(
+                rows=self.pushdown.rows, missing_columns=sorted(self.pushdown.unmapped)
+            )
+        return self._in_memory().report
+
+    @property
+    def consent(self) -> Consent:
+        """The consent source and rules applied to the records."""
+        return self._all_consent if self._records is None else self._records.consent
+
+    @property
+    def duplicate_patients(self) -> bool:
+        """Several rows share a patient id (rule refuse): dp is refused."""
+        if self._records is None and self.pushdown is not None:
+            return self.pushdown.duplicate_patients
+        return self._in_memory().duplicate_patients
+
+    @property
+    def answers_inline(self) -> bool:
+        """Tasks are fast enough to answer on the link's own thread (small data in memory)."""
+        return self.pushdown is None and len(self.data) <= INLINE_ROWS
+
     @classmethod
     def from_config(cls, config: SiteConfig, record_start: bool = True) -> SiteRuntime:
         """Load the dictionary and the data, and check the data against the dictionary.
 
+        With ``data.pushdown`` the records stay in the source when the configuration allows
+        (``site_node.pushdown``); otherwise the site says why and reads them now.
         ``record_start`` audits the start; ``alliance site check`` passes False, because a
         check changes nothing, the audit log included.
         """
         dictionary = load_yaml(config.dictionary, DataDictionary)
-        mapping = load_yaml(config.data.mapping, SiteMapping) if config.data.mapping else None
-        raw = load(config.data, columns_needed(config.data, dictionary, mapping))
-        if mapping is not None:
-            raw, _ = apply_mapping(raw, mapping, dictionary)
-        data, report = conform(raw, dictionary, config.data.rename, config.data.derive)
-        ids = patient_ids(raw, dictionary, config.data.rename)
-        runtime = cls(config, dictionary, data, report, ids)
+        runtime: SiteRuntime | None = None
+        if config.data.pushdown:
+            reason = why_not_pushdown(config)
+            if reason is None:
+                source = PushdownSource.open(config, dictionary)
+                if source.duplicate_patients and config.data.duplicate_patients != "refuse":
+                    source.close()
+                    reason = (
+                        f"several rows share a patient id and data.duplicate_patients is "
+                        f"{config.data.duplicate_patients!r}, which keeps one row per patient "
+                        "in memory"
+                    )
+                else:
+                    runtime = cls(config, dictionary, pushdown=source)
+                    log.info(
+                        "data.pushdown: aggregates are computed in %s (%d of %d dictionary "
+                        "variables can be)",
+                        source.describe,
+                        len(source.pushable),
+                        len(dictionary.variables),
+                    )
+            if reason is not None:
+                log.warning("data.pushdown: this site reads its records into memory: %s", reason)
+        if runtime is None:
+            data, report, ids = read_records(config, dictionary)
+            runtime = cls(config, dictionary, data, report, ids)
         if record_start:
             runtime.store.audit(
                 "site_started",
@@ -152,8 +280,10 @@ class SiteRuntime:
         return runtime
 
     def close(self) -> None:
-        """Close the site's SQLite file."""
+        """Close the site's SQLite file (and its pushdown source)."""
         self.store.close()
+        if self.pushdown is not None:
+            self.pushdown.close()
 
     def hello(self) -> pb.Hello:
         """The first message on the site link."""
@@ -288,19 +418,12 @@ class SiteRuntime:
             sandbox=SandboxLimits(**self.config.policy.scripts.model_dump()),
         )
         spec = analysis.declare(params, ctx)
-        data = self._frame(consent, row_filter, frame_key)
-        if analysis.reads_source:
-            ctx = dataclasses.replace(ctx, source=self.source.loc[data.index])
         released: RecordSet | None = None
-        if mode == "sdc":
-            # Before any computation: the differencing guard on the rows that would contribute.
-            released = self._record_set(
-                task.study_id, scope, analysis.complete_case_variables(params), data, frame_key
+        arrays = self._pushed_down(analysis, params, ctx, scope, row_filter)
+        if arrays is None:
+            arrays, released = self._computed_in_memory(
+                task.study_id, analysis, params, ctx, scope, (consent, row_filter, frame_key)
             )
-            self.store.precheck_release(released, self.config.policy.sdc)
-        arrays = analysis.local(data, params, ctx)  # in sdc, the model's own checks first
-        if mode == "sdc":
-            check_dominance(analysis.magnitude_cells(data, params, ctx), self.config.policy.sdc)
         rho = charge.rho.rho if charge is not None and charge.rho is not None else 0.0
         record = privatize(spec, arrays, mode, epsilon, self.config.policy.sdc, rho)
         if charge is not None and record.epsilon > epsilon:
@@ -339,6 +462,59 @@ class SiteRuntime:
         if committed != payload:  # another delivery of this task id committed first
             return self._replayed(committed)
         return Outcome(pb.SiteMessage.FromString(committed), "reply")
+
+    def _computed_in_memory(
+        self,
+        study_id: str,
+        analysis: Analysis[Any],
+        params: Any,
+        ctx: AnalysisContext,
+        scope: TaskScope,
+        frame: tuple[ConsentView, RowFilter | None, str],
+    ) -> tuple[dict[str, npt.NDArray[np.float64]], RecordSet | None]:
+        """The task's exact aggregates from the records in memory; in sdc, after the
+        differencing guard (returning the record set to commit) and with the dominance rule."""
+        consent, row_filter, frame_key = frame
+        data = self._frame(consent, row_filter, frame_key)
+        if analysis.reads_source:
+            ctx = dataclasses.replace(ctx, source=self.source.loc[data.index])
+        released: RecordSet | None = None
+        if ctx.mode == "sdc":
+            # Before any computation: the differencing guard on the rows that would contribute.
+            released = self._record_set(
+                study_id, scope, analysis.complete_case_variables(params), data, frame_key
+            )
+            self.store.precheck_release(released, self.config.policy.sdc)
+        arrays = analysis.local(data, params, ctx)  # in sdc, the model's own checks first
+        if ctx.mode == "sdc":
+            check_dominance(analysis.magnitude_cells(data, params, ctx), self.config.policy.sdc)
+        return arrays, released
+
+    def _pushed_down(
+        self,
+        analysis: Analysis[Any],
+        params: Any,
+        ctx: AnalysisContext,
+        scope: TaskScope,
+        row_filter: RowFilter | None,
+    ) -> dict[str, npt.NDArray[np.float64]] | None:
+        """The task's exact aggregates computed by the source (pushdown), or None: the site
+        computes them in memory. Only dp releases are pushed down: sdc's differencing guard
+        and dominance rule need the records, and the quality profile each record's state."""
+        source = self.pushdown
+        if source is None or ctx.mode != "dp" or analysis.reads_source:
+            return None
+        if self._records is not None and source.rows != len(self._records.data):
+            return None  # unreachable while pushdown excludes row-changing configurations
+        if not source.serves(scope.variables | scope.filter_variables):
+            return None
+        plan = analysis.pushdown(params, ctx, source.column)
+        if plan is None or any(query.width > MAX_COLUMNS for query in plan.queries):
+            return None
+        started = time.perf_counter()
+        arrays = source.run(plan, row_filter)
+        log.debug("pushdown %s: %.3f s in the source", plan.label, time.perf_counter() - started)
+        return {name: np.asarray(value, dtype=np.float64) for name, value in arrays.items()}
 
     def _charge(
         self,
@@ -455,7 +631,11 @@ class SiteRuntime:
         plausible value (what ``min_quality`` compares against; kept, the data do not change)."""
         found = self._usable.get(variable)
         if found is None:
-            found = self._usable[variable] = usable_share(self.data, self.dictionary, variable)
+            if self._records is None and self.pushdown is not None:
+                found = self.pushdown.usable_share(variable)
+            else:
+                found = usable_share(self.data, self.dictionary, variable)
+            self._usable[variable] = found
         return found
 
     def _check_quality(

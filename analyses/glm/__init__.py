@@ -148,8 +148,10 @@ from analyses.glm.formula import (
     parse_formula,
 )
 from analyses.glm.irls import combine
+from analyses.glm.pushdown import glm_pushdown
 from analyses.glm.result import GLMResult
 from analyses.glm.sensitivity import DP_BETA_LIMIT, sensitivities
+from analyses.pushdown import ColumnOf, Pushdown
 from analyses.registry import analysis
 from protocol.config import DataDictionary
 from protocol.errors import DisclosureError, ValidationError
@@ -289,6 +291,11 @@ class GLM(Analysis[GLMParams]):
         if ctx.mode == "sdc":
             self._check_disclosure(design, model, params, ctx)
         return local_arrays(design, model, ctx)
+
+    def pushdown(
+        self, params: GLMParams, ctx: AnalysisContext, column: ColumnOf
+    ) -> Pushdown | None:
+        return glm_pushdown(glm_model(params, ctx.dictionary), ctx, column)
 
     @staticmethod
     def _check_disclosure(

@@ -20,6 +20,7 @@ from analyses.base import (
     rows_used,
 )
 from analyses.common import pooled, pooled_noise_variance
+from analyses.pushdown import AggregateQuery, ColumnOf, Pushdown, Rows, constant, grouped_counts
 from analyses.results import AnalysisResult
 from analyses.survival.grid import (
     FloatArray,
@@ -147,6 +148,42 @@ class Counting(Analysis[CP], Generic[CP]):
             ]
             return {"safe": np.asarray(flags)}
         return {"counts": self._cells(data, params, ctx.dictionary, grid_for(params, ctx))}
+
+    def pushdown(self, params: CP, ctx: AnalysisContext, column: ColumnOf) -> Pushdown | None:
+        """The counts round as one grouped count in the source: (group level, censored, grid
+        point) as keys, each computed from the conformed values as ``_cells`` computes it
+        (the same double arithmetic, so every time lands on the same grid point). The sdc
+        probe is never pushed down."""
+        if ctx.state.get("phase") != "counts":
+            return None
+        import sqlalchemy as sa
+
+        grid = grid_for(params, ctx)
+        time, event = column(params.time), column(params.event)
+        where = [time.is_not(None), event.is_not(None)]
+        happened = event > constant(0.5)
+        if params.horizon is not None:  # as times_events: censored after the horizon
+            horizon = constant(params.horizon)
+            happened = sa.and_(happened, time <= horizon)
+            time = sa.case((time > horizon, horizon), else_=time)
+        # Conformed times lie within the dictionary's bounds, so the clip to them is done.
+        point = grid.index_sql(time)
+        keys = [sa.case((happened, 0.0), else_=1.0), point]
+        index: list[dict[float, int]] = [{0.0: 0, 1.0: 1}, {float(k): k for k in range(grid.size)}]
+        levels = self._levels(params, ctx.dictionary)
+        if params.group:
+            group = column(params.group)
+            where.append(group.is_not(None))
+            keys.insert(0, group)
+            index.insert(0, {float(level): i for i, level in enumerate(levels)})
+        shape = (len(levels), 2, grid.size)
+
+        def finish(rows: list[Rows]) -> Arrays:
+            counts = grouped_counts(rows[0], shape[-len(index) :], index)["counts"]
+            return {"counts": counts.reshape(shape)}
+
+        query = AggregateQuery({"n": sa.func.count()}, where, keys)
+        return Pushdown((query,), finish, self.name)
 
     def site_records(self, record: AggregateRecord) -> float | None:
         return float(record["counts"].sum()) if "counts" in record.arrays else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -49,6 +49,18 @@ class TimeGrid:
         """Grid point of each time: the first point at or after it."""
         k = np.ceil((times - self.start) / self.width - GRID_SLACK)
         return np.clip(k, 0, self.size - 1).astype(np.int64)
+
+    def index_sql(self, times: Any) -> Any:
+        """:meth:`index` as a SQL expression (pushdown): the same double arithmetic, so a time
+        lands on the same point in the source as in memory; constants are bound parameters."""
+        import sqlalchemy as sa
+
+        def bound(value: float) -> Any:
+            return sa.bindparam(None, float(value), type_=sa.Double)
+
+        k = sa.func.ceil((times - bound(self.start)) / bound(self.width) - bound(GRID_SLACK))
+        last = float(self.size - 1)
+        return sa.case((k < bound(0.0), 0.0), (k > bound(last), last), else_=k)
 
     def points(self) -> FloatArray:
         return self.start + self.width * np.arange(self.size, dtype=np.float64)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 
 from protocol.config import DataSource
@@ -25,4 +27,38 @@ def read_csv(source: DataSource) -> pd.DataFrame:
         raise ConfigError(
             f"data.path: {str(source.path)!r}: not a readable CSV ({first})"
         ) from None
-    return frame.drop(columns=[c for c in source.drop if c in frame.columns])
+    frame = frame.drop(columns=[c for c in source.drop if c in frame.columns])
+    return numeric_missing(frame, source.na_values)
+
+
+def numeric_na_values(na_values: list[str]) -> list[float]:
+    """The ``na_values`` entries that are numbers (finite or infinite, never NaN)."""
+    numbers = []
+    for value in na_values:
+        try:
+            number = float(value)
+        except ValueError:
+            continue
+        if not math.isnan(number):
+            numbers.append(number)
+    return numbers
+
+
+def numeric_missing(frame: pd.DataFrame, na_values: list[str]) -> pd.DataFrame:
+    """A number equal to a numeric ``na_values`` entry is missing however it is spelled.
+
+    pandas does this by itself in a column it parses as numbers; in a column that also holds
+    text it matches only the spellings it knows ('-9', '-9.0'), so '-09' or '+-9e0' would
+    survive as -9 once ``harmonize.conform`` coerces the column. The pushdown CSV reader
+    applies the same rule in SQL, so both paths read a file the same way.
+    """
+    numbers = numeric_na_values(na_values)
+    if not numbers:
+        return frame
+    out = frame.copy()
+    for name in out.columns:
+        if out[name].dtype == object or pd.api.types.is_string_dtype(out[name]):
+            coded = pd.to_numeric(out[name], errors="coerce").isin(numbers)
+            if coded.any():
+                out[name] = out[name].mask(coded)
+    return out

@@ -18,6 +18,8 @@ from analyses.base import (
     rows_used,
 )
 from analyses.common import check_model_cells, check_not_saturated, zero_one_columns
+from analyses.pushdown import ColumnOf, Pushdown
+from analyses.survival.cox.pushdown import cox_pushdown
 from analyses.survival.cox.sums import (
     MAX_ETA,
     CoxParams,
@@ -246,6 +248,11 @@ class CoxSite(Analysis[CoxParams]):
         groups = [events, ~events] + [slot == c for c in np.unique(slot)]
         groups += [(slot == c) & events for c in np.unique(slot[events])]
         return [values[rows] for values in numeric for rows in [np.ones_like(events), *groups]]
+
+    def pushdown(
+        self, params: CoxParams, ctx: AnalysisContext, column: ColumnOf
+    ) -> Pushdown | None:
+        return cox_pushdown(params, ctx, column)
 
     def local(self, data: pd.DataFrame, params: CoxParams, ctx: AnalysisContext) -> Arrays:
         check_sdc_horizon(params, ctx)
