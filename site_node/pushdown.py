@@ -35,6 +35,7 @@ from protocol.config import DataDictionary, NumericVariable, SiteConfig
 from protocol.errors import ConfigError
 from protocol.filters import RowFilter, parse_filter, to_sql
 from site_node.connectors.csv import numeric_na_values
+from site_node.connectors.parquet import open_parquet_relation
 from site_node.connectors.rows import row_filter as source_row_filter
 from site_node.connectors.sql import read_only_engine, shown_url
 
@@ -375,21 +376,11 @@ PANDAS_NA_STRINGS = (
 
 def _duckdb_parquet(config: SiteConfig) -> _Connection:
     """A DuckDB view over the Parquet file(s), and how to run a query on it."""
-    import duckdb
     import sqlalchemy as sa
 
     source = config.data
-    assert source.path is not None
+    con, relation = open_parquet_relation(source)  # the path never enters SQL text
     where = f"data.path: {str(source.path)!r}"
-    if not any(ch in str(source.path) for ch in "*?[") and not source.path.exists():
-        raise ConfigError(f"{where}: file not found")
-    con = duckdb.connect(":memory:")
-    try:
-        relation = con.read_parquet(str(source.path))  # the path never enters SQL text
-    except duckdb.Error as exc:
-        con.close()
-        first = str(exc).splitlines()[0]
-        raise ConfigError(f"{where}: not a readable Parquet file ({first})") from None
     relation.create_view(VIEW)
     names = [str(c) for c in relation.columns]
     types = [_duck_type(str(t)) for t in relation.types]

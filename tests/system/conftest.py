@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from protocol.config import StudyConfig
+from protocol.config import DataDictionary, StudyConfig
 from simulations.federation import LocalFederation, SiteSpec
 from simulations.heart import SITES, heart_dictionary, heart_source
 
@@ -52,6 +53,30 @@ def study(
             "privacy": {"mode": mode, "epsilon_per_request": epsilon, "budget": budget},
         }
     )
+
+
+@contextmanager
+def running_federation(
+    sites: list[SiteSpec], dictionary: DataDictionary, root: Path, terms: StudyConfig
+) -> Iterator[LocalFederation]:
+    """Start a federation of ``sites`` sharing ``dictionary`` under ``root``, approving study
+    ``terms``; stop it on leaving the block.
+
+    Args:
+        sites: The site nodes to run.
+        dictionary: The data dictionary every site conforms to.
+        root: The folder for the federation's files (PKI, configs, logs).
+        terms: The study the coordinator and the sites' policies approve.
+
+    Yields:
+        The running federation.
+    """
+    federation = LocalFederation(sites, dictionary, root)
+    try:
+        federation.start(terms)
+        yield federation
+    finally:
+        federation.stop()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from analyses.results import AnalysisResult
 from protocol.config import DataSource
 from simulations.federation import LocalFederation, SiteSpec
 from simulations.synthetic import generate_sites, synthetic_dictionary, write_sites
-from tests.system.conftest import study
+from tests.system.conftest import running_federation, study
 
 pytestmark = pytest.mark.system
 
@@ -30,12 +30,10 @@ def synthetic(
     sites = [
         SiteSpec(name, DataSource(path=path), mode="off") for name, path in files.sites.items()
     ]
-    federation = LocalFederation(sites, synthetic_dictionary(), folder / "run")
-    try:
-        federation.start(study("off"))
+    with running_federation(
+        sites, synthetic_dictionary(), folder / "run", study("off")
+    ) as federation:
         yield federation, pooled
-    finally:
-        federation.stop()
 
 
 def run(federation: LocalFederation, analysis: str, **params: Any) -> AnalysisResult:

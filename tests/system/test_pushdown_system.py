@@ -18,7 +18,7 @@ from analyses.results import AnalysisResult
 from protocol.config import DataSource
 from simulations.federation import LocalFederation, SiteSpec
 from simulations.heart import DERIVE, SITES, heart_dictionary, read_raw
-from tests.system.conftest import study
+from tests.system.conftest import running_federation, study
 
 pytestmark = pytest.mark.system
 
@@ -41,12 +41,9 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFedera
         sites.append(
             SiteSpec(name, source, mode="dp", budget=10 * EPSILON, epsilon_per_request=EPSILON)
         )
-    federation = LocalFederation(sites, heart_dictionary(), folder / "run")
-    try:
-        federation.start(study("dp", epsilon=EPSILON, budget=10 * EPSILON))
+    terms = study("dp", epsilon=EPSILON, budget=10 * EPSILON)
+    with running_federation(sites, heart_dictionary(), folder / "run", terms) as federation:
         yield federation
-    finally:
-        federation.stop()
 
 
 def run(federation: LocalFederation, analysis: str, **params: Any) -> AnalysisResult:
