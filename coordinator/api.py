@@ -25,16 +25,20 @@ import math
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from analyses import registered_analyses
 from coordinator.auth import Principal, TokenBook
 from coordinator.link import SiteRegistry
+from coordinator.registry import registry_entries, registry_html
+from coordinator.report import build_report
 from coordinator.scheduler import RequestFailed, Scheduler
 from coordinator.store import Store, now
 from coordinator.studies import StudyBook
@@ -296,12 +300,84 @@ async def body_json(request: Request) -> Any:
     return parse_body(await request.body())
 
 
+# ----------------------------------------------------------------------------- OpenAPI
+
+
+class ErrorBody(BaseModel):
+    """The one error shape of every endpoint."""
+
+    ok: Literal[False]
+    status: int
+    error: str
+    errors: list[str]
+
+
+class ScriptSubmission(BaseModel):
+    """A researcher's script: the module's text and its manifest (YAML text)."""
+
+    module: str
+    manifest: str
+
+
+_WHY = {
+    400: "the body or a value is invalid (the error says which and what is allowed)",
+    401: "no token, a malformed Authorization header, or an unknown token",
+    403: "the token's role cannot do this",
+    404: "no such study or request, or it is not shared with this token",
+    409: "the study is closed",
+    413: "the body is larger than max_request_bytes",
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The documented error responses of an endpoint: ``codes`` and 413 (every endpoint
+    refuses an oversized body), all in the one error shape."""
+    return {code: {"model": ErrorBody, "description": _WHY[code]} for code in sorted({*codes, 413})}
+
+
+# Bodies the handlers parse themselves (size and depth limits first): documented here.
+_BODIES: dict[str, type[BaseModel]] = {
+    "StudyConfig": StudyConfig,
+    "AnalysisRequest": AnalysisRequest,
+    "ScriptSubmission": ScriptSubmission,
+}
+
+
+def request_body(model: str) -> dict[str, Any]:
+    """``openapi_extra`` documenting a JSON body of ``model``'s schema."""
+    ref = {"$ref": f"#/components/schemas/{model}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def document(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document: FastAPI's, with the request bodies' schemas and bearer tokens."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    spec = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    for name, model in _BODIES.items():
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(body.pop("$defs", {}))
+        schemas[name] = body
+    spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    for path, operations in spec["paths"].items():
+        if path in ("/api/registry", "/registry"):
+            continue  # public
+        for operation in operations.values():
+            # /api/health answers without a token too (liveness only).
+            operation["security"] = (
+                [{"bearer": []}, {}] if path == "/api/health" else [{"bearer": []}]
+            )
+    app.openapi_schema = spec
+    return spec
+
+
 # ----------------------------------------------------------------------------- endpoints
 
 router = APIRouter(prefix="/api")
 
 
-@router.get("/health")
+@router.get("/health", responses=errors(401))
 async def health(
     who: Principal | None = Depends(optional_principal), its: Services = Depends(services)
 ) -> dict[str, Any]:
@@ -313,12 +389,12 @@ async def health(
     return {"ok": True, "sites": connected}
 
 
-@router.get("/analyses")
+@router.get("/analyses", responses=errors(401))
 async def analyses_list(_: Principal = Depends(principal)) -> dict[str, Any]:
     return {"ok": True, "analyses": registered_analyses()}
 
 
-@router.get("/sites")
+@router.get("/sites", responses=errors(401))
 async def sites(
     who: Principal = Depends(principal), its: Services = Depends(services)
 ) -> dict[str, Any]:
@@ -334,7 +410,7 @@ async def sites(
     return {"ok": True, "sites": shown}
 
 
-@router.post("/studies")
+@router.post("/studies", responses=errors(400, 401, 403), openapi_extra=request_body("StudyConfig"))
 async def create_study(
     request: Request, who: Principal = Depends(require("lead")), its: Services = Depends(services)
 ) -> dict[str, Any]:
@@ -343,7 +419,7 @@ async def create_study(
     return {"ok": True, "study": study.model_dump(mode="json")}
 
 
-@router.get("/studies")
+@router.get("/studies", responses=errors(401))
 async def list_studies(
     who: Principal = Depends(principal), its: Services = Depends(services)
 ) -> dict[str, Any]:
@@ -351,7 +427,7 @@ async def list_studies(
     return {"ok": True, "studies": [row for row, study in listed if who.can_read(study)]}
 
 
-@router.get("/studies/{study_id}")
+@router.get("/studies/{study_id}", responses=errors(401, 404))
 async def show_study(
     study_id: str, who: Principal = Depends(principal), its: Services = Depends(services)
 ) -> dict[str, Any]:
@@ -366,7 +442,20 @@ async def show_study(
     }
 
 
-@router.post("/studies/{study_id}/close")
+@router.get("/studies/{study_id}/report", responses=errors(401, 403, 404))
+async def study_report(
+    study_id: str,
+    who: Principal = Depends(require("lead", "researcher")),
+    its: Services = Depends(services),
+) -> dict[str, Any]:
+    # Every site's contribution and refusals: the lead's and the study's researchers' view,
+    # not a site admin's (who reads only their own site's entries).
+    visible_study(its, study_id, who)
+    report = await asyncio.to_thread(build_report, its.store, study_id)
+    return {"ok": True, "report": report.to_json()}
+
+
+@router.post("/studies/{study_id}/close", responses=errors(400, 401, 403, 404))
 async def close_study(
     study_id: str, who: Principal = Depends(require("lead")), its: Services = Depends(services)
 ) -> dict[str, Any]:
@@ -375,7 +464,11 @@ async def close_study(
     return {"ok": True, "study": study_id, "status": "closed"}
 
 
-@router.post("/studies/{study_id}/requests")
+@router.post(
+    "/studies/{study_id}/requests",
+    responses={**errors(400, 401, 403, 404, 409), 202: {"description": "wait=false: running"}},
+    openapi_extra=request_body("AnalysisRequest"),
+)
 async def submit(
     study_id: str,
     request: Request,
@@ -459,6 +552,7 @@ async def _execute(
             submitted=submitted,
             result=result,
             error=error,
+            receipts=its.registry.take_receipts(request_id),
         )
     except Exception as exc:  # the caller still gets the result; the log says it was not kept
         log.exception("request %s could not be stored", request_id)
@@ -477,7 +571,11 @@ async def _execute(
     }
 
 
-@router.post("/studies/{study_id}/scripts")
+@router.post(
+    "/studies/{study_id}/scripts",
+    responses=errors(400, 401, 403, 404, 409),
+    openapi_extra=request_body("ScriptSubmission"),
+)
 async def submit_script(
     study_id: str,
     request: Request,
@@ -504,7 +602,7 @@ async def submit_script(
     return {"ok": True, "study_id": study.id, **stored, "offered_to": sent}
 
 
-@router.get("/requests/{request_id}")
+@router.get("/requests/{request_id}", responses=errors(401, 404))
 async def show_request(
     request_id: str, who: Principal = Depends(principal), its: Services = Depends(services)
 ) -> dict[str, Any]:
@@ -515,18 +613,38 @@ async def show_request(
     return {"ok": True, **who.request_view(found)}
 
 
-@router.get("/audit/verify")
+@router.get("/audit/verify", responses=errors(401, 403))
 async def audit_verify(
     _: Principal = Depends(require("lead")), its: Services = Depends(services)
 ) -> dict[str, Any]:
     report = await asyncio.to_thread(its.store.verify_audit)
+    # The chain, and every stored receipt against it and its signature (one line each).
+    problems = await asyncio.to_thread(its.store.integrity_problems)
     return {
         "ok": True,
-        "intact": report.ok,
+        "intact": not problems,
         "entries": report.entries,
         "head": report.head,
         "problem": report.problem,
+        "problems": problems,
     }
+
+
+@router.get("/registry", responses=errors())
+async def registry_json(its: Services = Depends(services)) -> dict[str, Any]:
+    """The public study registry: no token needed, none looked at."""
+    entries = await asyncio.to_thread(registry_entries, its.store)
+    return {"ok": True, "studies": entries}
+
+
+public = APIRouter()
+
+
+@public.get("/registry", response_class=HTMLResponse, responses=errors())
+async def registry_page(its: Services = Depends(services)) -> HTMLResponse:
+    """The public study registry as a plain HTML page (no token)."""
+    entries = await asyncio.to_thread(registry_entries, its.store)
+    return HTMLResponse(registry_html(entries))
 
 
 # ----------------------------------------------------------------------------- the app
@@ -551,4 +669,6 @@ def create_app(
     app.add_exception_handler(AllianceError, _alliance_error)
     app.add_exception_handler(Exception, _bug)
     app.include_router(router)
+    app.include_router(public)
+    app.openapi = lambda: document(app)  # type: ignore[method-assign]
     return app

@@ -213,6 +213,33 @@ def study_show(study_id: str, url: URL = "http://127.0.0.1:8080", token: TOKEN =
     )
 
 
+@study_app.command("report")
+def study_report(
+    study_id: str,
+    out: Annotated[Path, typer.Option("--out", help="folder for report.md, .html, .json")] = Path(
+        "report"
+    ),
+    coordinator: Annotated[
+        Path | None,
+        typer.Option("--coordinator", help="a coordinator's folder or file, read offline"),
+    ] = None,
+    url: URL = "http://127.0.0.1:8080",
+    token: TOKEN = "",
+) -> None:
+    """Write a study's report (Markdown, HTML, JSON): requests, privacy spent per site and
+    researcher, refusals, and each site's contribution."""
+    # Here, not at the top: a site node starts through this package and needs no SQLAlchemy.
+    from coordinator.report import StudyReport, offline_report
+
+    if coordinator is not None:
+        report = offline_report(coordinator, study_id)
+    else:
+        with _client(url, token) as client:
+            report = StudyReport.from_json(client.study_report(study_id))
+    for path in report.write(out):
+        typer.echo(f"wrote {path}")
+
+
 @study_app.command("close")
 def study_close(study_id: str, url: URL = "http://127.0.0.1:8080", token: TOKEN = "") -> None:
     """Close a study: no more requests."""

@@ -161,6 +161,10 @@ class AllianceClient:
         """One study with its requests and results."""
         return self._call("GET", f"/api/studies/{study_id}")
 
+    def study_report(self, study_id: str) -> dict[str, Any]:
+        """A study's report as JSON (lead and the study's researchers)."""
+        return dict(self._call("GET", f"/api/studies/{study_id}/report")["report"])
+
     def close_study(self, study_id: str) -> dict[str, Any]:
         """Close a study (alliance lead)."""
         return self._call("POST", f"/api/studies/{study_id}/close")

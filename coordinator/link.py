@@ -17,6 +17,15 @@ import grpc
 
 from coordinator.store import Store
 from protocol.errors import AllianceError
+from protocol.signing import (
+    Receipt,
+    SigningKey,
+    fingerprint,
+    is_hex,
+    reply_digest,
+    sign_task,
+    task_digest,
+)
 from protocol.version import VERSION
 from protocol.wire import alliance_pb2 as pb
 from protocol.wire import alliance_pb2_grpc as pb_grpc
@@ -62,9 +71,15 @@ def script_offer(script: dict[str, Any]) -> pb.CoordinatorMessage:
 class SiteRegistry:
     """Connected sites and the tasks waiting for them."""
 
-    def __init__(self, store: Store | None, dictionary_digest: str) -> None:
+    def __init__(
+        self, store: Store | None, dictionary_digest: str, signing_key: SigningKey | None = None
+    ) -> None:
         self.store = store
         self.dictionary_digest = dictionary_digest
+        # Signs every task sent (a fresh key when none is given: tests and in-process runs).
+        self.signing_key = signing_key or SigningKey.generate()
+        # Verified receipts by request id, until the request is stored with them.
+        self._receipts: dict[str, list[Receipt]] = {}
         self.sessions: dict[str, SiteSession] = {}
         self.disconnected_at: dict[str, float] = {}
         self._outstanding: dict[str, dict[str, _Outstanding]] = {}
@@ -123,13 +138,47 @@ class SiteRegistry:
                 sent.append(name)
         return sent
 
-    def deliver(self, site: str, task_id: str, message: pb.SiteMessage) -> None:
-        """Resolve the task a reply or refusal answers."""
+    def take_receipts(self, request_id: str) -> list[Receipt]:
+        """The verified receipts of a request's replies (handed over once, to be stored)."""
+        return self._receipts.pop(request_id, [])
+
+    def _check_receipt(
+        self, site: str, site_key: str, task: pb.Task, message: pb.SiteMessage
+    ) -> pb.SiteMessage:
+        """Keep a reply's receipt when it verifies; otherwise turn the reply into a refusal
+        (code ``signature``): an unsigned or forged reply is never used."""
+        reply = message.reply
+        receipt = Receipt.from_reply(site, site_key, reply)
+        problem = None
+        if not site_key:
+            problem = "the site presented no signing key in its Hello"
+        elif reply.request_digest != task_digest(task):
+            problem = "it answers a task other than the one sent"
+        elif reply_digest(reply.task_id, reply.record) != reply.receipt:
+            problem = "its record does not match its digest"
+        elif not receipt.valid():
+            problem = f"its signature does not verify under the site's key {fingerprint(site_key)}"
+        if problem is None:
+            self._receipts.setdefault(task.request_id, []).append(receipt)
+            return message
+        reason = f"the reply of {site} to task {task.task_id} was discarded: {problem}"
+        log.warning("%s", reason)
+        if self.store is not None:
+            self.store.audit("reply_rejected", {"site": site, "task": task.task_id, "why": problem})
+        return pb.SiteMessage(
+            refusal=pb.Refusal(task_id=task.task_id, code="signature", reason=reason)
+        )
+
+    def deliver(self, site: str, task_id: str, message: pb.SiteMessage, site_key: str = "") -> None:
+        """Resolve the task a reply or refusal answers (a reply only with a valid receipt,
+        signed by ``site_key``, the key the site's stream presented)."""
         item = self._outstanding.get(site, {}).pop(task_id, None)
         if item is None:
             log.debug("site %s answered task %s, which nobody is waiting for", site, task_id)
             return
         task = item.task
+        if message.HasField("reply"):
+            message = self._check_receipt(site, site_key, task, message)
         # One line per answer: ids, analysis, site and the refusal's code; never a value.
         if message.HasField("refusal"):
             log.info(
@@ -164,6 +213,7 @@ class SiteRegistry:
         session = self.sessions.get(site)
         if session is None:
             raise SiteUnavailable("disconnected", f"site {site} is not connected")
+        sign_task(task, self.signing_key)
         future: asyncio.Future[pb.SiteMessage] = asyncio.get_running_loop().create_future()
         self._outstanding.setdefault(site, {})[task.task_id] = _Outstanding(task, future)
         session.outbox.put_nowait(pb.CoordinatorMessage(task=task))
@@ -223,6 +273,11 @@ class SiteLinkService(pb_grpc.SiteLinkServicer):
                 f"this certificate belongs to site {cn!r}, but the stream says it is "
                 f"{hello.site_id!r}"
             )
+        if not is_hex(hello.signing_key, 64):
+            return (
+                "the site presented no valid signing key (an Ed25519 public key, 64 hex "
+                "digits): it signs every reply's receipt; upgrade the site node"
+            )
         if hello.dictionary_digest != self.registry.dictionary_digest:
             return (
                 "the site's data dictionary differs from the alliance's (digest "
@@ -269,6 +324,10 @@ class SiteLinkService(pb_grpc.SiteLinkServicer):
             ", ".join(hello.allowed_analyses) or "none",
         )
         if self.registry.store is not None:
+            if hello.signing_key:
+                await asyncio.to_thread(
+                    self.registry.store.register_site_key, hello.site_id, hello.signing_key
+                )
             await asyncio.to_thread(
                 self.registry.store.site_seen,
                 hello.site_id,
@@ -281,7 +340,12 @@ class SiteLinkService(pb_grpc.SiteLinkServicer):
         reader = asyncio.create_task(self._read(session, request_iterator))
         try:
             yield pb.CoordinatorMessage(
-                welcome=pb.Welcome(accepted=True, coordinator=self.name, software_version=VERSION)
+                welcome=pb.Welcome(
+                    accepted=True,
+                    coordinator=self.name,
+                    software_version=VERSION,
+                    signing_key=self.registry.signing_key.public_hex,
+                )
             )
             while True:
                 message = await session.outbox.get()
@@ -308,7 +372,9 @@ class SiteLinkService(pb_grpc.SiteLinkServicer):
                 session.last_seen = time.monotonic()
                 kind = message.WhichOneof("body")
                 if kind == "reply":
-                    self.registry.deliver(session.name, message.reply.task_id, message)
+                    self.registry.deliver(
+                        session.name, message.reply.task_id, message, session.hello.signing_key
+                    )
                 elif kind == "refusal":
                     self.registry.deliver(session.name, message.refusal.task_id, message)
         except (grpc.aio.AioRpcError, asyncio.CancelledError):

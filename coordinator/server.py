@@ -27,6 +27,7 @@ from coordinator.tokens import (
 )
 from protocol.config import CoordinatorConfig, DataDictionary, load_yaml
 from protocol.errors import ConfigError
+from protocol.signing import SigningKey
 from protocol.tlsfiles import check_tls_files
 from protocol.wire import alliance_pb2_grpc as pb_grpc
 
@@ -74,6 +75,10 @@ def startup_problems(config: CoordinatorConfig, source: str) -> list[str]:
     return problems
 
 
+# The coordinator's Ed25519 key (in its state folder): it signs every task it sends.
+SIGNING_KEY_FILE = "coordinator_signing_key.pem"
+
+
 async def serve(
     config: CoordinatorConfig,
     ready_file: Path | None = None,
@@ -94,7 +99,8 @@ async def serve(
     # halves do, so pay the import at start rather than in the first request.
     importlib.import_module("scipy.stats")
     store = Store(config.store)
-    registry = SiteRegistry(store, dictionary.digest())
+    signing_key = SigningKey.load_or_create(config.state_dir / SIGNING_KEY_FILE)
+    registry = SiteRegistry(store, dictionary.digest(), signing_key)
     scheduler = Scheduler(registry, dictionary, config.task_timeout_seconds)
     service = SiteLinkService(registry, config.name, require_tls_identity=config.tls is not None)
 

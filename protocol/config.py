@@ -364,6 +364,11 @@ class StudyConfig(_Model):
     id: str = Field(pattern=_NAME)
     title: str
     purpose: str = Field(default="research", pattern=r"^[a-z][a-z0-9_-]*$")
+    lead: str = Field(
+        default="",
+        max_length=200,
+        description="the lead institution, as the public registry shows it",
+    )
     sites: list[str] = Field(default_factory=list, description="empty: every connected site")
     analyses: list[str] = Field(default_factory=list, description="empty: any registered one")
     variables: list[str] = Field(default_factory=list, description="empty: the whole dictionary")

@@ -23,6 +23,7 @@ from coordinator.cli import (
     study_app,
     token_app,
 )
+from protocol.audit import AuditEntry
 from protocol.config import (
     AnalysisRequest,
     DataDictionary,
@@ -32,11 +33,14 @@ from protocol.config import (
     load_yaml,
     parse_model,
 )
+from protocol.crosscheck import announced_keys, cross_check
 from protocol.errors import AllianceError, ConfigError
 from protocol.logs import LOG_LEVEL, QUIET, configure, resolve_level
+from protocol.signing import SigningKey
 from simulations.script_try import script_try
 from site_node.cli import site_app
 from site_node.ledger import SiteStore
+from site_node.runtime import SIGNING_KEY_FILE
 
 app = typer.Typer(
     help="Alliance: federated analysis for hospital alliances.",
@@ -49,7 +53,9 @@ app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(site_app, name="site")
 app.add_typer(study_app, name="study")
 app.add_typer(token_app, name="token")
-audit_app = typer.Typer(help="Verify audit logs.", no_args_is_help=True)
+audit_app = typer.Typer(
+    help="Verify audit trails and cross-check a site against the coordinator.", no_args_is_help=True
+)
 app.add_typer(audit_app, name="audit")
 app.command("run")(run_command)
 app.add_typer(script_app, name="script")
@@ -67,39 +73,138 @@ def _setup(
     configure(resolve_level(log_level, quiet, {}, logging.WARNING))
 
 
+def _node_file(path: Path) -> Path:
+    """The store in a node's folder as ``--keep`` leaves it (or the file itself)."""
+    candidates = [path / "state" / "site.db", path / "site.db", path / "coordinator.db", path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise AllianceError(
+        f"{path}: no site.db, state/site.db or coordinator.db found (give a site's or the "
+        "coordinator's folder, or the file)"
+    )
+
+
+def _not_a_store(candidate: Path, exc: Exception) -> AllianceError:
+    first = str(exc).splitlines()[0]
+    return AllianceError(f"{candidate}: not an Alliance store ({first})")
+
+
+def _report(problems: list[str], ok: str) -> None:
+    """Print findings (or ``ok``); exit 1 when there is any."""
+    for problem in problems:
+        typer.echo(f"  FOUND: {problem}")
+    if problems:
+        typer.echo(f"{len(problems)} finding(s)")
+        raise typer.Exit(1)
+    typer.echo(ok)
+
+
 @audit_app.command("verify")
-def audit_verify(path: Path) -> None:
-    """Verify the audit chain of a site folder or a coordinator folder (read-only)."""
+def audit_verify(
+    path: Annotated[Path, typer.Argument(help="a site's or the coordinator's folder")],
+) -> None:
+    """Verify a node's audit trail, read-only; exit 1 on any finding.
+
+    Checks the hash chain (naming the first entry edited, deleted, inserted or reordered),
+    the ledger against the charges the chain records (a site), every stored reply and the
+    signatures on it (a site), and every stored receipt against the chain and its signature
+    (the coordinator).
+    """
     # Here, not at the top: a site node starts through this module and needs no SQLAlchemy.
     from sqlalchemy.exc import SQLAlchemyError
 
     from coordinator.store import Store
 
-    candidates = [path / "state" / "site.db", path / "site.db", path / "coordinator.db", path]
-    for candidate in candidates:
-        if candidate.is_file():
-            break
-    else:
-        raise AllianceError(f"{path}: no site.db, state/site.db or coordinator.db found")
+    candidate = _node_file(path)
     try:
         if candidate.name == "site.db":
             site = SiteStore(candidate, "verify", read_only=True)
             try:
-                report = site.verify_audit()
+                entries, problems = len(site.audit_entries()), site.integrity_problems()
             finally:
                 site.close()
+            what = "entries; ledger, stored replies and signatures agree"
         else:
             store = Store.open_read_only(candidate)
             try:
-                report = store.verify_audit()
+                entries, problems = len(store.audit_entries()), store.integrity_problems()
+                receipts = len(store.receipts())
             finally:
                 store.close()
+            what = f"entries; {receipts} receipts verified"
     except (sqlite3.Error, SQLAlchemyError) as exc:
-        first = str(exc).splitlines()[0]
-        raise AllianceError(f"{candidate}: not an Alliance store ({first})") from None
-    typer.echo(f"{candidate}: {report}")
-    if not report.ok:
-        raise typer.Exit(1)
+        raise _not_a_store(candidate, exc) from None
+    typer.echo(f"{candidate}:")
+    _report(problems, f"audit trail intact: {entries} {what}")
+
+
+def _site_name(folder: Path, entries: list[AuditEntry]) -> str:
+    """A site folder's name: its ``site.yaml``'s ``name``, else the actor of its log."""
+    config = folder / "site.yaml"
+    if config.is_file():
+        import yaml
+
+        try:
+            name = (yaml.safe_load(config.read_text()) or {}).get("name")
+        except yaml.YAMLError:
+            name = None
+        if isinstance(name, str) and name:
+            return name
+    for entry in entries:
+        return entry.actor
+    raise AllianceError(
+        f"{folder}: cannot tell which site this is (no site.yaml and an empty log); "
+        "give --site NAME"
+    )
+
+
+@audit_app.command("cross-check")
+def audit_cross_check(
+    coordinator: Annotated[Path, typer.Argument(help="the coordinator's folder")],
+    site: Annotated[Path, typer.Argument(help="a site's folder")],
+    name: Annotated[str | None, typer.Option("--site", help="the site's name")] = None,
+) -> None:
+    """Compare a site's audit log with the coordinator's receipts from it, offline; exit 1
+    on any finding.
+
+    Lists every task one side has and the other lacks, and catches a site log whose tail
+    was cut off, or that was emptied or re-chained below a receipted head.
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from coordinator.store import Store
+
+    site_file, coordinator_file = _node_file(site), _node_file(coordinator)
+    if site_file.name != "site.db" or coordinator_file.name != "coordinator.db":
+        raise AllianceError(
+            "cross-check takes the coordinator's folder first, then a site's folder "
+            f"(got {coordinator_file} and {site_file})"
+        )
+    try:
+        store = SiteStore(site_file, "cross-check", read_only=True)
+        try:
+            entries = store.audit_entries()
+        finally:
+            store.close()
+        name = name or _site_name(site, entries)
+        coordinator_store = Store.open_read_only(coordinator_file)
+        try:
+            receipts = coordinator_store.receipts(name)
+        finally:
+            coordinator_store.close()
+    except (sqlite3.Error, SQLAlchemyError) as exc:
+        raise _not_a_store(site_file, exc) from None
+    keys = announced_keys(entries)
+    key_file = site_file.parent / SIGNING_KEY_FILE
+    if key_file.is_file():
+        keys.add(SigningKey.load(key_file).public_hex)
+    problems = cross_check(name, entries, receipts, keys)
+    typer.echo(
+        f"{name}: {len(entries)} audit entries; the coordinator holds {len(receipts)} "
+        "receipts from it"
+    )
+    _report(problems, f"{name}'s audit log agrees with every receipt the coordinator holds")
 
 
 @app.command("simulate")
@@ -113,6 +218,9 @@ def simulate(
     keep: Annotated[Path | None, typer.Option(help="keep configs, stores and logs here")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON document per line")] = False,
     insecure: Annotated[bool, typer.Option(help="no TLS (loopback experiments only)")] = False,
+    report: Annotated[
+        Path | None, typer.Option(help="write the study's report (md, html, json) here")
+    ] = None,
 ) -> None:
     """Run requests on dummy data across real site processes on loopback."""
     from simulations.runner import simulate_requests
@@ -147,7 +255,15 @@ def simulate(
         raise AllianceError(text) from None
     study = StudyConfig(id="simulation", title="alliance simulate", privacy=terms)
     failed = simulate_requests(
-        sites, dict_model, study, requests, keep, as_json, tls=not insecure, budget=budget
+        sites,
+        dict_model,
+        study,
+        requests,
+        keep,
+        as_json,
+        tls=not insecure,
+        budget=budget,
+        report=report,
     )
     if failed:
         raise typer.Exit(1)

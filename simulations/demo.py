@@ -16,8 +16,9 @@ from analyses import AnalysisResult
 from analyses.results import show_count
 from coordinator.client import result_from_json
 from coordinator.store import Store
-from protocol.audit import verify_chain
 from protocol.config import AnalysisRequest, StudyConfig
+from protocol.crosscheck import announced_keys, cross_check
+from protocol.signing import Receipt
 from simulations.federation import LocalFederation, SiteSpec
 from simulations.heart import SITES, heart_dictionary, heart_source
 from site_node.ledger import SiteStore
@@ -71,17 +72,22 @@ def _render(title: str, result: AnalysisResult) -> None:
             _out(f"  - {site.name:<12} used {records} records, spent epsilon {spent:.2f}")
 
 
-def _ledger(db_path: Path) -> tuple[float, int, bool]:
-    """Epsilon spent, refusals and whether the audit chain holds, read through the site's own
-    store class, read-only."""
+def _site_trail(db_path: Path, name: str, receipts: list[Receipt]) -> tuple[float, int, str]:
+    """Epsilon spent, refusals, and the site's audit trail checked as an auditor would
+    (`alliance audit verify` and `cross-check`), read through the site's own store class,
+    read-only."""
     store = SiteStore(db_path, "demo", read_only=True)
     try:
         spent = sum(row.epsilon for row in store.ledger())
         entries = store.audit_entries()
         refused = sum(1 for entry in entries if entry.action == "refused")
-        return spent, refused, verify_chain(entries).ok
+        problems = store.integrity_problems()
     finally:
         store.close()
+    problems += cross_check(name, entries, receipts, announced_keys(entries))
+    if problems:
+        return spent, refused, f"BROKEN ({len(problems)} findings)"
+    return spent, refused, f"intact; matches {len(receipts)} receipts"
 
 
 def run_demo(keep: Path | None = None) -> None:
@@ -130,15 +136,19 @@ def run_demo(keep: Path | None = None) -> None:
                     _out(f"\n== {title} ==\n  FAILED: {body['error']}")
         federation.stop()
         _out("\n== Contribution and privacy report (read from each hospital's own ledger) ==")
-        _out(f"  {'site':<12} {'epsilon spent':>14} {'budget':>8} {'refusals':>9}  audit log")
+        _out(f"  {'site':<12} {'epsilon spent':>14} {'budget':>8} {'refusals':>9}  audit trail")
+        receipts, coordinator_problems = _coordinator_trail(
+            federation.coordinator_dir / "coordinator.db"
+        )
         for site in sites:
-            spent, refused, intact = _ledger(federation.site_dir(site.name) / "state" / "site.db")
-            _out(
-                f"  {site.name:<12} {spent:>14.2f} {site.budget:>8.2f} {refused:>9}  "
-                f"{'intact' if intact else 'BROKEN'}"
+            spent, refused, trail = _site_trail(
+                federation.site_dir(site.name) / "state" / "site.db",
+                site.name,
+                [r for r in receipts if r.site == site.name],
             )
-        coordinator_ok = _coordinator_audit(federation.coordinator_dir / "coordinator.db")
-        _out(f"  coordinator audit log: {'intact' if coordinator_ok else 'BROKEN'}")
+            _out(f"  {site.name:<12} {spent:>14.2f} {site.budget:>8.2f} {refused:>9}  {trail}")
+        verdict = f"BROKEN ({coordinator_problems} findings)" if coordinator_problems else "intact"
+        _out(f"  coordinator audit trail: {verdict}; {len(receipts)} signed receipts verified")
         _out(
             "\nWhat happened: each hospital answered only what its own policy allows, added "
             "noise\nbefore anything left, and charged its own ledger first. VA Long Beach's "
@@ -151,7 +161,8 @@ def run_demo(keep: Path | None = None) -> None:
             _out(
                 f"Inspect {keep}/coordinator and {keep}/sites/<name>: configs, SQLite stores, "
                 "logs. Try: alliance site ledger --config "
-                f"{keep}/sites/va/site.yaml"
+                f"{keep}/sites/va/site.yaml, or alliance audit cross-check "
+                f"{keep}/coordinator {keep}/sites/va"
             )
     except Exception:
         federation.stop()
@@ -163,10 +174,11 @@ def run_demo(keep: Path | None = None) -> None:
         federation.cleanup()
 
 
-def _coordinator_audit(path: Path) -> bool:
+def _coordinator_trail(path: Path) -> tuple[list[Receipt], int]:
+    """The coordinator's receipts and how many findings `alliance audit verify` makes."""
     store = Store.open_read_only(path)
     try:
-        return store.verify_audit().ok
+        return store.receipts(), len(store.integrity_problems())
     finally:
         store.close()
 

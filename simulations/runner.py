@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.client import result_from_json
+from coordinator.report import offline_report
 from protocol.config import AnalysisRequest, DataDictionary, DataSource, SDCTerms, StudyConfig
 from simulations.federation import LocalFederation, SiteSpec
 
@@ -58,8 +59,10 @@ def simulate_requests(
     as_json: bool,
     tls: bool = True,
     budget: float = 3.0,
+    report: Path | None = None,
 ) -> int:
-    """Run every request in order in one study; return how many failed."""
+    """Run every request in order in one study; return how many failed (and with ``report``,
+    write the study's report there once every process has stopped)."""
     cap = study.privacy.epsilon_per_request.epsilon
     terms = approved_terms(requests, dictionary)
     if study.privacy.mode == "sdc":
@@ -107,6 +110,9 @@ def simulate_requests(
                 print(json.dumps(result) if as_json else str(result_from_json(result)), flush=True)
     finally:
         federation.stop()
+        if report is not None and (federation.coordinator_dir / "coordinator.db").is_file():
+            for path in offline_report(federation.coordinator_dir, study.id).write(report):
+                _say(f"wrote {path}")
         if keep:
             _say(f"kept {keep}/coordinator and {keep}/sites/<name> (configs, stores, logs)")
         federation.cleanup()

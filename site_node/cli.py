@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import logging
 import signal
 from pathlib import Path
@@ -244,6 +245,19 @@ def _rho_line(approval: StudyApproval, store: SiteStore | None) -> str:
     return f"; zCDP rho budget {approval.rho_budget.rho:g}, spent {used:.4g}"
 
 
+def _audit_lines(store: SiteStore) -> list[str]:
+    """Print the audit chain's and the ledger's state; return the problems."""
+    audit = store.verify_audit()
+    typer.echo(str(audit))
+    problems = [] if audit.ok else [str(audit)]
+    ledger = store.ledger_problems()
+    for problem in ledger:  # a deleted charge gives back budget: serve refuses too
+        typer.echo(problem)
+    if not ledger:
+        typer.echo("ledger: every charge matches the audit log")
+    return problems + ledger
+
+
 @site_app.command("check")
 def site_check(config: CONFIG) -> None:
     """Check the config, TLS files, data and audit log; exit 1 on a problem; write nothing."""
@@ -286,10 +300,7 @@ def site_check(config: CONFIG) -> None:
         if store is None:
             typer.echo(f"audit log: none yet ({db} is created by `alliance site serve`)")
         else:
-            audit = store.verify_audit()
-            typer.echo(str(audit))
-            if not audit.ok:
-                problems.append(str(audit))
+            problems += _audit_lines(store)
     finally:
         if store is not None:
             store.close()
@@ -334,6 +345,46 @@ def site_ledger(
             typer.echo(line)
     finally:
         store.close()
+
+
+@site_app.command("replies")
+def site_replies(
+    config: CONFIG,
+    study: Annotated[str | None, typer.Option(help="one study only")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON document per reply")] = False,
+) -> None:
+    """Show exactly what left this site: each reply's released values, decoded, with its
+    mode and what it cost."""
+    settings = load_yaml(config, SiteConfig)
+    db = settings.state_dir / "site.db"
+    if not db.exists():
+        typer.echo("nothing has left this site")
+        return
+    store = SiteStore(db, settings.name, read_only=True)
+    try:
+        replies = store.released(study)
+    finally:
+        store.close()
+    if not replies:
+        typer.echo("nothing has left this site" + (f" for study {study}" if study else ""))
+    for reply in replies:
+        if as_json:
+            typer.echo(json.dumps(reply))
+            continue
+        cost = f"rho {reply['rho']:.4g}" if reply["rho"] else f"epsilon {reply['epsilon']:.4g}"
+        typer.echo(
+            f"{reply['time']}  study {reply['study']}  task {reply['task']}  "
+            f"{reply['analysis']} for {reply['researcher'] or '?'}  {reply['mode']}, {cost}"
+        )
+        for array in reply["arrays"]:
+            noise = (
+                f"{array['mechanism']}, scale {array['scale']:.4g}"
+                if array["mechanism"] not in ("", "none")
+                else "exact"
+            )
+            values = ", ".join(f"{v:.6g}" for v in array["values"])
+            shape = "x".join(str(n) for n in array["shape"])
+            typer.echo(f"  {array['name']}{f' [{shape}]' if shape else ''} ({noise}): {values}")
 
 
 def _level(name: str, spent: PureDP, limit: PureDP | None) -> str:

@@ -13,13 +13,16 @@ what one request may spend, summed over the request's tasks (rounds).
 from __future__ import annotations
 
 import datetime as dt
+import json
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from google.protobuf.message import DecodeError
 
 from protocol.audit import AuditEntry, VerifyReport, verify_chain
 from protocol.budget import (
@@ -33,7 +36,9 @@ from protocol.budget import (
 )
 from protocol.config import PeriodBudget, SDCThresholds
 from protocol.errors import InternalError, RefusedError
+from protocol.signing import Receipt, reply_digest, task_digest, task_signature_valid
 from protocol.storage import connect_read_only
+from protocol.wire import alliance_pb2 as pb
 from protocol.wire.messages import TaskMessage
 from site_node.disclosure import DifferencingGuard, RecordSet
 
@@ -64,6 +69,10 @@ CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS ledger_no_delete BEFORE DELETE ON ledger
     BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS replies_no_update BEFORE UPDATE ON replies
+    BEGIN SELECT RAISE(ABORT, 'stored replies are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS replies_no_delete BEFORE DELETE ON replies
+    BEGIN SELECT RAISE(ABORT, 'stored replies are append-only'); END;
 """
 LEDGER_NO_UPDATE = """
 CREATE TRIGGER IF NOT EXISTS ledger_no_update BEFORE UPDATE ON ledger
@@ -144,6 +153,58 @@ class LedgerRow:
     rho: float = 0.0
 
 
+@dataclass(frozen=True)
+class _LedgerUnits:
+    task_id: str
+    units: int
+    rho_units: int
+
+
+def _detail(entry: AuditEntry) -> dict[str, Any]:
+    """An entry's detail as a dict (an edited detail that is not a JSON object: empty)."""
+    try:
+        value = json.loads(entry.detail)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _stored_reply_problems(
+    where: str, entry: AuditEntry, detail: dict[str, Any], row: tuple[bytes, str, bytes, str]
+) -> list[str]:
+    """What is wrong with one stored reply against the audit entry that records it."""
+    payload, receipt_column, task_bytes, coordinator_key = row
+    try:
+        message = pb.SiteMessage.FromString(payload)
+    except DecodeError:
+        return [f"{where}: the stored reply is not a reply message"]
+    reply = message.reply
+    problems = []
+    if receipt_column != detail.get("receipt") or reply.receipt != detail.get("receipt"):
+        problems.append(f"{where}: the stored reply's digest differs from the logged one")
+    elif reply_digest(reply.task_id, reply.record) != reply.receipt:
+        problems.append(f"{where}: the stored reply's record was changed after it was signed")
+    if (reply.audit_seq, reply.audit_hash) != (entry.seq, entry.hash):
+        problems.append(
+            f"{where}: the reply's receipt names audit entry {reply.audit_seq} "
+            f"({reply.audit_hash[:16]}), not this entry ({entry.hash[:16]}): the log was "
+            "re-chained"
+        )
+    receipt = Receipt.from_reply("", str(detail["key"]), reply)
+    if not receipt.valid():
+        problems.append(f"{where}: the receipt's signature does not verify under the site key")
+    if task_bytes:
+        try:
+            task = pb.Task.FromString(task_bytes)
+        except DecodeError:
+            return [*problems, f"{where}: the task kept beside the reply is not a task"]
+        if task_digest(task) != detail.get("request_digest"):
+            problems.append(f"{where}: the task kept beside the reply is not the one logged")
+        elif coordinator_key and not task_signature_valid(task, coordinator_key):
+            problems.append(f"{where}: the coordinator's signature on the task does not verify")
+    return problems
+
+
 class SiteStore:
     """The site's SQLite file (``<state_dir>/site.db``)."""
 
@@ -160,8 +221,19 @@ class SiteStore:
         self._db.execute("PRAGMA synchronous=FULL")  # a charge must survive a power cut
         self._db.executescript(SCHEMA)
         self._migrate_ledger()
+        self._migrate_replies()
         self._db.executescript(LEDGER_NO_UPDATE)
         self.guard = DifferencingGuard(self._db, self._lock)
+
+    def _migrate_replies(self) -> None:
+        """Give a replies table written before signed tasks its columns for the task as asked
+        and the coordinator's key (empty for earlier replies)."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(replies)")}
+        if "task" in columns:
+            return
+        with self._transaction() as db:
+            db.execute("ALTER TABLE replies ADD COLUMN task BLOB NOT NULL DEFAULT x''")
+            db.execute("ALTER TABLE replies ADD COLUMN coordinator_key TEXT NOT NULL DEFAULT ''")
 
     def _migrate_ledger(self) -> None:
         """Give a ledger written before integer units its units and request ids, keeping every
@@ -324,6 +396,169 @@ class SiteStore:
     def verify_audit(self) -> VerifyReport:
         """Verify the hash chain of this site's audit log."""
         return verify_chain(self.audit_entries())
+
+    # ------------------------------------------------------------------ integrity
+    def ledger_problems(self, entries: list[AuditEntry] | None = None) -> list[str]:
+        """Where the ledger disagrees with the charges the audit log records.
+
+        Every charge is written twice in one transaction: as a ledger row and inside the
+        reply's hash-chained audit entry. A ledger row deleted (after dropping its trigger, as
+        anyone holding the file can) gives back the budget it spent; here it shows as a charge
+        the log has and the ledger lacks, named by task and audit entry.
+        """
+        entries = self.audit_entries() if entries is None else entries
+        logged: dict[str, tuple[int, int, int]] = {}  # task -> (entry, units, rho units)
+        for entry in entries:
+            if entry.action != "reply":
+                continue
+            detail = _detail(entry)
+            task = str(detail.get("task", ""))
+            if "charge" in detail:
+                charge = detail["charge"]
+                if isinstance(charge, dict):
+                    logged[task] = (entry.seq, int(charge["units"]), int(charge["rho_units"]))
+                continue
+            # Written before charges were in the log: derived from the epsilon and rho it holds.
+            epsilon, rho = float(detail.get("epsilon") or 0), float(detail.get("rho") or 0)
+            if epsilon > 0 or rho > 0:
+                units = PureDP(epsilon).charge_units()
+                logged[task] = (entry.seq, units, ZCDP(rho).charge_units() if rho else 0)
+        rows = {row.task_id: row for row in self._ledger_units()}
+        problems = []
+        for task, (seq, units, rho_units) in logged.items():
+            row = rows.get(task)
+            if row is None:
+                problems.append(
+                    f"ledger: the charge for task {task} (audit entry {seq}: epsilon "
+                    f"{format_epsilon(PureDP.from_units(units).epsilon)}) is missing from the "
+                    "ledger: a ledger row was deleted"
+                )
+            elif (row.units, row.rho_units) != (units, rho_units):
+                problems.append(
+                    f"ledger: the charge for task {task} differs from its audit entry {seq} "
+                    f"(ledger {row.units} units, log {units}): a ledger row was changed"
+                )
+        for task in rows.keys() - logged.keys():
+            problems.append(
+                f"ledger: task {task} has a ledger row but the audit log records no charge "
+                "for it: a row was inserted, or the log's entry for it was removed"
+            )
+        return problems
+
+    def _ledger_units(self) -> list[_LedgerUnits]:
+        with self._lock:
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(ledger)")}
+            rho = "rho_units" if "rho_units" in columns else "0"
+            units = "units" if "units" in columns else "0"
+            rows = self._db.execute(
+                f"SELECT task_id, {units}, {rho} FROM ledger ORDER BY id"
+            ).fetchall()
+        return [_LedgerUnits(str(r[0]), int(r[1]), int(r[2])) for r in rows]
+
+    def reply_problems(self, entries: list[AuditEntry] | None = None) -> list[str]:
+        """Check every stored reply against its audit entry and its signatures.
+
+        For each reply the log records: the stored reply exists, its record still has the
+        logged digest, its receipt names this entry (sequence number and hash) and carries a
+        valid signature of the site key the entry names, and the task kept beside it has the
+        logged digest and, when a coordinator signed it, the coordinator's valid signature.
+        """
+        entries = self.audit_entries() if entries is None else entries
+        stored = self._stored_replies()
+        problems: list[str] = []
+        logged: set[str] = set()
+        for entry in entries:
+            if entry.action != "reply":
+                continue
+            detail = _detail(entry)
+            if "key" not in detail:  # written before signed receipts: nothing to check
+                logged.add(str(detail.get("task", "")))
+                continue
+            task_id = str(detail.get("task", ""))
+            logged.add(task_id)
+            where = f"audit entry {entry.seq} (task {task_id})"
+            row = stored.get(task_id)
+            if row is None:
+                problems.append(f"{where}: the stored reply is missing")
+                continue
+            problems += _stored_reply_problems(where, entry, detail, row)
+        for task_id in stored.keys() - logged:
+            problems.append(
+                f"stored reply to task {task_id}: no audit entry records it (the entry was "
+                "removed, or the reply inserted)"
+            )
+        return problems
+
+    def _stored_replies(self) -> dict[str, tuple[bytes, str, bytes, str]]:
+        with self._lock:
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(replies)")}
+            extra = "task, coordinator_key" if "task" in columns else "x'', ''"
+            rows = self._db.execute(
+                f"SELECT task_id, payload, receipt, {extra} FROM replies"
+            ).fetchall()
+        return {str(r[0]): (bytes(r[1]), str(r[2]), bytes(r[3]), str(r[4])) for r in rows}
+
+    def chain_and_ledger_problems(self) -> list[str]:
+        """The hash chain and the ledger against it: what a site checks before it serves."""
+        entries = self.audit_entries()
+        report = verify_chain(entries)
+        problems = [] if report.ok else [f"audit log: {report.problem}"]
+        return problems + self.ledger_problems(entries)
+
+    def released(self, study_id: str | None = None) -> list[dict[str, Any]]:
+        """Every reply that left the site, decoded, oldest first (optionally one study's):
+        time, study, task, analysis, researcher, mode, epsilon, rho and each released array
+        (name, shape, values, kind, mechanism, noise scale, epsilon)."""
+        logged = {
+            str(detail.get("task")): detail
+            for entry in self.audit_entries()
+            if entry.action == "reply" and (detail := _detail(entry))
+        }
+        with self._lock:
+            query = "SELECT task_id, time, study_id, payload FROM replies"
+            args: tuple[str, ...] = ()
+            if study_id is not None:
+                query += " WHERE study_id = ?"
+                args = (study_id,)
+            rows = self._db.execute(query + " ORDER BY time, task_id", args).fetchall()
+        out = []
+        for task_id, time, study, payload in rows:
+            reply = pb.SiteMessage.FromString(bytes(payload)).reply
+            detail = logged.get(str(task_id), {})
+            out.append(
+                {
+                    "time": time,
+                    "study": study,
+                    "task": task_id,
+                    "analysis": detail.get("analysis", ""),
+                    "researcher": detail.get("researcher", ""),
+                    "mode": reply.privacy_mode,
+                    "epsilon": reply.epsilon_spent,
+                    "rho": reply.rho_spent,
+                    "arrays": [
+                        {
+                            "name": array.name,
+                            "shape": list(array.shape),
+                            "values": list(array.values),
+                            "kind": array.kind,
+                            "mechanism": array.mechanism,
+                            "scale": array.scale,
+                            "epsilon": array.epsilon,
+                        }
+                        for array in reply.record.arrays
+                    ],
+                }
+            )
+        return out
+
+    def integrity_problems(self) -> list[str]:
+        """Everything ``alliance audit verify`` checks in a site's file, one line per finding:
+        the hash chain (first bad entry), the ledger against the charges in the chain, and every
+        stored reply and signature."""
+        entries = self.audit_entries()
+        report = verify_chain(entries)
+        problems = [] if report.ok else [f"audit log: {report.problem}"]
+        return problems + self.ledger_problems(entries) + self.reply_problems(entries)
 
     # ------------------------------------------------------------------ ledger
     def spent(self, study_id: str) -> PureDP:
@@ -523,14 +758,19 @@ class SiteStore:
             ).fetchone()
         return bytes(row[0]) if row else None
 
-    def _charge(self, db: sqlite3.Connection, task: TaskMessage, charge: Charge) -> None:
-        """Check ``charge`` at every level and write it (inside the reply's transaction)."""
+    def _charge(self, db: sqlite3.Connection, task: TaskMessage, charge: Charge) -> dict[str, int]:
+        """Check ``charge`` at every level and write it (inside the reply's transaction);
+        return the units written, which the reply's audit entry records."""
         if (charge.study_id, charge.request_id) != (task.study_id, task.request_id):
             raise InternalError(
                 f"task {task.task_id} (study {task.study_id}, request {task.request_id}) "
                 f"carries a charge to study {charge.study_id}, request {charge.request_id}"
             )
         self._check_charge(db, charge)
+        units = {
+            "units": charge.epsilon.charge_units(),
+            "rho_units": charge.rho.charge_units() if charge.rho is not None else 0,
+        }
         db.execute(
             "INSERT INTO ledger (time, study_id, researcher, task_id, analysis, epsilon, "
             "units, request_id, rho_units) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -541,24 +781,36 @@ class SiteStore:
                 task.task_id,
                 task.analysis,
                 charge.epsilon.epsilon,
-                charge.epsilon.charge_units(),
+                units["units"],
                 charge.request_id,
-                charge.rho.charge_units() if charge.rho is not None else 0,
+                units["rho_units"],
             ),
         )
+        return units
 
     def commit_reply(
         self,
         task: TaskMessage,
         charge: Charge | None,
-        payload: bytes,
+        payload: bytes | Callable[[AuditEntry], bytes],
         receipt: str,
         detail: dict[str, Any],
         released: RecordSet | None = None,
         thresholds: SDCThresholds | None = None,
+        asked: tuple[bytes, str] = (b"", ""),
     ) -> bytes:
         """Charge, store and audit the reply to ``task`` in one transaction; return what may
         leave the site.
+
+        The charge is written twice in the same transaction: as the ledger's row and inside the
+        reply's audit entry (``charge``: nano-epsilon and nano-rho units), so a ledger row
+        deleted later no longer matches the hash-chained log (:meth:`integrity_problems`).
+
+        ``payload`` is the serialised reply, or a function of the reply's audit entry that
+        returns it: the site signs its audit head after the reply (the receipt), which exists
+        only once the entry is written. ``asked`` is the task as received (serialised, with the
+        coordinator's signature) and the coordinator's public key, kept beside the reply as
+        proof of what the site was asked.
 
         The budget is checked again inside the transaction with the same predicate as
         :meth:`precheck_charge`, so two tasks racing for the last of a study's budget cannot
@@ -584,17 +836,20 @@ class SiteStore:
                 if released is not None:
                     self.guard.check(released, thresholds or SDCThresholds())
                     self.guard.remember(db, released)
+                units = None
                 if charge is not None and (
                     charge.epsilon.epsilon > 0 or (charge.rho is not None and charge.rho.rho > 0)
                 ):
-                    self._charge(db, task, charge)
+                    units = self._charge(db, task, charge)
+                entry = self._append_audit(db, "reply", {**detail, "charge": units})
+                body = payload(entry) if callable(payload) else payload
                 db.execute(
-                    "INSERT INTO replies VALUES (?, ?, ?, ?, ?)",
-                    (task_id, now(), study_id, payload, receipt),
+                    "INSERT INTO replies (task_id, time, study_id, payload, receipt, task, "
+                    "coordinator_key) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (task_id, now(), study_id, body, receipt, asked[0], asked[1]),
                 )
-                self._append_audit(db, "reply", detail)
         except BaseException:
             if released is not None:
                 self.guard.forget_cache(released.study_id)  # the file is the truth
             raise
-        return payload
+        return body

@@ -239,6 +239,15 @@ class SiteLink:
                 return
             if not first.welcome.accepted:
                 raise LinkRefused(first.welcome.reason or "no reason given")
+            key = first.welcome.signing_key
+            if key != self.runtime.coordinator_key:
+                # Tasks must carry this key's signature; the audit log keeps which key it was.
+                await asyncio.to_thread(
+                    self.runtime.store.audit,
+                    "coordinator_key",
+                    {"coordinator": first.welcome.coordinator, "key": key},
+                )
+                self.runtime.coordinator_key = key
             log.info(
                 "connected to %s at %s; waiting for tasks",
                 first.welcome.coordinator or "the coordinator",

@@ -10,7 +10,6 @@ one at a time, so a second delivery, however close, gets the first one's stored 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
 import threading
@@ -30,10 +29,24 @@ from analyses.base import DUPLICATE_ID, Analysis, WorkCache
 from analyses.pushdown import MAX_COLUMNS
 from analyses.sandbox import SandboxLimits, ScriptStopped
 from analyses.scripts import ScriptBundle
+from protocol.audit import AuditEntry
 from protocol.budget import ZCDP, PureDP
 from protocol.config import DataDictionary, SiteConfig, SiteMapping, StudyApproval, load_yaml
-from protocol.errors import AllianceError, InternalError, RefusedError, ValidationError
+from protocol.errors import (
+    AllianceError,
+    ConfigError,
+    InternalError,
+    RefusedError,
+    ValidationError,
+)
 from protocol.filters import RowFilter, parse_filter
+from protocol.signing import (
+    Receipt,
+    SigningKey,
+    reply_digest,
+    task_digest,
+    task_signature_valid,
+)
 from protocol.version import VERSION
 from protocol.wire import alliance_pb2 as pb
 from protocol.wire.messages import RefusalMessage, ReplyMessage, TaskMessage
@@ -76,6 +89,9 @@ class Outcome:
 
 def _refusal(task_id: str, code: str, reason: str) -> pb.SiteMessage:
     return RefusalMessage(task_id, code, reason).to_proto()
+
+
+SIGNING_KEY_FILE = "signing_key.pem"
 
 
 def _task_detail(task: pb.Task | TaskMessage) -> dict[str, Any]:
@@ -165,6 +181,12 @@ class SiteRuntime:
         for approval in config.policy.studies:
             check_approval_terms(approval, dictionary, f"{config.name}: policy")
         self.store = SiteStore(config.state_dir / "site.db", actor=config.name)
+        # The site's own key: it signs every reply's receipt and never leaves the state folder.
+        self.signing_key = SigningKey.load_or_create(config.state_dir / SIGNING_KEY_FILE)
+        # The coordinator's public key, from its Welcome: every task must carry its signature.
+        # Empty until a coordinator has welcomed this site (tasks handed in directly, in
+        # process, are not signed).
+        self.coordinator_key = ""
         self._digest = dictionary.digest()
         self._filter_cache: OrderedDict[str, pd.DataFrame] = OrderedDict()
         self._params_cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
@@ -272,10 +294,23 @@ class SiteRuntime:
             data, report, ids = read_records(config, dictionary)
             runtime = cls(config, dictionary, data, report, ids)
         if record_start:
+            problems = runtime.store.chain_and_ledger_problems()
+            if problems:  # a deleted charge gives back spent budget: fail closed
+                runtime.close()
+                raise ConfigError(
+                    f"{config.state_dir / 'site.db'}: this site's audit log or ledger was "
+                    "altered, so it will not answer tasks until the file is restored from a "
+                    "backup (`alliance audit verify` lists every finding):\n  "
+                    + "\n  ".join(problems)
+                )
             runtime.store.audit(
                 "site_started",
                 # No record count: audit logs may be shown to other parties (cross-checks).
-                {"version": VERSION, "dictionary": runtime._digest},
+                {
+                    "version": VERSION,
+                    "dictionary": runtime._digest,
+                    "signing_key": runtime.signing_key.public_hex,
+                },
             )
         return runtime
 
@@ -292,6 +327,7 @@ class SiteRuntime:
             software_version=VERSION,
             allowed_analyses=list(self.config.policy.allowed_analyses),
             dictionary_digest=self._digest,
+            signing_key=self.signing_key.public_hex,
         )
 
     # ------------------------------------------------------------------ tasks
@@ -357,6 +393,18 @@ class SiteRuntime:
         return Outcome(_refusal(task.task_id, code, reason), "refused", reason)
 
     def _run(self, wire: pb.Task) -> Outcome:
+        if self.coordinator_key and not task_signature_valid(wire, self.coordinator_key):
+            why = (
+                "has a signature that does not verify under the coordinator's key (the one "
+                "its Welcome named)"
+                if wire.signature
+                else "carries no signature from the coordinator"
+            )
+            raise RefusedError(
+                f"refused by {self.name}: task {wire.task_id} {why}; this site answers only "
+                "tasks its coordinator signed",
+                code="signature",
+            )
         task = TaskMessage.from_proto(wire)
         analysis = get_analysis(task.analysis)
         params = self._params(analysis, wire.params_json, task)
@@ -442,23 +490,49 @@ class SiteRuntime:
             records_used=None if mode == "dp" or records_used is None else int(records_used),
             rho_spent=rho,
         ).to_proto()
-        # The receipt covers the task id and the record exactly as it is serialised here.
-        receipt = hashlib.sha256(
-            task.task_id.encode() + message.reply.record.SerializeToString(deterministic=True)
-        ).hexdigest()
-        message.reply.receipt = receipt
-        payload = message.SerializeToString(deterministic=True)
+        # The reply digest covers the task id and the record exactly as serialised here.
+        digest = reply_digest(task.task_id, message.reply.record)
+        message.reply.receipt = digest
+        asked = task_digest(wire)
+        message.reply.request_digest = asked
         detail = {
             **_task_detail(task),
             "request": task.request_id,
             "mode": mode,
             "epsilon": message.reply.epsilon_spent,
             **({"rho": rho} if rho else {}),
-            "receipt": receipt,
+            "receipt": digest,
+            "request_digest": asked,
+            "key": self.signing_key.public_hex,
         }
+
+        def signed(entry: AuditEntry) -> bytes:
+            """The reply with its receipt: signed over the audit entry that records it."""
+            receipt = Receipt(
+                self.name,
+                task.task_id,
+                asked,
+                digest,
+                entry.seq,
+                entry.hash,
+                self.signing_key.public_hex,
+            ).signed(self.signing_key)
+            message.reply.audit_seq = receipt.audit_seq
+            message.reply.audit_hash = receipt.audit_hash
+            message.reply.signature = receipt.signature
+            return message.SerializeToString(deterministic=True)
+
         committed = self.store.commit_reply(
-            task, charge, payload, receipt, detail, released, self.config.policy.sdc
+            task,
+            charge,
+            signed,
+            digest,
+            detail,
+            released,
+            self.config.policy.sdc,
+            asked=(wire.SerializeToString(deterministic=True), self.coordinator_key),
         )
+        payload = message.SerializeToString(deterministic=True)
         if committed != payload:  # another delivery of this task id committed first
             return self._replayed(committed)
         return Outcome(pb.SiteMessage.FromString(committed), "reply")

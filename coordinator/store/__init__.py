@@ -12,11 +12,12 @@ costs about ten times more per statement on this, the hot path of every request.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,52 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from coordinator.store import models
-from protocol.audit import AuditEntry, VerifyReport, verify_chain
+from protocol.audit import AuditEntry, VerifyReport, canonical_json, verify_chain
 from protocol.errors import ConfigError
+from protocol.signing import Receipt, fingerprint
 from protocol.storage import connect_read_only
+
+RECEIPT_COLUMNS = (
+    "task_id",
+    "request_id",
+    "site",
+    "request_digest",
+    "reply_digest",
+    "audit_seq",
+    "audit_hash",
+    "public_key",
+    "signature",
+    "received",
+)
+
+
+def receipt_digest(receipt: Receipt) -> str:
+    """SHA-256 of a receipt's fields (what the coordinator's audit chain records of it)."""
+    return hashlib.sha256(canonical_json(receipt.to_json()).encode()).hexdigest()
+
+
+def _receipts_and_keys_in(
+    entries: list[AuditEntry],
+) -> tuple[dict[str, tuple[int, str]], dict[str, set[str]]]:
+    """From the chain: each receipt's digest by task (with the entry listing it), and the
+    signing keys each site presented."""
+    listed: dict[str, tuple[int, str]] = {}
+    keys: dict[str, set[str]] = {}
+    for entry in entries:
+        if entry.action not in ("request_finished", "site_key"):
+            continue
+        try:
+            detail = json.loads(entry.detail)
+        except ValueError:
+            continue
+        if not isinstance(detail, dict):
+            continue
+        if entry.action == "request_finished":
+            for task_id, digest in (detail.get("receipts") or {}).items():
+                listed[task_id] = (entry.seq, digest)
+        else:
+            keys.setdefault(str(detail.get("site")), set()).add(str(detail.get("key")))
+    return listed, keys
 
 
 def now() -> str:
@@ -61,12 +105,50 @@ class Store:
         except SQLAlchemyError as exc:
             first = str(exc).splitlines()[0]
             raise ConfigError(f"store: cannot open {self.engine.url!r}: {first}") from None
+        self._guard_tables()
         self._head = self._last_entry()
         self._fast: sqlite3.Connection | None = None
         database = self.engine.url.database
         if self.dialect == "sqlite" and database and database != ":memory:":
             self._fast = sqlite3.connect(database, check_same_thread=False, isolation_level=None)
             self._fast.execute("PRAGMA synchronous=NORMAL")
+
+    def _guard_tables(self) -> None:
+        """Refuse UPDATE and DELETE (and TRUNCATE on PostgreSQL) on the tables written once:
+        a mistaken or casual edit fails loudly. Anyone who can drop a trigger can still edit
+        the file; the hash chain and the sites' receipts catch that (``alliance audit``)."""
+        statements = []
+        if self.dialect == "sqlite":
+            for table in models.APPEND_ONLY:
+                for verb in ("UPDATE", "DELETE"):
+                    statements.append(
+                        f"CREATE TRIGGER IF NOT EXISTS {table}_no_{verb.lower()} BEFORE {verb} "
+                        f"ON {table} BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END"
+                    )
+        elif self.dialect == "postgresql":
+            statements.append(
+                "CREATE OR REPLACE FUNCTION alliance_append_only() RETURNS trigger "
+                "LANGUAGE plpgsql AS $$ BEGIN "
+                "RAISE EXCEPTION USING MESSAGE = TG_TABLE_NAME || ' is append-only'; END $$"
+            )
+            for table in models.APPEND_ONLY:
+                statements.append(
+                    f"CREATE OR REPLACE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE "
+                    f"ON {table} FOR EACH ROW EXECUTE FUNCTION alliance_append_only()"
+                )
+                statements.append(
+                    f"CREATE OR REPLACE TRIGGER {table}_no_truncate BEFORE TRUNCATE "
+                    f"ON {table} FOR EACH STATEMENT EXECUTE FUNCTION alliance_append_only()"
+                )
+        try:
+            with self.engine.begin() as conn:
+                for statement in statements:
+                    conn.exec_driver_sql(statement)
+        except SQLAlchemyError as exc:
+            first = str(exc).splitlines()[0]
+            raise ConfigError(
+                f"store: cannot guard the audit tables of {self.engine.url!r}: {first}"
+            ) from None
 
     @classmethod
     def open_read_only(cls, path: Path, actor: str = "coordinator") -> Store:
@@ -312,9 +394,14 @@ class Store:
         submitted: str,
         result: dict[str, Any] | None,
         error: str | None,
+        receipts: Sequence[Receipt] = (),
     ) -> None:
-        """Store a finished request, its result (or failure) and both audit entries, in one
-        transaction."""
+        """Store a finished request, its result (or failure), the sites' signed receipts and
+        both audit entries, in one transaction.
+
+        The request's ``request_finished`` entry lists each receipt's digest by task, so a
+        receipt row edited or deleted later no longer matches the hash chain.
+        """
         status = "done" if error is None else "failed"
         finished = now()
         detail: dict[str, Any] = {"request": request_id, "status": status}
@@ -322,6 +409,23 @@ class Store:
             detail["error"] = error
         if result is not None:
             detail["sites"] = [(s["name"], s["status"], s["epsilon"]) for s in result["sites"]]
+        if receipts:
+            detail["receipts"] = {r.task_id: receipt_digest(r) for r in receipts}
+        receipt_rows = [
+            (
+                r.task_id,
+                request_id,
+                r.site,
+                r.request_digest,
+                r.reply_digest,
+                r.audit_seq,
+                r.audit_hash,
+                r.public_key,
+                r.signature,
+                finished,
+            )
+            for r in receipts
+        ]
         request_row = (
             request_id,
             study_id,
@@ -343,9 +447,9 @@ class Store:
                     self._next_entry("request_finished", detail, None, finished),
                 ]
                 if self._fast is not None:
-                    self._record_fast(request_row, result_row, entries)
+                    self._record_fast(request_row, result_row, entries, receipt_rows)
                 else:
-                    self._record_core(request_row, result_row, entries)
+                    self._record_core(request_row, result_row, entries, receipt_rows)
             except BaseException:
                 self._head = head
                 raise
@@ -355,6 +459,7 @@ class Store:
         request_row: tuple[Any, ...],
         result_row: tuple[Any, ...] | None,
         entries: list[AuditEntry],
+        receipt_rows: list[tuple[Any, ...]],
     ) -> None:
         assert self._fast is not None
         db = self._fast
@@ -370,6 +475,12 @@ class Store:
                     "INSERT INTO alliance_results (request_id, result_json, created) "
                     "VALUES (?, ?, ?)",
                     result_row,
+                )
+            if receipt_rows:
+                db.executemany(
+                    f"INSERT INTO alliance_receipts ({', '.join(RECEIPT_COLUMNS)}) "
+                    f"VALUES ({', '.join('?' * len(RECEIPT_COLUMNS))})",
+                    receipt_rows,
                 )
             db.executemany(
                 "INSERT INTO alliance_audit (seq, time, actor, action, detail, prev_hash, hash) "
@@ -389,6 +500,7 @@ class Store:
         request_row: tuple[Any, ...],
         result_row: tuple[Any, ...] | None,
         entries: list[AuditEntry],
+        receipt_rows: list[tuple[Any, ...]],
     ) -> None:
         names = ("id", "study_id", "researcher", "analysis", "request_json", "status", "error")
         with self.engine.begin() as conn:
@@ -404,6 +516,11 @@ class Store:
                     insert(models.results).values(
                         request_id=result_row[0], result_json=result_row[1], created=result_row[2]
                     )
+                )
+            if receipt_rows:
+                conn.execute(
+                    insert(models.receipts),
+                    [dict(zip(RECEIPT_COLUMNS, row, strict=True)) for row in receipt_rows],
                 )
             conn.execute(
                 insert(models.audit),
@@ -487,6 +604,102 @@ class Store:
             else:
                 conn.execute(insert(models.sites).values(name=name, first_seen=stamp, **values))
             self._append_audit(conn, f"site_{status}", {"site": name, **(hello or {})})
+
+    def register_site_key(self, site: str, public_key: str) -> bool:
+        """Record the signing key a site presented in its Hello (audited when new).
+
+        Returns:
+            Whether this key was new for the site.
+        """
+        table = models.site_keys
+        with self._transaction() as conn:
+            known = (
+                conn.execute(select(table.c.public_key).where(table.c.site == site)).scalars().all()
+            )
+            if public_key in known:
+                return False
+            conn.execute(insert(table).values(site=site, public_key=public_key, first_seen=now()))
+            self._append_audit(
+                conn, "site_key", {"site": site, "key": public_key, "earlier_keys": len(known)}
+            )
+        return True
+
+    def receipts(self, site: str | None = None) -> list[Receipt]:
+        """Stored receipts, oldest first (optionally one site's)."""
+        table = models.receipts
+        query = select(*[table.c[name] for name in RECEIPT_COLUMNS[:-1]]).order_by(
+            table.c.received, table.c.task_id
+        )
+        if site is not None:
+            query = query.where(table.c.site == site)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [
+            Receipt(
+                site=row["site"],
+                task_id=row["task_id"],
+                request_digest=row["request_digest"],
+                reply_digest=row["reply_digest"],
+                audit_seq=int(row["audit_seq"]),
+                audit_hash=row["audit_hash"],
+                public_key=row["public_key"],
+                signature=row["signature"],
+            )
+            for row in rows
+        ]
+
+    def study_receipts(self, study_id: str) -> list[dict[str, Any]]:
+        """Site, task, request, key and time of every receipt of a study's requests, oldest
+        first."""
+        receipts, requests = models.receipts, models.requests
+        query = (
+            select(
+                receipts.c.site,
+                receipts.c.task_id,
+                receipts.c.request_id,
+                receipts.c.public_key,
+                receipts.c.received,
+            )
+            .join(requests, requests.c.id == receipts.c.request_id)
+            .where(requests.c.study_id == study_id)
+            .order_by(receipts.c.received, receipts.c.task_id)
+        )
+        with self.engine.connect() as conn:
+            return [dict(row) for row in conn.execute(query).mappings().all()]
+
+    def integrity_problems(self) -> list[str]:
+        """Everything ``alliance audit verify`` checks in the coordinator's store, one line per
+        finding: the hash chain (first bad entry), and every stored receipt against the chain
+        (listed by digest in its request's entry), its signature, and the keys the site
+        presented."""
+        entries = self.audit_entries()
+        report = verify_chain(entries)
+        problems = [] if report.ok else [f"audit log: {report.problem}"]
+        listed, keys = _receipts_and_keys_in(entries)
+        stored = self.receipts()
+        for receipt in stored:
+            what = f"receipt for task {receipt.task_id} (site {receipt.site})"
+            if not receipt.valid():
+                problems.append(f"{what}: its signature does not verify")
+            if receipt.public_key not in keys.get(receipt.site, set()):
+                problems.append(
+                    f"{what}: signed by key {fingerprint(receipt.public_key)}, which the site "
+                    "never presented"
+                )
+            logged = listed.get(receipt.task_id)
+            if logged is None:
+                problems.append(f"{what}: no audit entry lists it (a row was inserted)")
+            elif logged[1] != receipt_digest(receipt):
+                problems.append(
+                    f"{what}: it differs from the digest audit entry {logged[0]} lists "
+                    "(the row was changed)"
+                )
+        for task_id in listed.keys() - {r.task_id for r in stored}:
+            problems.append(
+                f"receipt for task {task_id} (listed in audit entry {listed[task_id][0]}) is "
+                "missing: a row was deleted"
+            )
+        return problems
 
     def sites(self) -> list[dict[str, Any]]:
         """Every site ever seen, with its last state."""

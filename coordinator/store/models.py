@@ -74,3 +74,38 @@ scripts = Table(
     Column("submitted_by", String(128), nullable=False),
     Column("submitted", String(40), nullable=False),
 )
+
+# A site's signed receipt for each reply (written with its request, listed by digest in the
+# request's audit entry): proof of what the site answered and of its audit head at that moment.
+receipts = Table(
+    "alliance_receipts",
+    metadata,
+    Column("task_id", String(200), primary_key=True),
+    Column("request_id", String(40), nullable=False, index=True),
+    Column("site", String(64), nullable=False, index=True),
+    Column("request_digest", String(64), nullable=False),
+    Column("reply_digest", String(64), nullable=False),
+    Column("audit_seq", Integer, nullable=False),
+    Column("audit_hash", String(64), nullable=False),
+    Column("public_key", String(64), nullable=False),
+    Column("signature", String(128), nullable=False),
+    Column("received", String(40), nullable=False),
+)
+
+# Every signing key a site has presented in its Hello (over mutual TLS), first seen when.
+site_keys = Table(
+    "alliance_site_keys",
+    metadata,
+    Column("site", String(64), primary_key=True),
+    Column("public_key", String(64), primary_key=True),
+    Column("first_seen", String(40), nullable=False),
+)
+
+# Written once and never changed: the store refuses UPDATE and DELETE on these (triggers).
+APPEND_ONLY = (
+    "alliance_audit",
+    "alliance_receipts",
+    "alliance_requests",
+    "alliance_results",
+    "alliance_site_keys",
+)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotocol/wire/alliance.proto\x12\x0b\x61lliance.v1\"v\n\x05Hello\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x18\n\x10software_version\x18\x02 \x01(\t\x12\x18\n\x10\x61llowed_analyses\x18\x03 \x03(\t\x12\x19\n\x11\x64ictionary_digest\x18\x04 \x01(\tJ\x04\x08\x05\x10\x06R\x07records\"Z\n\x07Welcome\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0b\x63oordinator\x18\x03 \x01(\t\x12\x18\n\x10software_version\x18\x04 \x01(\t\"\xdb\x02\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08study_id\x18\x02 \x01(\t\x12\x0f\n\x07purpose\x18\x03 \x01(\t\x12\x10\n\x08\x61nalysis\x18\x04 \x01(\t\x12\x13\n\x0bparams_json\x18\x05 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x06 \x01(\t\x12\x14\n\x0cprivacy_mode\x18\x07 \x01(\t\x12\x0f\n\x07\x65psilon\x18\x08 \x01(\x01\x12\x12\n\nresearcher\x18\t \x01(\t\x12\r\n\x05round\x18\n \x01(\x05\x12\x12\n\nstate_json\x18\x0b \x01(\t\x12\x12\n\nrequest_id\x18\x0c \x01(\t\x12\x36\n\x0bmin_quality\x18\r \x03(\x0b\x32!.alliance.v1.Task.MinQualityEntry\x12\x0b\n\x03rho\x18\x0e \x01(\x01\x1a\x31\n\x0fMinQualityEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x87\x01\n\nNamedArray\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06values\x18\x03 \x03(\x01\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x11\n\tmechanism\x18\x05 \x01(\t\x12\r\n\x05scale\x18\x06 \x01(\x01\x12\x0f\n\x07\x65psilon\x18\x07 \x01(\x01\x12\x0b\n\x03rho\x18\x08 \x01(\x01\":\n\x0f\x41ggregateRecord\x12\'\n\x06\x61rrays\x18\x01 \x03(\x0b\x32\x17.alliance.v1.NamedArray\"\xd6\x01\n\x05Reply\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12,\n\x06record\x18\x02 \x01(\x0b\x32\x1c.alliance.v1.AggregateRecord\x12\x14\n\x0cprivacy_mode\x18\x03 \x01(\t\x12\x15\n\repsilon_spent\x18\x04 \x01(\x01\x12\x14\n\x0crecords_used\x18\x05 \x01(\x03\x12\x10\n\x08replayed\x18\x07 \x01(\x08\x12\x0f\n\x07receipt\x18\x08 \x01(\t\x12\x11\n\trho_spent\x18\t \x01(\x01J\x04\x08\x06\x10\x07R\x0f\x63ompute_seconds\"8\n\x07Refusal\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"!\n\tHeartbeat\x12\x14\n\x0csent_unix_ms\x18\x01 \x01(\x03\"\xb5\x01\n\x0bSiteMessage\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.alliance.v1.HelloH\x00\x12#\n\x05reply\x18\x02 \x01(\x0b\x32\x12.alliance.v1.ReplyH\x00\x12\'\n\x07refusal\x18\x03 \x01(\x0b\x32\x14.alliance.v1.RefusalH\x00\x12+\n\theartbeat\x18\x04 \x01(\x0b\x32\x16.alliance.v1.HeartbeatH\x00\x42\x06\n\x04\x62ody\"A\n\x0bScriptOffer\x12\x10\n\x08study_id\x18\x01 \x01(\t\x12\x0e\n\x06module\x18\x02 \x01(\t\x12\x10\n\x08manifest\x18\x03 \x01(\t\"\xc7\x01\n\x12\x43oordinatorMessage\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.alliance.v1.WelcomeH\x00\x12!\n\x04task\x18\x02 \x01(\x0b\x32\x11.alliance.v1.TaskH\x00\x12+\n\theartbeat\x18\x03 \x01(\x0b\x32\x16.alliance.v1.HeartbeatH\x00\x12\x30\n\x0cscript_offer\x18\x04 \x01(\x0b\x32\x18.alliance.v1.ScriptOfferH\x00\x42\x06\n\x04\x62ody2T\n\x08SiteLink\x12H\n\x07\x43onnect\x12\x18.alliance.v1.SiteMessage\x1a\x1f.alliance.v1.CoordinatorMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotocol/wire/alliance.proto\x12\x0b\x61lliance.v1\"\x8b\x01\n\x05Hello\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x18\n\x10software_version\x18\x02 \x01(\t\x12\x18\n\x10\x61llowed_analyses\x18\x03 \x03(\t\x12\x19\n\x11\x64ictionary_digest\x18\x04 \x01(\t\x12\x13\n\x0bsigning_key\x18\x06 \x01(\tJ\x04\x08\x05\x10\x06R\x07records\"o\n\x07Welcome\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0b\x63oordinator\x18\x03 \x01(\t\x12\x18\n\x10software_version\x18\x04 \x01(\t\x12\x13\n\x0bsigning_key\x18\x05 \x01(\t\"\xee\x02\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08study_id\x18\x02 \x01(\t\x12\x0f\n\x07purpose\x18\x03 \x01(\t\x12\x10\n\x08\x61nalysis\x18\x04 \x01(\t\x12\x13\n\x0bparams_json\x18\x05 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x06 \x01(\t\x12\x14\n\x0cprivacy_mode\x18\x07 \x01(\t\x12\x0f\n\x07\x65psilon\x18\x08 \x01(\x01\x12\x12\n\nresearcher\x18\t \x01(\t\x12\r\n\x05round\x18\n \x01(\x05\x12\x12\n\nstate_json\x18\x0b \x01(\t\x12\x12\n\nrequest_id\x18\x0c \x01(\t\x12\x36\n\x0bmin_quality\x18\r \x03(\x0b\x32!.alliance.v1.Task.MinQualityEntry\x12\x0b\n\x03rho\x18\x0e \x01(\x01\x12\x11\n\tsignature\x18\x0f \x01(\t\x1a\x31\n\x0fMinQualityEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x87\x01\n\nNamedArray\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06values\x18\x03 \x03(\x01\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x11\n\tmechanism\x18\x05 \x01(\t\x12\r\n\x05scale\x18\x06 \x01(\x01\x12\x0f\n\x07\x65psilon\x18\x07 \x01(\x01\x12\x0b\n\x03rho\x18\x08 \x01(\x01\":\n\x0f\x41ggregateRecord\x12\'\n\x06\x61rrays\x18\x01 \x03(\x0b\x32\x17.alliance.v1.NamedArray\"\xa8\x02\n\x05Reply\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12,\n\x06record\x18\x02 \x01(\x0b\x32\x1c.alliance.v1.AggregateRecord\x12\x14\n\x0cprivacy_mode\x18\x03 \x01(\t\x12\x15\n\repsilon_spent\x18\x04 \x01(\x01\x12\x14\n\x0crecords_used\x18\x05 \x01(\x03\x12\x10\n\x08replayed\x18\x07 \x01(\x08\x12\x0f\n\x07receipt\x18\x08 \x01(\t\x12\x11\n\trho_spent\x18\t \x01(\x01\x12\x16\n\x0erequest_digest\x18\n \x01(\t\x12\x11\n\taudit_seq\x18\x0b \x01(\x03\x12\x12\n\naudit_hash\x18\x0c \x01(\t\x12\x11\n\tsignature\x18\r \x01(\tJ\x04\x08\x06\x10\x07R\x0f\x63ompute_seconds\"8\n\x07Refusal\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"!\n\tHeartbeat\x12\x14\n\x0csent_unix_ms\x18\x01 \x01(\x03\"\xb5\x01\n\x0bSiteMessage\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.alliance.v1.HelloH\x00\x12#\n\x05reply\x18\x02 \x01(\x0b\x32\x12.alliance.v1.ReplyH\x00\x12\'\n\x07refusal\x18\x03 \x01(\x0b\x32\x14.alliance.v1.RefusalH\x00\x12+\n\theartbeat\x18\x04 \x01(\x0b\x32\x16.alliance.v1.HeartbeatH\x00\x42\x06\n\x04\x62ody\"A\n\x0bScriptOffer\x12\x10\n\x08study_id\x18\x01 \x01(\t\x12\x0e\n\x06module\x18\x02 \x01(\t\x12\x10\n\x08manifest\x18\x03 \x01(\t\"\xc7\x01\n\x12\x43oordinatorMessage\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.alliance.v1.WelcomeH\x00\x12!\n\x04task\x18\x02 \x01(\x0b\x32\x11.alliance.v1.TaskH\x00\x12+\n\theartbeat\x18\x03 \x01(\x0b\x32\x16.alliance.v1.HeartbeatH\x00\x12\x30\n\x0cscript_offer\x18\x04 \x01(\x0b\x32\x18.alliance.v1.ScriptOfferH\x00\x42\x06\n\x04\x62ody2T\n\x08SiteLink\x12H\n\x07\x43onnect\x12\x18.alliance.v1.SiteMessage\x1a\x1f.alliance.v1.CoordinatorMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,30 +33,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TASK_MINQUALITYENTRY']._loaded_options = None
   _globals['_TASK_MINQUALITYENTRY']._serialized_options = b'8\001'
-  _globals['_HELLO']._serialized_start=45
-  _globals['_HELLO']._serialized_end=163
-  _globals['_WELCOME']._serialized_start=165
-  _globals['_WELCOME']._serialized_end=255
-  _globals['_TASK']._serialized_start=258
-  _globals['_TASK']._serialized_end=605
-  _globals['_TASK_MINQUALITYENTRY']._serialized_start=556
-  _globals['_TASK_MINQUALITYENTRY']._serialized_end=605
-  _globals['_NAMEDARRAY']._serialized_start=608
-  _globals['_NAMEDARRAY']._serialized_end=743
-  _globals['_AGGREGATERECORD']._serialized_start=745
-  _globals['_AGGREGATERECORD']._serialized_end=803
-  _globals['_REPLY']._serialized_start=806
-  _globals['_REPLY']._serialized_end=1020
-  _globals['_REFUSAL']._serialized_start=1022
-  _globals['_REFUSAL']._serialized_end=1078
-  _globals['_HEARTBEAT']._serialized_start=1080
-  _globals['_HEARTBEAT']._serialized_end=1113
-  _globals['_SITEMESSAGE']._serialized_start=1116
-  _globals['_SITEMESSAGE']._serialized_end=1297
-  _globals['_SCRIPTOFFER']._serialized_start=1299
-  _globals['_SCRIPTOFFER']._serialized_end=1364
-  _globals['_COORDINATORMESSAGE']._serialized_start=1367
-  _globals['_COORDINATORMESSAGE']._serialized_end=1566
-  _globals['_SITELINK']._serialized_start=1568
-  _globals['_SITELINK']._serialized_end=1652
+  _globals['_HELLO']._serialized_start=46
+  _globals['_HELLO']._serialized_end=185
+  _globals['_WELCOME']._serialized_start=187
+  _globals['_WELCOME']._serialized_end=298
+  _globals['_TASK']._serialized_start=301
+  _globals['_TASK']._serialized_end=667
+  _globals['_TASK_MINQUALITYENTRY']._serialized_start=618
+  _globals['_TASK_MINQUALITYENTRY']._serialized_end=667
+  _globals['_NAMEDARRAY']._serialized_start=670
+  _globals['_NAMEDARRAY']._serialized_end=805
+  _globals['_AGGREGATERECORD']._serialized_start=807
+  _globals['_AGGREGATERECORD']._serialized_end=865
+  _globals['_REPLY']._serialized_start=868
+  _globals['_REPLY']._serialized_end=1164
+  _globals['_REFUSAL']._serialized_start=1166
+  _globals['_REFUSAL']._serialized_end=1222
+  _globals['_HEARTBEAT']._serialized_start=1224
+  _globals['_HEARTBEAT']._serialized_end=1257
+  _globals['_SITEMESSAGE']._serialized_start=1260
+  _globals['_SITEMESSAGE']._serialized_end=1441
+  _globals['_SCRIPTOFFER']._serialized_start=1443
+  _globals['_SCRIPTOFFER']._serialized_end=1508
+  _globals['_COORDINATORMESSAGE']._serialized_start=1511
+  _globals['_COORDINATORMESSAGE']._serialized_end=1710
+  _globals['_SITELINK']._serialized_start=1712
+  _globals['_SITELINK']._serialized_end=1796
 # @@protoc_insertion_point(module_scope)

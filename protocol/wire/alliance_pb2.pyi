@@ -7,31 +7,35 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Hello(_message.Message):
-    __slots__ = ("site_id", "software_version", "allowed_analyses", "dictionary_digest")
+    __slots__ = ("site_id", "software_version", "allowed_analyses", "dictionary_digest", "signing_key")
     SITE_ID_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_ANALYSES_FIELD_NUMBER: _ClassVar[int]
     DICTIONARY_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SIGNING_KEY_FIELD_NUMBER: _ClassVar[int]
     site_id: str
     software_version: str
     allowed_analyses: _containers.RepeatedScalarFieldContainer[str]
     dictionary_digest: str
-    def __init__(self, site_id: _Optional[str] = ..., software_version: _Optional[str] = ..., allowed_analyses: _Optional[_Iterable[str]] = ..., dictionary_digest: _Optional[str] = ...) -> None: ...
+    signing_key: str
+    def __init__(self, site_id: _Optional[str] = ..., software_version: _Optional[str] = ..., allowed_analyses: _Optional[_Iterable[str]] = ..., dictionary_digest: _Optional[str] = ..., signing_key: _Optional[str] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("accepted", "reason", "coordinator", "software_version")
+    __slots__ = ("accepted", "reason", "coordinator", "software_version", "signing_key")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SIGNING_KEY_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     reason: str
     coordinator: str
     software_version: str
-    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., coordinator: _Optional[str] = ..., software_version: _Optional[str] = ...) -> None: ...
+    signing_key: str
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., coordinator: _Optional[str] = ..., software_version: _Optional[str] = ..., signing_key: _Optional[str] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "study_id", "purpose", "analysis", "params_json", "filter", "privacy_mode", "epsilon", "researcher", "round", "state_json", "request_id", "min_quality", "rho")
+    __slots__ = ("task_id", "study_id", "purpose", "analysis", "params_json", "filter", "privacy_mode", "epsilon", "researcher", "round", "state_json", "request_id", "min_quality", "rho", "signature")
     class MinQualityEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +57,7 @@ class Task(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MIN_QUALITY_FIELD_NUMBER: _ClassVar[int]
     RHO_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     study_id: str
     purpose: str
@@ -67,7 +72,8 @@ class Task(_message.Message):
     request_id: str
     min_quality: _containers.ScalarMap[str, float]
     rho: float
-    def __init__(self, task_id: _Optional[str] = ..., study_id: _Optional[str] = ..., purpose: _Optional[str] = ..., analysis: _Optional[str] = ..., params_json: _Optional[str] = ..., filter: _Optional[str] = ..., privacy_mode: _Optional[str] = ..., epsilon: _Optional[float] = ..., researcher: _Optional[str] = ..., round: _Optional[int] = ..., state_json: _Optional[str] = ..., request_id: _Optional[str] = ..., min_quality: _Optional[_Mapping[str, float]] = ..., rho: _Optional[float] = ...) -> None: ...
+    signature: str
+    def __init__(self, task_id: _Optional[str] = ..., study_id: _Optional[str] = ..., purpose: _Optional[str] = ..., analysis: _Optional[str] = ..., params_json: _Optional[str] = ..., filter: _Optional[str] = ..., privacy_mode: _Optional[str] = ..., epsilon: _Optional[float] = ..., researcher: _Optional[str] = ..., round: _Optional[int] = ..., state_json: _Optional[str] = ..., request_id: _Optional[str] = ..., min_quality: _Optional[_Mapping[str, float]] = ..., rho: _Optional[float] = ..., signature: _Optional[str] = ...) -> None: ...
 
 class NamedArray(_message.Message):
     __slots__ = ("name", "shape", "values", "kind", "mechanism", "scale", "epsilon", "rho")
@@ -96,7 +102,7 @@ class AggregateRecord(_message.Message):
     def __init__(self, arrays: _Optional[_Iterable[_Union[NamedArray, _Mapping]]] = ...) -> None: ...
 
 class Reply(_message.Message):
-    __slots__ = ("task_id", "record", "privacy_mode", "epsilon_spent", "records_used", "replayed", "receipt", "rho_spent")
+    __slots__ = ("task_id", "record", "privacy_mode", "epsilon_spent", "records_used", "replayed", "receipt", "rho_spent", "request_digest", "audit_seq", "audit_hash", "signature")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     RECORD_FIELD_NUMBER: _ClassVar[int]
     PRIVACY_MODE_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +111,10 @@ class Reply(_message.Message):
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     RECEIPT_FIELD_NUMBER: _ClassVar[int]
     RHO_SPENT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_HASH_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     record: AggregateRecord
     privacy_mode: str
@@ -113,7 +123,11 @@ class Reply(_message.Message):
     replayed: bool
     receipt: str
     rho_spent: float
-    def __init__(self, task_id: _Optional[str] = ..., record: _Optional[_Union[AggregateRecord, _Mapping]] = ..., privacy_mode: _Optional[str] = ..., epsilon_spent: _Optional[float] = ..., records_used: _Optional[int] = ..., replayed: _Optional[bool] = ..., receipt: _Optional[str] = ..., rho_spent: _Optional[float] = ...) -> None: ...
+    request_digest: str
+    audit_seq: int
+    audit_hash: str
+    signature: str
+    def __init__(self, task_id: _Optional[str] = ..., record: _Optional[_Union[AggregateRecord, _Mapping]] = ..., privacy_mode: _Optional[str] = ..., epsilon_spent: _Optional[float] = ..., records_used: _Optional[int] = ..., replayed: _Optional[bool] = ..., receipt: _Optional[str] = ..., rho_spent: _Optional[float] = ..., request_digest: _Optional[str] = ..., audit_seq: _Optional[int] = ..., audit_hash: _Optional[str] = ..., signature: _Optional[str] = ...) -> None: ...
 
 class Refusal(_message.Message):
     __slots__ = ("task_id", "code", "reason")

@@ -10,7 +10,7 @@ import pytest
 
 from simulations.federation import LocalFederation, child_env
 from tests.api_shape import assert_api_error
-from tests.system.conftest import ADMIN_INVITED, ADMIN_OTHER, OUTSIDER
+from tests.system.conftest import ADMIN_INVITED, ADMIN_OTHER, OUTSIDER, SITES
 
 pytestmark = pytest.mark.system
 
@@ -109,6 +109,10 @@ WALK: list[tuple[str, str, dict[str, object] | None, tuple[int, ...]]] = [
     ("GET", "/api/requests/nope", None, (404, 404, 404, 404, 404, 401, 401)),
     ("POST", "/api/studies/{closable}/close", None, (200, 403, 403, 403, 403, 401, 401)),
     ("GET", "/api/audit/verify", None, (200, 403, 403, 403, 403, 401, 401)),
+    ("GET", "/api/studies/{study}/report", None, (200, 200, 404, 403, 403, 401, 401)),
+    ("GET", "/api/studies/nope/report", None, (404, 404, 404, 403, 403, 401, 401)),
+    # The public registry: open to anyone, whatever token is (or is not) sent.
+    ("GET", "/api/registry", None, (200, 200, 200, 200, 200, 200, 200)),
 ]  # fmt: skip
 
 
@@ -298,3 +302,44 @@ def test_an_unknown_token_and_a_bad_url_are_one_line_each(off_federation: LocalF
     )
     line = one_error_line(alliance("study", "list", "--url", "127.0.0.1:8080", "--token", "x" * 20))
     assert "http://" in line
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_the_public_registry_says_who_uses_the_data_and_publishes_no_value(
+    off_federation: LocalFederation,
+) -> None:
+    headers = role_headers(off_federation)
+    with httpx.Client(base_url=off_federation.url, timeout=60) as http:
+        ran = http.post(
+            "/api/studies/s1/requests",
+            headers=headers["named researcher"],
+            json={"analysis": "count"},
+        ).json()
+        assert ran["status"] == "done"
+        exact = str(ran["result"]["count"])  # mode off: an exact count
+        listed = http.get("/api/registry")  # no token at all
+        page = http.get("/registry")
+    assert listed.status_code == 200 and page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    [entry] = [s for s in listed.json()["studies"] if s["id"] == "s1"]
+    assert entry["status"] == "open" and entry["purpose"] == "research"
+    assert entry["hospitals"] == sorted(SITES)
+    assert entry["results"]["count"] >= 1
+    assert "counts of patients" in entry["summary"] or "a count of patients" in entry["summary"]
+    body = listed.text + page.text
+    assert exact not in body  # no released value
+    # Public fields only: no researcher, no request, no per-site figure.
+    assert set(entry) == {
+        "id",
+        "title",
+        "purpose",
+        "lead",
+        "status",
+        "hospitals",
+        "invited",
+        "results",
+        "summary",
+    }
+    assert "system test (off)" in page.text and "Hospitals taking part" in page.text

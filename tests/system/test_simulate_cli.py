@@ -75,11 +75,11 @@ def test_requests_run_in_order_one_json_line_each_and_the_budget_holds(
         assert (keep / "sites" / name / "site.yaml").exists()
         assert (keep / "sites" / name / "state" / "site.db").exists()
         verified = runner.invoke(app, ["audit", "verify", str(keep / "sites" / name)])
-        assert verified.exit_code == 0 and "audit log intact" in verified.stdout
+        assert verified.exit_code == 0 and "audit trail intact" in verified.stdout
     assert (keep / "coordinator" / "coordinator.db").exists()
     before = sorted((p.name, p.stat().st_size) for p in (keep / "coordinator").iterdir())
     verified = runner.invoke(app, ["audit", "verify", str(keep / "coordinator")])
-    assert verified.exit_code == 0 and "audit log intact" in verified.stdout
+    assert verified.exit_code == 0 and "audit trail intact" in verified.stdout
     # Read through the store class, read-only: not even a -wal or -shm file appears.
     assert sorted((p.name, p.stat().st_size) for p in (keep / "coordinator").iterdir()) == before
     ledger = runner.invoke(
