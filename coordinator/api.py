@@ -125,6 +125,49 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+class AuditCalls:
+    """Audit every API call a token holder makes: who (person and role), the method, the path
+    and the status answered, in the coordinator's hash-chained log.
+
+    Written once the response has gone out (the caller does not wait for it), from a worker
+    thread. Calls without a token (liveness, the public registry) name nobody and are not
+    audited: anyone could fill the log with them.
+    """
+
+    def __init__(self, app: ASGIApp, store: Store) -> None:
+        self.app = app
+        self.store = store
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def sent(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sent)
+        finally:
+            who = scope.get("state", {}).get("who")
+            if isinstance(who, Principal):
+                detail = {
+                    "role": who.role,
+                    **({"site": who.site} if who.site else {}),
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                }
+                try:
+                    await asyncio.to_thread(self.store.audit, "api_call", detail, who.user)
+                except Exception:  # the call was answered; the log says the entry is missing
+                    log.exception("could not audit %s %s", scope["method"], scope["path"])
+
+
 class _NonFinite:
     """A NaN, Infinity or overflowing number met while parsing a body (refused after)."""
 
@@ -260,6 +303,7 @@ async def optional_principal(
     who = its.tokens.identify(token.strip())
     if who is None:
         raise APIError(401, "unknown API token")
+    request.state.who = who  # AuditCalls names the caller in the audit log
     return who
 
 
@@ -661,6 +705,7 @@ def create_app(
     """The FastAPI application over a store, a site registry, a scheduler and the studies."""
     app = FastAPI(title="Alliance coordinator", version=VERSION)
     app.add_middleware(BodyLimit, limit=max_request_bytes)
+    app.add_middleware(AuditCalls, store=store)
     book = studies or StudyBook(store, scheduler.dictionary)
     app.state.services = Services(store, registry, scheduler, tokens, book)
     app.add_exception_handler(APIError, _api_error)

@@ -7,6 +7,7 @@ may not see answers exactly as if it did not exist, so an id is no existence ora
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from dataclasses import dataclass
 from typing import Any
@@ -54,16 +55,35 @@ class Principal:
         return {**found, "error": None, "result": own}
 
 
-class TokenBook:
-    """Looks tokens up in constant time per token."""
+def token_digest(token: str) -> str:
+    """SHA-256 of a token: what the coordinator keeps of the tokens it issues."""
+    return hashlib.sha256(token.encode()).hexdigest()
 
-    def __init__(self, tokens: list[APIToken]) -> None:
-        self._tokens = list(tokens)
+
+@dataclass(frozen=True)
+class KnownToken:
+    """A token the coordinator accepts, known by its digest only."""
+
+    digest: str
+    user: str
+    role: str
+    site: str | None = None
+
+
+class TokenBook:
+    """Looks tokens up by digest, in constant time per token."""
+
+    def __init__(self, tokens: list[APIToken], known: list[KnownToken] | None = None) -> None:
+        # Tokens written in the config are plain text there; here only their digests are kept.
+        self._tokens = [
+            KnownToken(token_digest(t.token), t.user, t.role, t.site) for t in tokens
+        ] + list(known or [])
 
     def identify(self, token: str) -> Principal | None:
         """The principal a token belongs to, or None."""
+        digest = token_digest(token).encode()
         found = None
         for entry in self._tokens:
-            if hmac.compare_digest(entry.token.encode(), token.encode()):
+            if hmac.compare_digest(entry.digest.encode(), digest):
                 found = Principal(entry.user, entry.role, entry.site)
         return found

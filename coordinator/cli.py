@@ -97,6 +97,20 @@ def pki_issue_site(name: str, folder: PKI_DIR = Path("pki"), overwrite: OVERWRIT
     )
 
 
+@pki_app.command("sign")
+def pki_sign(
+    request: Annotated[Path, typer.Argument(help="the site's tls/site.csr")],
+    folder: PKI_DIR = Path("pki"),
+    overwrite: OVERWRITE = False,
+) -> None:
+    """Sign a site's certificate request (from `alliance site init`): the site keeps its key."""
+    cert = pki.sign_site_request(folder, request, overwrite=overwrite)
+    typer.echo(
+        f"signed {cert}: give the site {folder / 'ca.pem'} and {cert} (as tls/ca.pem and "
+        "tls/site.pem); its key never left it"
+    )
+
+
 @pki_app.command("issue-coordinator")
 def pki_issue_coordinator(
     host: Annotated[list[str] | None, typer.Option("--host", help="name or IP sites dial")] = None,
@@ -130,18 +144,19 @@ def token_create(
     tokens.check_role(role)
     tokens.check_person(person)
     settings = load_yaml(config, CoordinatorConfig)
-    entry = tokens.create_token(settings, role, person)
+    _, token = tokens.create_token(settings, role, person)
     typer.echo(
         f"created a {role} token for {person} in {tokens.tokens_file(settings)}; a running "
         "coordinator accepts it from the next request. Give it to them privately:",
         err=True,
     )
-    typer.echo(entry.token)
+    typer.echo(token)
 
 
 @token_app.command("list")
 def token_list(config: COORDINATOR_CONFIG) -> None:
-    """List who holds a token, in which role, and where it is kept (tokens abbreviated)."""
+    """List who holds a token, in which role, and where it is kept (the file keeps only each
+    token's digest: shown abbreviated)."""
     settings = load_yaml(config, CoordinatorConfig)
     path = tokens.tokens_file(settings)
     typer.echo(f"{'person':<20} {'role':<12} {'token':<8} {'created':<26} kept in")
@@ -151,7 +166,7 @@ def token_list(config: COORDINATOR_CONFIG) -> None:
         )
     for stored in tokens.read_tokens(path):
         typer.echo(
-            f"{stored.user:<20} {stored.role:<12} {stored.token[:4] + '…':<8} "
+            f"{stored.user:<20} {stored.role:<12} {stored.fingerprint:<8} "
             f"{stored.created or '-':<26} {path}"
         )
 
@@ -174,6 +189,25 @@ def _client(url: str, token: str) -> AllianceClient:
     if not token.strip():
         raise ConfigError(NO_TOKEN)
     return AllianceClient(url, token)
+
+
+def sites_command(url: URL = "http://127.0.0.1:8080", token: TOKEN = "") -> None:
+    """List the sites the coordinator knows: connected or not, last seen, software version and
+    dictionary digest (what your role may see)."""
+    with _client(url, token) as client:
+        listed = client.sites()
+    if not listed:
+        typer.echo("no site has connected yet")
+    for site in listed:
+        parts = [f"{site['name']:<16}", f"{site.get('status') or '-':<13}"]
+        if "last_seen" in site:
+            digest = (site.get("dictionary_digest") or "-")[:12]
+            parts += [
+                f"last seen {site.get('last_seen') or '-'}",
+                f"version {site.get('version') or '-'}",
+                f"dictionary {digest}",
+            ]
+        typer.echo("  ".join(parts))
 
 
 @study_app.command("create")

@@ -138,7 +138,7 @@ def init_ca(folder: str | Path, alliance_name: str, days: int = CA_DAYS) -> CAFi
     now = dt.datetime.now(dt.UTC)
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (
-        _builder(name, name, key, now, now + dt.timedelta(days=days), ca=True)
+        _builder(name, name, key.public_key(), now, now + dt.timedelta(days=days), ca=True)
         .add_extension(ski, critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -298,6 +298,60 @@ def verify_issued_by(cert_path: str | Path, ca_path: str | Path) -> None:
 # --------------------------------------------------------------------------- internals
 
 
+def sign_site_request(
+    folder: str | Path, csr_path: str | Path, days: int = LEAF_DAYS, overwrite: bool = False
+) -> Path:
+    """Sign a site's certificate request (``alliance site init`` wrote it at the site, whose
+    key never leaves it): write ``sites/<name>.pem``, CN = the request's name, client auth.
+
+    Raises:
+        ConfigError: the request is unreadable or not self-signed by its key, the folder has
+            no CA, or the site has a certificate already and ``overwrite`` is false.
+        ValidationError: the request's name is not a site name, or is reserved.
+    """
+    path = Path(csr_path)
+    try:
+        csr = x509.load_pem_x509_csr(path.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror})") from None
+    except ValueError:
+        raise ConfigError(
+            f"{path}: not a PEM certificate request (alliance site init writes tls/site.csr)"
+        ) from None
+    if not csr.is_signature_valid:
+        raise ConfigError(f"{path}: the request is not signed by its own key; ask for a new one")
+    public = csr.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey) or public.curve.name != "secp256r1":
+        raise ConfigError(
+            f"{path}: the request's key is {type(public).__name__}; the alliance issues "
+            "ECDSA P-256 certificates (alliance site init makes one)"
+        )
+    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1:
+        raise ConfigError(f"{path}: the request must name exactly one site (common name)")
+    site_name = str(names[0].value)
+    check_site_name(site_name)
+    if site_name.casefold() == COORDINATOR_CN:
+        raise ValidationError(f"site name {site_name!r} is reserved for the coordinator")
+    folder = Path(folder)
+    files = IssuedFiles(
+        folder / "sites" / f"{site_name}.pem", folder / "sites" / f"{site_name}.key"
+    )
+    _issue(
+        folder,
+        files,
+        common_name=site_name,
+        usages=[ExtendedKeyUsageOID.CLIENT_AUTH],
+        alt_names=[],
+        days=days,
+        overwrite=overwrite,
+        what=f"site {site_name!r}",
+        reissue=f"alliance pki sign {path} --overwrite",
+        public_key=public,
+    )
+    return files.cert
+
+
 def _issue(
     folder: Path,
     files: IssuedFiles,
@@ -308,7 +362,10 @@ def _issue(
     overwrite: bool,
     what: str,
     reissue: str,
+    public_key: ec.EllipticCurvePublicKey | None = None,
 ) -> IssuedFiles:
+    """Issue a leaf certificate; with ``public_key`` (a signed request) for that key and no
+    key file, otherwise for a new key written beside it."""
     _check_days(days)
     ca_cert, ca_key = _load_ca(folder)
     existing = [p for p in (files.cert, files.key) if p.exists()]
@@ -329,11 +386,13 @@ def _issue(
     organisation = ca_cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
     attributes = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, str(a.value)) for a in organisation]
     attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = ec.generate_private_key(ec.SECP256R1()) if public_key is None else None
+    public = public_key if key is None else key.public_key()
+    assert public is not None
     builder = (
-        _builder(x509.Name(attributes), ca_cert.subject, key, now, not_after, ca=False)
+        _builder(x509.Name(attributes), ca_cert.subject, public, now, not_after, ca=False)
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
         )
@@ -344,7 +403,8 @@ def _issue(
     _make_private_dir(files.cert.parent)
     for path in existing:
         path.unlink()
-    _write_new(files.key, _key_pem(key), private=True)
+    if key is not None:
+        _write_new(files.key, _key_pem(key), private=True)
     _write_new(files.cert, cert.public_bytes(serialization.Encoding.PEM), private=False)
     return files
 
@@ -352,7 +412,7 @@ def _issue(
 def _builder(
     subject: x509.Name,
     issuer: x509.Name,
-    key: ec.EllipticCurvePrivateKey,
+    public: ec.EllipticCurvePublicKey,
     now: dt.datetime,
     not_after: dt.datetime,
     ca: bool,
@@ -367,7 +427,7 @@ def _builder(
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(issuer)
-        .public_key(key.public_key())
+        .public_key(public)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - CLOCK_SKEW)
         .not_valid_after(not_after)

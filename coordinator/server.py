@@ -137,7 +137,8 @@ async def serve(
     if created is not None:
         log.warning(
             "no API tokens yet: created a lead token for person 'lead' in %s (readable by this "
-            "user only); create more with `alliance token create`",
+            "user only; tokens.yaml keeps only its digest): read it, then delete that file; "
+            "create more with `alliance token create`",
             created,
         )
     tokens = LiveTokenBook(config.tokens, tokens_file(config))

@@ -16,12 +16,14 @@ import re
 import secrets
 import stat
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, Literal
 
 import pydantic
 import yaml
 
-from coordinator.auth import ROLES, Principal, TokenBook
+from coordinator.auth import ROLES, KnownToken, Principal, TokenBook, token_digest
 from protocol.config import APIToken, CoordinatorConfig
 from protocol.errors import ConfigError
 
@@ -39,10 +41,42 @@ _HEADER = (
 )
 
 
-class StoredToken(APIToken):
-    """A token in ``tokens.yaml``: an APIToken and when it was created."""
+class StoredToken(pydantic.BaseModel):
+    """A token in ``tokens.yaml``: its SHA-256 (never the token), whose it is, its role, and
+    when it was created. A file written before tokens were hashed holds ``token`` in plain
+    text: it is read (hashed at once) and written hashed by the next `alliance token` command.
+    """
 
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    token_sha256: str = pydantic.Field(pattern=r"^[0-9a-f]{64}$")
+    user: str
+    role: Literal["lead", "researcher", "site_admin"]
+    site: str | None = None
     created: str = ""
+    # A plain-text entry that is one of the public examples (known only when read as text).
+    example: bool = pydantic.Field(default=False, exclude=True)
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _hash_plain_text(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "token" in data and "token_sha256" not in data:
+            data = dict(data)
+            token = data.pop("token")
+            if not isinstance(token, str) or len(token) < 16:
+                raise ValueError("token: a token has at least 16 characters")
+            data["token_sha256"] = token_digest(token)
+            data["example"] = is_example(token)
+        return data
+
+    def known(self) -> KnownToken:
+        """What the token book holds of it."""
+        return KnownToken(self.token_sha256, self.user, self.role, self.site)
+
+    @property
+    def fingerprint(self) -> str:
+        """The first hex digits of the token's digest: enough to tell tokens apart."""
+        return self.token_sha256[:8]
 
 
 def is_example(token: str) -> bool:
@@ -51,7 +85,10 @@ def is_example(token: str) -> bool:
 
 
 def example_token_problems(
-    tokens: list[APIToken], source: str, config: str = "coordinator.yaml", in_file: bool = False
+    tokens: Sequence[APIToken | StoredToken],
+    source: str,
+    config: str = "coordinator.yaml",
+    in_file: bool = False,
 ) -> list[str]:
     """One line per example token in ``tokens``.
 
@@ -68,7 +105,7 @@ def example_token_problems(
         f"create real tokens with `alliance token create --role ROLE --person ID --config "
         f"{config}`"
         for i, entry in enumerate(tokens)
-        if is_example(entry.token)
+        if (entry.example if isinstance(entry, StoredToken) else is_example(entry.token))
     ]
 
 
@@ -140,20 +177,22 @@ def check_person(person: str) -> None:
         )
 
 
-def create_token(config: CoordinatorConfig, role: str, person: str) -> StoredToken:
-    """Add a new random token for ``person`` in ``role`` to the tokens file and return it."""
+def create_token(config: CoordinatorConfig, role: str, person: str) -> tuple[StoredToken, str]:
+    """Add a new random token for ``person`` in ``role`` to the tokens file (its digest only);
+    return the entry and the token, which exists nowhere else: give it to the person."""
     check_role(role)
     check_person(person)
     path = tokens_file(config)
     tokens = read_tokens(path)
+    token = secrets.token_urlsafe(32)
     entry = StoredToken(
-        token=secrets.token_urlsafe(32),
+        token_sha256=token_digest(token),
         user=person,
         role=role,  # type: ignore[arg-type]  # checked against ROLES above
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     )
     write_tokens(path, [*tokens, entry])
-    return entry
+    return entry, token
 
 
 def revoke_tokens(config: CoordinatorConfig, person: str) -> int:
@@ -180,13 +219,23 @@ def revoke_tokens(config: CoordinatorConfig, person: str) -> int:
     return len(tokens) - len(kept)
 
 
+FIRST_TOKEN_FILE = "lead-token.txt"
+
+
 def first_start(config: CoordinatorConfig) -> Path | None:
-    """Create a lead token when the coordinator has no token at all; the file, if created."""
+    """Create a lead token when the coordinator has no token at all; return the file that
+    holds it (``<state_dir>/lead-token.txt``, 0600: ``tokens.yaml`` keeps only its digest, so
+    this file is the one place the token exists; the lead reads it, then deletes it)."""
     path = tokens_file(config)
     if config.tokens or read_tokens(path):
         return None
-    create_token(config, "lead", "lead")
-    return path
+    handover = config.state_dir / FIRST_TOKEN_FILE
+    _, token = create_token(config, "lead", "lead")
+    handover.unlink(missing_ok=True)  # a leftover from an earlier first start is stale
+    fd = os.open(handover, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(token + "\n")
+    return handover
 
 
 class LiveTokenBook(TokenBook):
@@ -218,12 +267,12 @@ class LiveTokenBook(TokenBook):
             log.error("%s; keeping the tokens read before", exc)
             return
         self._stamp = stamp
-        usable: list[APIToken] = []
+        usable: list[KnownToken] = []
         for entry in stored:
-            if is_example(entry.token):
+            if entry.example:
                 log.error("%s: ignoring an example token for %s", self.path, entry.user)
             else:
-                usable.append(APIToken(token=entry.token, user=entry.user, role=entry.role))
+                usable.append(entry.known())
         if stamp is not None and stat.S_IMODE(info.st_mode) & 0o077:
             log.warning(
                 "%s is readable by other users of this machine; run `chmod 600 %s`",
@@ -231,4 +280,4 @@ class LiveTokenBook(TokenBook):
                 self.path,
             )
         # Re-running the base initialiser keeps this class independent of its internals.
-        TokenBook.__init__(self, self.fixed + usable)
+        TokenBook.__init__(self, self.fixed, usable)

@@ -20,6 +20,7 @@ from coordinator.cli import (
     pki_app,
     run_command,
     script_app,
+    sites_command,
     study_app,
     token_app,
 )
@@ -58,6 +59,7 @@ audit_app = typer.Typer(
 )
 app.add_typer(audit_app, name="audit")
 app.command("run")(run_command)
+app.command("sites")(sites_command)
 app.add_typer(script_app, name="script")
 script_app.command("try")(script_try)
 

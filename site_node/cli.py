@@ -347,6 +347,29 @@ def site_ledger(
         store.close()
 
 
+@site_app.command("init")
+def site_init(
+    name: Annotated[str, typer.Argument(help="the site's name (its certificate's subject)")],
+    folder: Annotated[Path, typer.Option("--dir", help="the new site folder")] = Path("."),
+    coordinator: Annotated[
+        str, typer.Option(help="host:port of the coordinator's site link")
+    ] = "coordinator.example.org:50051",
+) -> None:
+    """Create a site folder: its own TLS key and certificate request, its signing key, and a
+    default-deny site.yaml."""
+    from site_node.identity import init_site
+
+    made = init_site(folder, name, coordinator)
+    typer.echo(
+        f"created site {name} in {folder}:\n"
+        f"  {made.config} (default deny: it allows no analysis and no study yet)\n"
+        f"  {made.tls_key} and {made.signing_key} (private: they never leave this folder)\n"
+        f"  {made.csr}: send it to the alliance lead, who runs `alliance pki sign site.csr` "
+        "and returns ca.pem and site.pem; put them in tls/\n"
+        "then set dictionary and data in site.yaml and run `alliance site check`"
+    )
+
+
 @site_app.command("replies")
 def site_replies(
     config: CONFIG,

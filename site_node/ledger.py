@@ -35,7 +35,7 @@ from protocol.budget import (
     over_request_cap,
 )
 from protocol.config import PeriodBudget, SDCThresholds
-from protocol.errors import InternalError, RefusedError
+from protocol.errors import AllianceError, BudgetError, InternalError, RefusedError
 from protocol.signing import Receipt, reply_digest, task_digest, task_signature_valid
 from protocol.storage import connect_read_only
 from protocol.wire import alliance_pb2 as pb
@@ -167,6 +167,24 @@ def _detail(entry: AuditEntry) -> dict[str, Any]:
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def _logged_charge(detail: dict[str, Any]) -> tuple[int, int] | None:
+    """The (units, rho units) a reply's audit entry records as charged, or None.
+
+    Raises:
+        KeyError, TypeError, ValueError, BudgetError: the entry's charge is not readable.
+    """
+    if "charge" in detail:
+        charge = detail["charge"]
+        if charge is None:
+            return None
+        return int(charge["units"]), int(charge["rho_units"])
+    # Written before charges were in the log: derived from the epsilon and rho it holds.
+    epsilon, rho = float(detail.get("epsilon") or 0), float(detail.get("rho") or 0)
+    if epsilon > 0 or rho > 0:
+        return PureDP(epsilon).charge_units(), ZCDP(rho).charge_units() if rho else 0
+    return None
 
 
 def _stored_reply_problems(
@@ -407,24 +425,21 @@ class SiteStore:
         the log has and the ledger lacks, named by task and audit entry.
         """
         entries = self.audit_entries() if entries is None else entries
+        problems: list[str] = []
         logged: dict[str, tuple[int, int, int]] = {}  # task -> (entry, units, rho units)
         for entry in entries:
             if entry.action != "reply":
                 continue
             detail = _detail(entry)
             task = str(detail.get("task", ""))
-            if "charge" in detail:
-                charge = detail["charge"]
-                if isinstance(charge, dict):
-                    logged[task] = (entry.seq, int(charge["units"]), int(charge["rho_units"]))
+            try:
+                charged = _logged_charge(detail)
+            except (KeyError, TypeError, ValueError, BudgetError):
+                problems.append(f"audit entry {entry.seq}: its charge is unreadable")
                 continue
-            # Written before charges were in the log: derived from the epsilon and rho it holds.
-            epsilon, rho = float(detail.get("epsilon") or 0), float(detail.get("rho") or 0)
-            if epsilon > 0 or rho > 0:
-                units = PureDP(epsilon).charge_units()
-                logged[task] = (entry.seq, units, ZCDP(rho).charge_units() if rho else 0)
+            if charged is not None:
+                logged[task] = (entry.seq, *charged)
         rows = {row.task_id: row for row in self._ledger_units()}
-        problems = []
         for task, (seq, units, rho_units) in logged.items():
             row = rows.get(task)
             if row is None:
@@ -523,7 +538,13 @@ class SiteStore:
             rows = self._db.execute(query + " ORDER BY time, task_id", args).fetchall()
         out = []
         for task_id, time, study, payload in rows:
-            reply = pb.SiteMessage.FromString(bytes(payload)).reply
+            try:
+                reply = pb.SiteMessage.FromString(bytes(payload)).reply
+            except DecodeError:
+                raise AllianceError(
+                    f"{self.path}: the stored reply to task {task_id} is not a reply message; "
+                    "`alliance audit verify` checks the whole file"
+                ) from None
             detail = logged.get(str(task_id), {})
             out.append(
                 {

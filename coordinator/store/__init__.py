@@ -68,8 +68,10 @@ def _receipts_and_keys_in(
         if not isinstance(detail, dict):
             continue
         if entry.action == "request_finished":
-            for task_id, digest in (detail.get("receipts") or {}).items():
-                listed[task_id] = (entry.seq, digest)
+            receipts = detail.get("receipts") or {}
+            if isinstance(receipts, dict):  # anything else was edited: the chain says where
+                for task_id, digest in receipts.items():
+                    listed[str(task_id)] = (entry.seq, str(digest))
         else:
             keys.setdefault(str(detail.get("site")), set()).add(str(detail.get("key")))
     return listed, keys

@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from simulations.federation import LocalFederation, child_env
+from simulations.heart import heart_dictionary
 from tests.api_shape import assert_api_error
 from tests.system.conftest import ADMIN_INVITED, ADMIN_OTHER, OUTSIDER, SITES
 
@@ -343,3 +344,18 @@ def test_the_public_registry_says_who_uses_the_data_and_publishes_no_value(
         "summary",
     }
     assert "system test (off)" in page.text and "Hospitals taking part" in page.text
+
+
+def test_alliance_sites_lists_what_each_role_may_see(off_federation: LocalFederation) -> None:
+    lead = alliance("sites", "--url", off_federation.url, token=off_federation.lead_token)
+    assert lead.returncode == 0, lead.stderr
+    lines = lead.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == sorted(SITES)
+    digest = heart_dictionary().digest()[:12]
+    for line in lines:
+        assert "connected" in line and f"dictionary {digest}" in line and "last seen 20" in line
+    researcher = alliance(
+        "sites", "--url", off_federation.url, token=off_federation.researcher_token
+    )
+    assert researcher.returncode == 0, researcher.stderr
+    assert all(len(line.split()) == 2 for line in researcher.stdout.splitlines())  # name, status

@@ -168,6 +168,19 @@ def test_an_edited_entry_is_named(folders: Path) -> None:
     assert f"entry {seq} (reply) was altered after it was written" in result.stdout
 
 
+@pytest.mark.parametrize(
+    "detail", ['{"task": "x", "charge": "lots"}', "not json", '{"charge": {"units": null}}']
+)
+def test_garbage_in_an_entry_is_named_not_a_crash(folders: Path, detail: str) -> None:
+    db = site_db(folders)
+    seq = reply_seqs(db)[0]
+    db.execute("UPDATE audit SET detail = ? WHERE seq = ?", (detail, seq))
+    result = verify(folders / "sites" / "cleveland")
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert f"entry {seq} (reply) was altered after it was written" in result.stdout
+
+
 def test_a_deleted_entry_is_named(folders: Path) -> None:
     db = site_db(folders)
     seq = reply_seqs(db)[0]

@@ -23,6 +23,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from coordinator.auth import token_digest
 from protocol.config import CoordinatorConfig, load_yaml
 from protocol.errors import ConfigError
 from simulations.cli import app
@@ -150,16 +151,22 @@ def test_a_first_start_without_tokens_makes_a_lead_token_only_its_owner_can_read
     path = config.parent / "state" / "tokens.yaml"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) & 0o077 == 0
+    handover = config.parent / "state" / "lead-token.txt"
+    assert stat.S_IMODE(handover.stat().st_mode) == 0o600
     log = running.log.read_text()
     assert (
-        f"no API tokens yet: created a lead token for person 'lead' in {path} (readable by "
-        "this user only); create more with `alliance token create`"
+        f"no API tokens yet: created a lead token for person 'lead' in {handover} (readable by "
+        "this user only; tokens.yaml keeps only its digest): read it, then delete that file; "
+        "create more with `alliance token create`"
     ) in log
+    token = handover.read_text().strip()
     [entry] = yaml.safe_load(path.read_text())["tokens"]
     assert (entry["user"], entry["role"]) == ("lead", "lead")
-    assert entry["token"] not in log  # the log says where the token is, never the token
-    assert status(running.url, entry["token"]) == 200
-    assert status(running.url, entry["token"][:-1] + "x") == 401
+    assert entry["token_sha256"] == token_digest(token) and "token" not in entry
+    assert token not in path.read_text()  # the tokens file holds digests only
+    assert token not in log  # the log says where the token is, never the token
+    assert status(running.url, token) == 200
+    assert status(running.url, token[:-1] + "x") == 401
 
 
 def test_token_create_list_and_revoke_take_effect_without_a_restart(
@@ -179,7 +186,8 @@ def test_token_create_list_and_revoke_take_effect_without_a_restart(
     assert listed.exit_code == 0, listed.output
     rows = [line.split() for line in listed.stdout.splitlines()[1:]]
     assert [row[:2] for row in rows] == [["lead", "lead"], ["r.chen", "researcher"]]
-    assert token not in listed.stdout and token[:4] + "…" in listed.stdout
+    assert token not in listed.stdout and token_digest(token)[:8] in listed.stdout
+    assert token not in (config.parent / "state" / "tokens.yaml").read_text()
 
     revoked = runner.invoke(app, ["token", "revoke", "r.chen", "--config", str(config)])
     assert revoked.exit_code == 0, revoked.output
@@ -205,13 +213,16 @@ def test_an_example_token_in_the_tokens_file_is_refused_at_start_and_ignored_lat
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from coordinator.server import startup_problems
-    from coordinator.tokens import LiveTokenBook, StoredToken, create_token, write_tokens
+    from coordinator.tokens import LiveTokenBook, create_token, read_tokens, write_tokens
 
     config_path = write_config(tmp_path)
     config = load_yaml(config_path, CoordinatorConfig)
     tokens_path = tmp_path / "state" / "tokens.yaml"
-    pasted = StoredToken(token="change-me-pasted-from-the-docs", user="lead", role="lead")
-    write_tokens(tokens_path, [pasted])
+    # Pasted by hand, in plain text, as the docs' examples are written.
+    pasted = "change-me-pasted-from-the-docs"
+    tokens_path.parent.mkdir(exist_ok=True)
+    by_hand = {"tokens": [{"token": pasted, "user": "lead", "role": "lead"}]}
+    tokens_path.write_text(yaml.safe_dump(by_hand))
     assert startup_problems(config, str(config_path)) == [
         f"{tokens_path}: tokens[0] (user lead): this token is an example shipped with Alliance "
         "(anyone who read the README knows it); revoke it with `alliance token revoke lead "
@@ -221,8 +232,12 @@ def test_an_example_token_in_the_tokens_file_is_refused_at_start_and_ignored_lat
     # A running coordinator that finds one in the file later ignores it and says so.
     write_tokens(tokens_path, [])
     book = LiveTokenBook([], tokens_path)
-    real = create_token(config, "researcher", "r.chen")
-    write_tokens(tokens_path, [real, pasted])
-    assert book.identify(pasted.token) is None
-    assert book.identify(real.token) is not None
+    _, token = create_token(config, "researcher", "r.chen")
+    stored = read_tokens(tokens_path)
+    tokens_path.write_text(
+        yaml.safe_dump({"tokens": [*(t.model_dump() for t in stored), *by_hand["tokens"]]})
+    )
+    assert book.identify(pasted) is None
+    assert book.identify(token) is not None
+    assert read_tokens(tokens_path)[-1].example  # known as an example only while in text
     assert any("ignoring an example token for lead" in r.getMessage() for r in caplog.records)

@@ -8,6 +8,7 @@ and invalid, with the lead's token.
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -39,8 +40,12 @@ AUTH = {"Authorization": f"Bearer {LEAD}"}
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    folder: Path = tmp_path_factory.mktemp("schema")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("schema")
+
+
+@pytest.fixture(scope="module")
+def served(folder: Path) -> Iterator[str]:
     store = Store(f"sqlite:///{folder / 'coordinator.db'}")
     app = _app(store)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -110,3 +115,31 @@ def test_the_document_names_every_error_the_api_gives(served: str) -> None:
         "$ref": "#/components/schemas/AnalysisRequest"
     }
     assert "AnalysisRequest" in spec["components"]["schemas"]
+
+
+def _calls(folder: Path) -> list[tuple[str, str, int]]:
+    """(who, path, status) of every audited API call, and whether the chain verifies."""
+    store = Store.open_read_only(folder / "coordinator.db")
+    try:
+        assert store.verify_audit().ok
+        details = [(e.actor, json.loads(e.detail)) for e in store.audit_entries()]
+    finally:
+        store.close()
+    return [(who, d["path"], d["status"]) for who, d in details if "path" in d and "method" in d]
+
+
+def test_every_call_with_a_token_is_audited_with_who_made_it(served: str, folder: Path) -> None:
+    before = _calls(folder)
+    httpx.get(f"{served}/api/studies/s1", headers=AUTH)
+    httpx.get(f"{served}/api/studies/nope", headers=AUTH)  # a 404 is audited too
+    httpx.get(f"{served}/api/registry")  # public: nobody to name, not audited
+    httpx.get(f"{served}/api/health", headers={"Authorization": "Bearer not-a-token"})
+    httpx.get(f"{served}/api/analyses", headers=AUTH)  # after the two that must not appear
+    deadline = time.monotonic() + 10
+    while len(new := _calls(folder)[len(before) :]) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)  # written once the response has gone out
+    assert new == [
+        ("lead", "/api/studies/s1", 200),
+        ("lead", "/api/studies/nope", 404),
+        ("lead", "/api/analyses", 200),
+    ]
