@@ -36,13 +36,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from analyses import registered_analyses
 from coordinator.auth import Principal, TokenBook
-from coordinator.link import SiteRegistry
+from coordinator.link import SiteRegistry, SiteUnavailable
 from coordinator.registry import registry_entries, registry_html
 from coordinator.report import build_report
 from coordinator.scheduler import RequestFailed, Scheduler
 from coordinator.store import Store, now
 from coordinator.studies import StudyBook
 from protocol.config import AnalysisRequest, StudyConfig, parse_model
+from protocol.crosscheck import cross_check, entries_from_answer
 from protocol.errors import AllianceError, ConfigError, ValidationError
 from protocol.version import VERSION
 
@@ -672,6 +673,35 @@ async def audit_verify(
         "problem": report.problem,
         "problems": problems,
     }
+
+
+@router.get("/studies/{study_id}/cross-check", responses=errors(401, 403, 404))
+async def study_cross_check(
+    study_id: str,
+    who: Principal = Depends(require("lead")),
+    its: Services = Depends(services),
+) -> dict[str, Any]:
+    """Each site's audit log (asked over the link) against the receipts held from it."""
+    study, _ = visible_study(its, study_id, who)
+    took_part = {r["site"] for r in await asyncio.to_thread(its.store.study_receipts, study_id)}
+    names = sorted(set(study.sites) | took_part) or its.registry.connected()
+    sites = []
+    for name in names:
+        receipts = await asyncio.to_thread(its.store.study_receipt_list, study_id, name)
+        keys = await asyncio.to_thread(its.store.site_keys, name)
+        try:
+            answer = await its.registry.ask_audit(name, study_id, timeout=30.0)
+        except SiteUnavailable as exc:
+            problems = [f"{exc.reason}: not cross-checked (run the offline check on its folder)"]
+        else:
+            if answer.error:
+                problems = [f"site {name} could not show its audit log ({answer.error})"]
+            else:
+                records = [(r.seq, r.hash, r.action, r.task_id) for r in answer.replies]
+                entries = entries_from_answer(name, records)
+                problems = cross_check(name, entries, receipts, keys, head_seq=answer.head_seq)
+        sites.append({"site": name, "receipts": len(receipts), "problems": problems})
+    return {"ok": True, "study_id": study_id, "sites": sites}
 
 
 @router.get("/registry", responses=errors())

@@ -111,6 +111,27 @@ def pki_sign(
     )
 
 
+@pki_app.command("renew")
+def pki_renew(name: str, folder: PKI_DIR = Path("pki")) -> None:
+    """Re-issue a site's certificate for the key it already has (new dates, new serial)."""
+    cert = pki.renew_site(folder, name)
+    typer.echo(
+        f"renewed {cert}: give the site its new certificate (as tls/site.pem); the old one "
+        "stays valid until it expires unless you revoke it"
+    )
+
+
+@pki_app.command("revoke")
+def pki_revoke(name: str, folder: PKI_DIR = Path("pki")) -> None:
+    """Revoke a site's current certificate: the coordinator refuses it at the next handshake."""
+    revoked = pki.revoke_site(folder, name)
+    typer.echo(
+        f"revoked site {name}'s certificate (serial {revoked.serial:x}) in {folder / 'crl.pem'}; "
+        "a coordinator whose coordinator.yaml names it (crl:) refuses it from the site's next "
+        "connection"
+    )
+
+
 @pki_app.command("issue-coordinator")
 def pki_issue_coordinator(
     host: Annotated[list[str] | None, typer.Option("--host", help="name or IP sites dial")] = None,

@@ -165,6 +165,10 @@ class AllianceClient:
         """A study's report as JSON (lead and the study's researchers)."""
         return dict(self._call("GET", f"/api/studies/{study_id}/report")["report"])
 
+    def cross_check(self, study_id: str) -> list[dict[str, Any]]:
+        """Each site's audit log against the coordinator's receipts (alliance lead)."""
+        return list(self._call("GET", f"/api/studies/{study_id}/cross-check")["sites"])
+
     def close_study(self, study_id: str) -> dict[str, Any]:
         """Close a study (alliance lead)."""
         return self._call("POST", f"/api/studies/{study_id}/close")

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
+from coordinator.pki import RevocationList
 from coordinator.store import Store
 from protocol.errors import AllianceError
 from protocol.signing import (
@@ -80,6 +82,8 @@ class SiteRegistry:
         self.signing_key = signing_key or SigningKey.generate()
         # Verified receipts by request id, until the request is stored with them.
         self._receipts: dict[str, list[Receipt]] = {}
+        # Audit queries waiting for a site's answer, by query id.
+        self._audit_queries: dict[str, asyncio.Future[pb.AuditAnswer]] = {}
         self.sessions: dict[str, SiteSession] = {}
         self.disconnected_at: dict[str, float] = {}
         self._outstanding: dict[str, dict[str, _Outstanding]] = {}
@@ -137,6 +141,36 @@ class SiteRegistry:
                 session.outbox.put_nowait(script_offer(script))
                 sent.append(name)
         return sent
+
+    async def ask_audit(self, site: str, study_id: str, timeout: float) -> pb.AuditAnswer:
+        """A connected site's audit head and its reply entries of ``study_id``.
+
+        Raises:
+            SiteUnavailable: the site is not connected, or did not answer in time.
+        """
+        session = self.sessions.get(site)
+        if session is None:
+            raise SiteUnavailable("disconnected", f"site {site} is not connected")
+        query_id = uuid.uuid4().hex
+        future: asyncio.Future[pb.AuditAnswer] = asyncio.get_running_loop().create_future()
+        self._audit_queries[query_id] = future
+        session.outbox.put_nowait(
+            pb.CoordinatorMessage(audit_query=pb.AuditQuery(query_id=query_id, study_id=study_id))
+        )
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise SiteUnavailable(
+                "timeout", f"site {site} did not show its audit log within {timeout:g} s"
+            ) from None
+        finally:
+            self._audit_queries.pop(query_id, None)
+
+    def answer_audit(self, answer: pb.AuditAnswer) -> None:
+        """Resolve the audit query a site answered."""
+        future = self._audit_queries.get(answer.query_id)
+        if future is not None and not future.done():
+            future.set_result(answer)
 
     def take_receipts(self, request_id: str) -> list[Receipt]:
         """The verified receipts of a request's replies (handed over once, to be stored)."""
@@ -260,14 +294,30 @@ def peer_common_name(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
 class SiteLinkService(pb_grpc.SiteLinkServicer):
     """The gRPC servicer: one ``Connect`` stream per site."""
 
-    def __init__(self, registry: SiteRegistry, name: str, require_tls_identity: bool) -> None:
+    def __init__(
+        self,
+        registry: SiteRegistry,
+        name: str,
+        require_tls_identity: bool,
+        revocations: RevocationList | None = None,
+    ) -> None:
         self.registry = registry
         self.name = name
         self.require_tls_identity = require_tls_identity
+        self.revocations = revocations
 
-    def _check_hello(self, hello: pb.Hello, cn: str | None) -> str | None:
+    def _check_hello(
+        self, hello: pb.Hello, cn: str | None, cert_pem: bytes | None = None
+    ) -> str | None:
         if self.require_tls_identity and cn is None:
             return "no client certificate was presented"
+        if self.revocations is not None and cert_pem is not None:
+            revoked = self.revocations.revoked(cert_pem)
+            if revoked is not None:
+                return (
+                    f"this certificate (site {cn}, serial {revoked.serial:x}) was revoked by the "
+                    f"alliance lead on {revoked.revoked:%Y-%m-%d}; ask the lead for a new one"
+                )
         if cn is not None and cn != hello.site_id:
             return (
                 f"this certificate belongs to site {cn!r}, but the stream says it is "
@@ -301,7 +351,8 @@ class SiteLinkService(pb_grpc.SiteLinkServicer):
             )
             return
         hello = first.hello
-        problem = self._check_hello(hello, cn)
+        pems = list(context.auth_context().get("x509_pem_cert", []))
+        problem = self._check_hello(hello, cn, pems[0] if pems else None)
         if problem:
             log.warning(
                 "refused site %s from %s: %s", hello.site_id or "?", context.peer(), problem
@@ -377,6 +428,8 @@ class SiteLinkService(pb_grpc.SiteLinkServicer):
                     )
                 elif kind == "refusal":
                     self.registry.deliver(session.name, message.refusal.task_id, message)
+                elif kind == "audit_answer":
+                    self.registry.answer_audit(message.audit_answer)
         except (grpc.aio.AioRpcError, asyncio.CancelledError):
             pass
         finally:

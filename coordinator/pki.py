@@ -15,7 +15,9 @@ coordinator read them unattended at start-up; protect the folder, not the file):
       coordinator.pem         the coordinator's certificate (serverAuth + clientAuth, SANs = hosts)
       coordinator.key
       sites/<name>.pem        one certificate per site (clientAuth, CN = <name>)
-      sites/<name>.key
+      sites/<name>.key        (issue-site only; a site that ran `alliance site init` keeps its key)
+      crl.pem                 the certificates revoked (`alliance pki revoke`), signed by the CA:
+                              give it to the coordinator (tls.crl in coordinator.yaml)
 
 A site gets ``ca.pem``, ``sites/<name>.pem`` and ``sites/<name>.key``; the coordinator gets
 ``ca.pem``, ``coordinator.pem`` and ``coordinator.key``.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -37,6 +40,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from protocol.errors import ConfigError, ValidationError
+
+log = logging.getLogger("alliance.coordinator")
 
 SITE_NAME = r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"
 #: The coordinator certificate's common name; no site may take it (see ``issue_site``).
@@ -352,6 +357,127 @@ def sign_site_request(
     return files.cert
 
 
+def renew_site(folder: str | Path, site_name: str, days: int = LEAF_DAYS) -> Path:
+    """Re-issue ``sites/<site_name>.pem`` for the same key (the site keeps its key), with new
+    dates and a new serial. The old certificate stays valid until it expires; revoke it to end
+    it sooner.
+
+    Raises:
+        ConfigError: no CA, or no certificate for that site in the folder.
+        ValidationError: the site name is not one.
+    """
+    check_site_name(site_name)
+    folder = Path(folder)
+    cert_path = folder / "sites" / f"{site_name}.pem"
+    if not cert_path.exists():
+        raise ConfigError(
+            f"{cert_path}: site {site_name!r} has no certificate here to renew; "
+            "`alliance pki sign` its request"
+        )
+    public = _ec_public(_load_cert(cert_path), cert_path)
+    _issue(
+        folder,
+        # Only the certificate is replaced: a key file beside it (issue-site) stays untouched.
+        IssuedFiles(cert_path, folder / "sites" / f".{site_name}.no-key"),
+        common_name=site_name,
+        usages=[ExtendedKeyUsageOID.CLIENT_AUTH],
+        alt_names=[],
+        days=days,
+        overwrite=True,
+        what=f"site {site_name!r}",
+        reissue="",
+        public_key=public,
+    )
+    return cert_path
+
+
+@dataclass(frozen=True)
+class Revoked:
+    """One revoked certificate."""
+
+    site: str
+    serial: int
+    revoked: dt.datetime
+
+
+def revoke_site(folder: str | Path, site_name: str) -> Revoked:
+    """Revoke the site's current certificate: add its serial to ``crl.pem`` (signed by the CA).
+    A coordinator configured with ``tls.crl`` refuses it at the site's next handshake.
+
+    Raises:
+        ConfigError: no CA, or no certificate for that site in the folder.
+    """
+    check_site_name(site_name)
+    folder = Path(folder)
+    cert_path = folder / "sites" / f"{site_name}.pem"
+    if not cert_path.exists():
+        raise ConfigError(f"{cert_path}: site {site_name!r} has no certificate here to revoke")
+    cert = _load_cert(cert_path)
+    ca_cert, ca_key = _load_ca(folder)
+    crl_path = folder / "crl.pem"
+    revoked = list(read_crl(crl_path, ca_cert).values()) if crl_path.exists() else []
+    now = dt.datetime.now(dt.UTC)
+    entry = Revoked(site_name, cert.serial_number, now)
+    if all(r.serial != entry.serial for r in revoked):
+        revoked.append(entry)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - CLOCK_SKEW)
+        .next_update(now + dt.timedelta(days=LEAF_DAYS))
+    )
+    for item in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(item.serial)
+            .revocation_date(item.revoked)
+            .add_extension(
+                x509.CertificateIssuer([x509.DirectoryName(_site_name(item.site))]),
+                critical=True,
+            )
+            .build()
+        )
+    crl = builder.sign(ca_key, hashes.SHA256())
+    temp = crl_path.with_name(".crl.pem.new")
+    temp.unlink(missing_ok=True)
+    _write_new(temp, crl.public_bytes(serialization.Encoding.PEM), private=False)
+    os.replace(temp, crl_path)
+    return entry
+
+
+def _site_name(site: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, site)])
+
+
+def read_crl(path: Path, ca_cert: x509.Certificate) -> dict[int, Revoked]:
+    """The revoked certificates in ``path`` by serial, after checking the CA signed it.
+
+    Raises:
+        ConfigError: unreadable, not a CRL, or not signed by the alliance CA.
+    """
+    try:
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    except ValueError:
+        raise ConfigError(f"{path}: not a PEM certificate revocation list") from None
+    if not crl.is_signature_valid(_ec_public(ca_cert, path)):
+        raise ConfigError(f"{path}: not signed by the alliance CA; ignore it and ask the lead")
+    found: dict[int, Revoked] = {}
+    for item in crl:
+        site = "?"
+        try:
+            issuer = item.extensions.get_extension_for_class(x509.CertificateIssuer).value
+            names = issuer.get_values_for_type(x509.DirectoryName)
+            if names:
+                site = str(names[0].get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+        except (x509.ExtensionNotFound, IndexError):
+            pass
+        revoked_at = item.revocation_date_utc
+        found[item.serial_number] = Revoked(site, item.serial_number, revoked_at)
+    return found
+
+
 def _issue(
     folder: Path,
     files: IssuedFiles,
@@ -573,3 +699,54 @@ def _write_new(path: Path, data: bytes, private: bool) -> None:
         # The umask may have narrowed the mode; make it exact either way.
         os.fchmod(handle.fileno(), mode)
         handle.write(data)
+
+
+class RevocationList:
+    """The CRL a coordinator checks at every site handshake, re-read when the file changes.
+
+    A file that turns unreadable or unsigned later keeps the list read before (and logs why);
+    at start it must be good (:func:`check_crl`).
+    """
+
+    def __init__(self, path: Path, ca_path: Path) -> None:
+        self.path = path
+        self.ca = _load_cert(ca_path)
+        self._stamp: tuple[int, int] | None = None
+        self._revoked: dict[int, Revoked] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read the file if it changed since the last read."""
+        try:
+            info = self.path.stat()
+        except FileNotFoundError:
+            return
+        stamp = (info.st_mtime_ns, info.st_size)
+        if stamp == self._stamp:
+            return
+        try:
+            self._revoked = read_crl(self.path, self.ca)
+        except ConfigError as exc:
+            log.error("%s; keeping the revocation list read before", exc)
+            return
+        self._stamp = stamp
+
+    def revoked(self, cert_pem: bytes) -> Revoked | None:
+        """The revocation of this certificate, if it was revoked."""
+        self.refresh()
+        try:
+            serial = x509.load_pem_x509_certificate(cert_pem).serial_number
+        except ValueError:
+            return None
+        return self._revoked.get(serial)
+
+
+def check_crl(path: Path, ca_path: Path) -> list[str]:
+    """What is wrong with a configured revocation list (one line each; none when fine)."""
+    if not path.exists():
+        return [f"crl: {path} does not exist (alliance pki revoke writes pki/crl.pem)"]
+    try:
+        read_crl(path, _load_cert(ca_path))
+    except ConfigError as exc:
+        return [f"crl: {exc}"]
+    return []

@@ -16,6 +16,7 @@ import uvicorn
 from coordinator.api import create_app
 from coordinator.grpc_log import relay_grpc_stderr
 from coordinator.link import SiteLinkService, SiteRegistry
+from coordinator.pki import RevocationList, check_crl
 from coordinator.scheduler import Scheduler
 from coordinator.store import Store
 from coordinator.tokens import (
@@ -69,6 +70,10 @@ def startup_problems(config: CoordinatorConfig, source: str) -> list[str]:
     problems = []
     if config.tls is not None:
         problems += check_tls_files(config.tls, "coordinator", config.name).problems
+        if config.crl is not None:
+            problems += check_crl(config.crl, config.tls.ca)
+    elif config.crl is not None:
+        problems.append("crl: a revocation list needs tls (it names certificates)")
     problems += example_token_problems(config.tokens, source, source)
     path = tokens_file(config)
     problems += example_token_problems(list(read_tokens(path)), str(path), source, in_file=True)
@@ -102,7 +107,14 @@ async def serve(
     signing_key = SigningKey.load_or_create(config.state_dir / SIGNING_KEY_FILE)
     registry = SiteRegistry(store, dictionary.digest(), signing_key)
     scheduler = Scheduler(registry, dictionary, config.task_timeout_seconds)
-    service = SiteLinkService(registry, config.name, require_tls_identity=config.tls is not None)
+    revocations = (
+        RevocationList(config.crl, config.tls.ca)
+        if config.crl is not None and config.tls is not None
+        else None
+    )
+    service = SiteLinkService(
+        registry, config.name, require_tls_identity=config.tls is not None, revocations=revocations
+    )
 
     if relay_stderr:
         relay_grpc_stderr()

@@ -787,6 +787,11 @@ class CoordinatorConfig(_Model):
     store: str = Field(default="sqlite:///coordinator.db", description="SQLAlchemy URL")
     state_dir: Path = Field(default=Path("."))
     tls: TLSFiles | None = None
+    crl: Path | None = Field(
+        default=None,
+        description="the alliance's revocation list (`alliance pki revoke` writes pki/crl.pem); "
+        "checked at every site handshake, re-read when it changes",
+    )
     insecure: bool = False
     tokens: list[APIToken] = Field(default_factory=list)
     task_timeout_seconds: float = Field(default=30.0, gt=0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
-from protocol.audit import AuditEntry
+from protocol.audit import AuditEntry, canonical_json
 from protocol.signing import Receipt, fingerprint
 
 
@@ -32,20 +32,26 @@ def _replies_in(entries: Iterable[AuditEntry]) -> dict[str, int]:
 
 
 def cross_check(
-    site: str, entries: list[AuditEntry], receipts: list[Receipt], site_keys: set[str]
+    site: str,
+    entries: list[AuditEntry],
+    receipts: list[Receipt],
+    site_keys: set[str],
+    head_seq: int | None = None,
 ) -> list[str]:
     """Findings, one line each (empty when the two sides agree).
 
     Args:
         site: the site's name.
-        entries: the site's audit log, in order.
+        entries: the site's audit log, in order (or, online, its reply entries only).
         receipts: the coordinator's receipts from this site.
         site_keys: the public keys the site holds or has announced in its log (a receipt
             signed by another key is not the site's).
+        head_seq: the sequence number of the log's last entry, when ``entries`` is not the
+            whole log (default: the last of ``entries``).
     """
     problems: list[str] = []
     by_seq = {entry.seq: entry for entry in entries}
-    last = max(by_seq, default=0)
+    last = max(by_seq, default=0) if head_seq is None else head_seq
     answered = _replies_in(entries)
     reported: set[str] = set()
     for receipt in sorted(receipts, key=lambda r: (r.audit_seq, r.task_id)):
@@ -63,10 +69,15 @@ def cross_check(
             continue
         entry = by_seq.get(receipt.audit_seq)
         if entry is None:
-            if not entries:
+            if last == 0:
                 why = "the site's audit log is empty: it was emptied"
             elif receipt.audit_seq > last:
                 why = f"the site's log ends at entry {last}: its tail was cut off"
+            elif head_seq is not None:  # online: the site showed its reply entries only
+                why = (
+                    f"the site's entry {receipt.audit_seq} is not that reply: the log was cut "
+                    "back or rewritten below a receipted head"
+                )
             else:
                 why = "that entry is missing from the site's log"
             problems.append(
@@ -78,7 +89,7 @@ def cross_check(
             problems.append(
                 f"task {task}: {site}'s audit entry {receipt.audit_seq} is not the entry it "
                 f"signed (hash {entry.hash[:16]}, receipt {receipt.audit_hash[:16]}): the log "
-                "was rewritten and re-chained below a receipted head"
+                "was cut back or rewritten, and re-chained, below a receipted head"
             )
             reported.add(task)
     receipted = {r.task_id for r in receipts}
@@ -110,3 +121,14 @@ def announced_keys(entries: Iterable[AuditEntry]) -> set[str]:
                 if isinstance(detail.get(field), str):
                     keys.add(detail[field])
     return keys
+
+
+def entries_from_answer(site: str, records: list[tuple[int, str, str, str]]) -> list[AuditEntry]:
+    """A site's online answer (seq, hash, action, task) as entries :func:`cross_check` reads
+    (time and links are not sent: the site verifies its own chain, ``alliance audit verify``)."""
+    return [
+        AuditEntry(
+            seq, "", site, action, canonical_json({"task": task} if task else {}), "", digest
+        )
+        for seq, digest, action, task in records
+    ]

@@ -16,6 +16,8 @@ import typer
 
 from analyses import get_analysis
 from coordinator.cli import (
+    TOKEN,
+    URL,
     coordinator_app,
     pki_app,
     run_command,
@@ -163,16 +165,33 @@ def _site_name(folder: Path, entries: list[AuditEntry]) -> str:
 
 @audit_app.command("cross-check")
 def audit_cross_check(
-    coordinator: Annotated[Path, typer.Argument(help="the coordinator's folder")],
-    site: Annotated[Path, typer.Argument(help="a site's folder")],
+    coordinator: Annotated[
+        Path | None, typer.Argument(help="the coordinator's folder (offline)")
+    ] = None,
+    site: Annotated[Path | None, typer.Argument(help="a site's folder (offline)")] = None,
     name: Annotated[str | None, typer.Option("--site", help="the site's name")] = None,
+    study: Annotated[
+        str | None, typer.Option("--study", help="online: every site of this study")
+    ] = None,
+    url: URL = "http://127.0.0.1:8080",
+    token: TOKEN = "",
 ) -> None:
-    """Compare a site's audit log with the coordinator's receipts from it, offline; exit 1
-    on any finding.
+    """Compare a site's audit log with the coordinator's receipts from it; exit 1 on any
+    finding. Offline on two folders, or online with --study (the lead's token).
 
     Lists every task one side has and the other lacks, and catches a site log whose tail
     was cut off, or that was emptied or re-chained below a receipted head.
     """
+    if study is not None:
+        if coordinator is not None or site is not None:
+            raise AllianceError("give either two folders (offline) or --study ID (online)")
+        _cross_check_online(study, url, token)
+        return
+    if coordinator is None or site is None:
+        raise AllianceError(
+            "cross-check needs the coordinator's folder and a site's folder (offline), or "
+            "--study ID with --url and --token (online)"
+        )
     from sqlalchemy.exc import SQLAlchemyError
 
     from coordinator.store import Store
@@ -207,6 +226,26 @@ def audit_cross_check(
         "receipts from it"
     )
     _report(problems, f"{name}'s audit log agrees with every receipt the coordinator holds")
+
+
+def _cross_check_online(study: str, url: str, token: str) -> None:
+    """The coordinator asks each of the study's sites for its audit entries over the link."""
+    from coordinator.client import NO_TOKEN, AllianceClient
+
+    if not token.strip():
+        raise AllianceError(NO_TOKEN)
+    with AllianceClient(url, token) as client:
+        sites = client.cross_check(study)
+    found = 0
+    for entry in sites:
+        typer.echo(f"{entry['site']}: {entry['receipts']} receipts")
+        for problem in entry["problems"]:
+            typer.echo(f"  FOUND: {problem}")
+        found += len(entry["problems"])
+    if found:
+        typer.echo(f"{found} finding(s)")
+        raise typer.Exit(1)
+    typer.echo(f"every site's audit log agrees with the receipts of study {study}")
 
 
 @app.command("simulate")

@@ -293,6 +293,10 @@ class SiteLink:
                 await self._answer(call, lock, message.task)
             elif message.HasField("script_offer"):
                 await asyncio.to_thread(self.runtime.receive_offer, message.script_offer)
+            elif message.HasField("audit_query"):
+                answer = await asyncio.to_thread(self.runtime.audit_answer, message.audit_query)
+                async with lock:
+                    await call.write(answer)
 
     async def _answer(
         self, call: grpc.aio.StreamStreamCall[Any, Any], lock: asyncio.Lock, task: pb.Task

@@ -10,6 +10,7 @@ one at a time, so a second delivery, however close, gets the first one's stored 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import threading
@@ -329,6 +330,38 @@ class SiteRuntime:
             dictionary_digest=self._digest,
             signing_key=self.signing_key.public_hex,
         )
+
+    def audit_answer(self, query: pb.AuditQuery) -> pb.SiteMessage:
+        """This site's audit head and its reply entries of one study, for the coordinator's
+        online cross-check (ids, digests and actions only; audited as shown)."""
+        try:
+            entries = self.store.audit_entries()
+            replies = []
+            for entry in entries:
+                if entry.action != "reply":
+                    continue
+                detail = json.loads(entry.detail)
+                if isinstance(detail, dict) and detail.get("study") == query.study_id:
+                    replies.append(
+                        pb.AuditEntryRecord(
+                            seq=entry.seq,
+                            hash=entry.hash,
+                            action=entry.action,
+                            task_id=str(detail.get("task", "")),
+                        )
+                    )
+            head = entries[-1] if entries else None
+            answer = pb.AuditAnswer(
+                query_id=query.query_id,
+                head_seq=head.seq if head else 0,
+                head_hash=head.hash if head else "",
+                replies=replies,
+            )
+            self.store.audit("audit_shown", {"study": query.study_id, "replies": len(replies)})
+        except Exception as exc:  # the query must get an answer; the log says why
+            log.exception("could not answer the coordinator's audit query")
+            answer = pb.AuditAnswer(query_id=query.query_id, error=type(exc).__name__)
+        return pb.SiteMessage(audit_answer=answer)
 
     # ------------------------------------------------------------------ tasks
     @contextmanager

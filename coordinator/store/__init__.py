@@ -51,6 +51,20 @@ def receipt_digest(receipt: Receipt) -> str:
     return hashlib.sha256(canonical_json(receipt.to_json()).encode()).hexdigest()
 
 
+def _receipt(row: Any) -> Receipt:
+    """A stored receipt row as a :class:`Receipt`."""
+    return Receipt(
+        site=row["site"],
+        task_id=row["task_id"],
+        request_digest=row["request_digest"],
+        reply_digest=row["reply_digest"],
+        audit_seq=int(row["audit_seq"]),
+        audit_hash=row["audit_hash"],
+        public_key=row["public_key"],
+        signature=row["signature"],
+    )
+
+
 def _receipts_and_keys_in(
     entries: list[AuditEntry],
 ) -> tuple[dict[str, tuple[int, str]], dict[str, set[str]]]:
@@ -636,19 +650,7 @@ class Store:
             query = query.where(table.c.site == site)
         with self.engine.connect() as conn:
             rows = conn.execute(query).mappings().all()
-        return [
-            Receipt(
-                site=row["site"],
-                task_id=row["task_id"],
-                request_digest=row["request_digest"],
-                reply_digest=row["reply_digest"],
-                audit_seq=int(row["audit_seq"]),
-                audit_hash=row["audit_hash"],
-                public_key=row["public_key"],
-                signature=row["signature"],
-            )
-            for row in rows
-        ]
+        return [_receipt(row) for row in rows]
 
     def study_receipts(self, study_id: str) -> list[dict[str, Any]]:
         """Site, task, request, key and time of every receipt of a study's requests, oldest
@@ -668,6 +670,26 @@ class Store:
         )
         with self.engine.connect() as conn:
             return [dict(row) for row in conn.execute(query).mappings().all()]
+
+    def study_receipt_list(self, study_id: str, site: str) -> list[Receipt]:
+        """One site's receipts for a study's requests."""
+        receipts, requests = models.receipts, models.requests
+        query = (
+            select(*[receipts.c[name] for name in RECEIPT_COLUMNS[:-1]])
+            .join(requests, requests.c.id == receipts.c.request_id)
+            .where(requests.c.study_id == study_id, receipts.c.site == site)
+            .order_by(receipts.c.received, receipts.c.task_id)
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [_receipt(row) for row in rows]
+
+    def site_keys(self, site: str) -> set[str]:
+        """Every signing key a site has presented."""
+        table = models.site_keys
+        with self.engine.connect() as conn:
+            keys = conn.execute(select(table.c.public_key).where(table.c.site == site))
+            return {str(key) for key in keys.scalars()}
 
     def integrity_problems(self) -> list[str]:
         """Everything ``alliance audit verify`` checks in the coordinator's store, one line per

@@ -145,17 +145,53 @@ class Heartbeat(_message.Message):
     sent_unix_ms: int
     def __init__(self, sent_unix_ms: _Optional[int] = ...) -> None: ...
 
+class AuditEntryRecord(_message.Message):
+    __slots__ = ("seq", "hash", "action", "task_id")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    hash: str
+    action: str
+    task_id: str
+    def __init__(self, seq: _Optional[int] = ..., hash: _Optional[str] = ..., action: _Optional[str] = ..., task_id: _Optional[str] = ...) -> None: ...
+
+class AuditAnswer(_message.Message):
+    __slots__ = ("query_id", "head_seq", "head_hash", "replies", "error")
+    QUERY_ID_FIELD_NUMBER: _ClassVar[int]
+    HEAD_SEQ_FIELD_NUMBER: _ClassVar[int]
+    HEAD_HASH_FIELD_NUMBER: _ClassVar[int]
+    REPLIES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    query_id: str
+    head_seq: int
+    head_hash: str
+    replies: _containers.RepeatedCompositeFieldContainer[AuditEntryRecord]
+    error: str
+    def __init__(self, query_id: _Optional[str] = ..., head_seq: _Optional[int] = ..., head_hash: _Optional[str] = ..., replies: _Optional[_Iterable[_Union[AuditEntryRecord, _Mapping]]] = ..., error: _Optional[str] = ...) -> None: ...
+
 class SiteMessage(_message.Message):
-    __slots__ = ("hello", "reply", "refusal", "heartbeat")
+    __slots__ = ("hello", "reply", "refusal", "heartbeat", "audit_answer")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     REPLY_FIELD_NUMBER: _ClassVar[int]
     REFUSAL_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_ANSWER_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     reply: Reply
     refusal: Refusal
     heartbeat: Heartbeat
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., reply: _Optional[_Union[Reply, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+    audit_answer: AuditAnswer
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., reply: _Optional[_Union[Reply, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., audit_answer: _Optional[_Union[AuditAnswer, _Mapping]] = ...) -> None: ...
+
+class AuditQuery(_message.Message):
+    __slots__ = ("query_id", "study_id")
+    QUERY_ID_FIELD_NUMBER: _ClassVar[int]
+    STUDY_ID_FIELD_NUMBER: _ClassVar[int]
+    query_id: str
+    study_id: str
+    def __init__(self, query_id: _Optional[str] = ..., study_id: _Optional[str] = ...) -> None: ...
 
 class ScriptOffer(_message.Message):
     __slots__ = ("study_id", "module", "manifest")
@@ -168,13 +204,15 @@ class ScriptOffer(_message.Message):
     def __init__(self, study_id: _Optional[str] = ..., module: _Optional[str] = ..., manifest: _Optional[str] = ...) -> None: ...
 
 class CoordinatorMessage(_message.Message):
-    __slots__ = ("welcome", "task", "heartbeat", "script_offer")
+    __slots__ = ("welcome", "task", "heartbeat", "script_offer", "audit_query")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     SCRIPT_OFFER_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_QUERY_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     task: Task
     heartbeat: Heartbeat
     script_offer: ScriptOffer
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., task: _Optional[_Union[Task, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., script_offer: _Optional[_Union[ScriptOffer, _Mapping]] = ...) -> None: ...
+    audit_query: AuditQuery
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., task: _Optional[_Union[Task, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., script_offer: _Optional[_Union[ScriptOffer, _Mapping]] = ..., audit_query: _Optional[_Union[AuditQuery, _Mapping]] = ...) -> None: ...

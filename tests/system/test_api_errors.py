@@ -112,6 +112,8 @@ WALK: list[tuple[str, str, dict[str, object] | None, tuple[int, ...]]] = [
     ("GET", "/api/audit/verify", None, (200, 403, 403, 403, 403, 401, 401)),
     ("GET", "/api/studies/{study}/report", None, (200, 200, 404, 403, 403, 401, 401)),
     ("GET", "/api/studies/nope/report", None, (404, 404, 404, 403, 403, 401, 401)),
+    ("GET", "/api/studies/{study}/cross-check", None, (200, 403, 403, 403, 403, 401, 401)),
+    ("GET", "/api/studies/nope/cross-check", None, (404, 403, 403, 403, 403, 401, 401)),
     # The public registry: open to anyone, whatever token is (or is not) sent.
     ("GET", "/api/registry", None, (200, 200, 200, 200, 200, 200, 200)),
 ]  # fmt: skip

@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 from coordinator.store import Store
 from protocol.audit import AuditEntry
+from protocol.errors import AllianceError
 from protocol.signing import Receipt, SigningKey
 from protocol.wire import alliance_pb2 as pb
 from simulations.cli import app
@@ -351,7 +352,7 @@ def test_a_rechained_log_is_caught_by_verify_and_a_resigned_one_by_the_cross_che
     result = cross_check(folders)
     assert result.exit_code == 1
     assert f"task {task}:" in result.stdout
-    assert "re-chained below a receipted head" in result.stdout
+    assert "and re-chained, below a receipted head" in result.stdout
 
 
 def test_a_task_one_side_lacks_is_listed(folders: Path) -> None:
@@ -443,3 +444,51 @@ def test_site_replies_shows_exactly_what_left_the_site(kept: Path) -> None:
     assert site_entry["records"] == replies[0]["arrays"][0]["values"][0]
     text = runner.invoke(app, ["site", "replies", "--config", str(config)]).stdout
     assert "count for " in text and "(discrete_laplace, scale" in text
+
+
+# ----------------------------------------------------------------------------- online
+
+
+def test_the_online_cross_check_asks_each_site_and_catches_a_cut_off_tail(
+    tmp_path: Path,
+) -> None:
+    from simulations.federation import SiteSpec
+    from simulations.heart import heart_dictionary, heart_source
+    from tests.system.conftest import running_federation, study
+
+    specs = [SiteSpec(name, heart_source(name), mode="dp") for name in SITES]
+    with running_federation(specs, heart_dictionary(), tmp_path / "run", study("dp")) as fed:
+        with fed.researcher() as client:
+            for _ in range(2):
+                assert client.submit("s1", {"analysis": "count"})["status"] == "done"
+        online = ["audit", "cross-check", "--study", "s1", "--url", fed.url]
+        clean = runner.invoke(app, [*online, "--token", fed.lead_token])
+        assert clean.exit_code == 0, clean.output
+        assert "cleveland: 2 receipts" in clean.stdout and "hungarian: 2 receipts" in clean.stdout
+        # Someone cuts the newest reply out of cleveland's file while it is stopped: log,
+        # ledger and stored reply together, so the site starts again without complaint.
+        fed.stop_site("cleveland")
+        db = site_db(fed.root)
+        last_reply = reply_seqs(db)[-1]
+        task = task_of(db, last_reply)
+        db.execute("DELETE FROM audit WHERE seq >= ?", (last_reply,))
+        db.execute("DELETE FROM ledger WHERE task_id = ?", (task,))
+        db.execute("DELETE FROM replies WHERE task_id = ?", (task,))
+        db.close()
+        fed.start_site(specs[0], "s1")
+        fed.wait_for_sites(["cleveland"])
+        caught = runner.invoke(app, [*online, "--token", fed.lead_token])
+        researcher = runner.invoke(app, [*online, "--token", fed.researcher_token])
+    assert caught.exit_code == 1, caught.output
+    assert f"task {task}: the coordinator holds cleveland's signed receipt for audit entry" in (
+        caught.stdout
+    )
+    # The restarted site wrote new entries from the cut on: the entry now at that number is
+    # not the reply it signed.
+    assert f"the site's entry {last_reply} is not that reply: the log was cut back" in (
+        caught.stdout
+    )
+    assert "hungarian: 2 receipts" in caught.stdout
+    assert caught.stdout.count("FOUND") == 1
+    assert isinstance(researcher.exception, AllianceError)
+    assert "cannot do this" in str(researcher.exception)  # the lead's check only

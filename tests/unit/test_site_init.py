@@ -22,14 +22,15 @@ from typer.testing import CliRunner
 
 from coordinator import pki
 from coordinator.link import SiteLinkService, SiteRegistry
+from coordinator.pki import RevocationList, check_crl
 from protocol.config import SiteConfig, load_yaml
 from protocol.errors import ConfigError, ValidationError
 from protocol.tlsfiles import check_tls_files
 from simulations.cli import app
 from simulations.heart import heart_dictionary
 from site_node.identity import init_site
-from site_node.link import SiteLink
-from tests.unit.test_site_link_retries import runtime, start_server
+from site_node.runtime import SiteRuntime
+from tests.unit.test_site_link_retries import RecordingLink, runtime, start_server
 
 runner = CliRunner()
 
@@ -90,7 +91,15 @@ def test_the_lead_signs_the_request_and_the_site_handshakes_with_it(
     # A real mutual-TLS handshake with the coordinator's link.
     rt = runtime(tmp_path, "va", tls)
     registry = SiteRegistry(None, heart_dictionary().digest())
-    credentials = grpc.ssl_server_credentials(
+    try:
+        service = SiteLinkService(registry, "coordinator", True)
+        assert asyncio.run(connect(rt, service, alliance_pki)) == ["va"]
+    finally:
+        rt.close()
+
+
+def coordinator_credentials(alliance_pki: Path) -> grpc.ServerCredentials:
+    return grpc.ssl_server_credentials(
         [
             (
                 (alliance_pki / "coordinator.key").read_bytes(),
@@ -101,25 +110,86 @@ def test_the_lead_signs_the_request_and_the_site_handshakes_with_it(
         require_client_auth=True,
     )
 
-    async def scenario() -> list[str]:
-        server, port = await start_server(
-            SiteLinkService(registry, "coordinator", True), credentials
-        )
-        rt.config = rt.config.model_copy(update={"coordinator": f"127.0.0.1:{port}"})
-        link = SiteLink(rt.config, rt)
-        running = asyncio.create_task(link.run())
-        try:
-            await asyncio.wait_for(link.connected.wait(), 20)
-            return registry.connected()
-        finally:
-            link.stop()
-            await asyncio.wait_for(running, 10)
-            await server.stop(None)
 
+async def connect(
+    rt: SiteRuntime, service: SiteLinkService, alliance_pki: Path
+) -> list[str] | None:
+    """The sites connected once ``service`` welcomed this site's link; None when it did not
+    (a refusal is audited at the site)."""
+    server, port = await start_server(service, coordinator_credentials(alliance_pki))
+    rt.config = rt.config.model_copy(update={"coordinator": f"127.0.0.1:{port}"})
+    link = RecordingLink(rt.config, rt, pauses=1)
+    running = asyncio.create_task(link.run())
+    welcomed = asyncio.create_task(link.connected.wait())
     try:
-        assert asyncio.run(scenario()) == ["va"]
+        await asyncio.wait({running, welcomed}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+        if not welcomed.done():
+            return None
+        await asyncio.sleep(0.05)  # the coordinator attaches the session as it welcomes
+        return service.registry.connected()
+    finally:
+        link.stop()
+        welcomed.cancel()
+        await asyncio.wait_for(running, 10)
+        await server.stop(None)
+
+
+def test_a_revoked_certificate_is_refused_at_the_next_handshake_and_a_renewed_one_works(
+    tmp_path: Path, alliance_pki: Path
+) -> None:
+    made = init_site(tmp_path / "va", "va")
+    pki.sign_site_request(alliance_pki, made.csr)
+    tls_dir = made.tls_key.parent
+    shutil.copy(alliance_pki / "ca.pem", tls_dir / "ca.pem")
+    shutil.copy(alliance_pki / "sites" / "va.pem", tls_dir / "site.pem")
+    tls = {
+        "ca": str(tls_dir / "ca.pem"),
+        "cert": str(tls_dir / "site.pem"),
+        "key": str(made.tls_key),
+    }
+    rt = runtime(tmp_path, "va", tls)
+    crl = alliance_pki / "crl.pem"
+    pki.revoke_site(alliance_pki, "va")  # an empty list to start from is not needed: any list
+    revoked_serial = x509.load_pem_x509_certificate(
+        (tls_dir / "site.pem").read_bytes()
+    ).serial_number
+    registry = SiteRegistry(None, heart_dictionary().digest())
+    service = SiteLinkService(
+        registry, "coordinator", True, RevocationList(crl, alliance_pki / "ca.pem")
+    )
+    try:
+        assert asyncio.run(connect(rt, service, alliance_pki)) is None
+        [refused] = [e for e in rt.store.audit_entries() if e.action == "link_refused"]
+        assert f"serial {revoked_serial:x}) was revoked by the alliance lead" in refused.detail
+        # The lead renews it (same key, new serial): the new certificate is not on the list.
+        renewed = runner.invoke(app, ["pki", "renew", "va", "--dir", str(alliance_pki)])
+        assert renewed.exit_code == 0, renewed.output
+        shutil.copy(alliance_pki / "sites" / "va.pem", tls_dir / "site.pem")
+        assert asyncio.run(connect(rt, service, alliance_pki)) == ["va"]
+        # Revoked again while the coordinator runs: the list is re-read at the next handshake.
+        revoked = runner.invoke(app, ["pki", "revoke", "va", "--dir", str(alliance_pki)])
+        assert revoked.exit_code == 0, revoked.output
+        assert asyncio.run(connect(rt, service, alliance_pki)) is None
     finally:
         rt.close()
+    listed = pki.read_crl(
+        crl, x509.load_pem_x509_certificate((alliance_pki / "ca.pem").read_bytes())
+    )
+    assert {r.site for r in listed.values()} == {"va"} and len(listed) == 2
+
+
+def test_a_crl_not_signed_by_the_alliance_ca_stops_the_coordinator(
+    tmp_path: Path, alliance_pki: Path
+) -> None:
+    other = tmp_path / "other-pki"
+    pki.init_ca(other, "Someone Else")
+    pki.issue_site(other, "va")
+    pki.revoke_site(other, "va")
+    problems = check_crl(other / "crl.pem", alliance_pki / "ca.pem")
+    assert problems == [
+        f"crl: {other / 'crl.pem'}: not signed by the alliance CA; ignore it and ask the lead"
+    ]
+    assert check_crl(tmp_path / "missing.pem", alliance_pki / "ca.pem")[0].startswith("crl: ")
 
 
 def test_sign_refuses_a_forged_request_a_reserved_name_and_a_second_certificate(
