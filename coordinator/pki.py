@@ -39,11 +39,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from protocol.config import SITE_NAME
 from protocol.errors import ConfigError, ValidationError
+from protocol.storage import write_new_file
 
 log = logging.getLogger("alliance.coordinator")
 
-SITE_NAME = r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"
 #: The coordinator certificate's common name; no site may take it (see ``issue_site``).
 COORDINATOR_CN = "coordinator"
 CA_DAYS = 3650
@@ -147,8 +148,8 @@ def init_ca(folder: str | Path, alliance_name: str, days: int = CA_DAYS) -> CAFi
         .add_extension(ski, critical=False)
         .sign(key, hashes.SHA256())
     )
-    _write_new(files.key, _key_pem(key), private=True)
-    _write_new(files.cert, cert.public_bytes(serialization.Encoding.PEM), private=False)
+    write_new_file(files.key, _key_pem(key), private=True)
+    write_new_file(files.cert, cert.public_bytes(serialization.Encoding.PEM), private=False)
     return files
 
 
@@ -163,25 +164,14 @@ def issue_site(
         ConfigError: when the folder has no CA, or the site already has a certificate and
             ``overwrite`` is false.
     """
-    check_site_name(site_name)
-    if site_name.casefold() == COORDINATOR_CN:
-        raise ValidationError(
-            f"site name {site_name!r} is reserved for the coordinator's certificate; "
-            "choose another site name"
-        )
+    check_issuable_site_name(site_name)
     folder = Path(folder)
-    files = IssuedFiles(
-        folder / "sites" / f"{site_name}.pem", folder / "sites" / f"{site_name}.key"
-    )
-    return _issue(
+    return _issue_site_certificate(
         folder,
-        files,
-        common_name=site_name,
-        usages=[ExtendedKeyUsageOID.CLIENT_AUTH],
-        alt_names=[],
-        days=days,
-        overwrite=overwrite,
-        what=f"site {site_name!r}",
+        site_name,
+        _site_files(folder, site_name),
+        days,
+        overwrite,
         reissue=f"alliance pki issue-site {site_name} --overwrite",
     )
 
@@ -335,22 +325,15 @@ def sign_site_request(
     if len(names) != 1:
         raise ConfigError(f"{path}: the request must name exactly one site (common name)")
     site_name = str(names[0].value)
-    check_site_name(site_name)
-    if site_name.casefold() == COORDINATOR_CN:
-        raise ValidationError(f"site name {site_name!r} is reserved for the coordinator")
+    check_issuable_site_name(site_name)
     folder = Path(folder)
-    files = IssuedFiles(
-        folder / "sites" / f"{site_name}.pem", folder / "sites" / f"{site_name}.key"
-    )
-    _issue(
+    files = _site_files(folder, site_name)
+    _issue_site_certificate(
         folder,
+        site_name,
         files,
-        common_name=site_name,
-        usages=[ExtendedKeyUsageOID.CLIENT_AUTH],
-        alt_names=[],
-        days=days,
-        overwrite=overwrite,
-        what=f"site {site_name!r}",
+        days,
+        overwrite,
         reissue=f"alliance pki sign {path} --overwrite",
         public_key=public,
     )
@@ -375,20 +358,60 @@ def renew_site(folder: str | Path, site_name: str, days: int = LEAF_DAYS) -> Pat
             "`alliance pki sign` its request"
         )
     public = _ec_public(_load_cert(cert_path), cert_path)
-    _issue(
+    _issue_site_certificate(
         folder,
+        site_name,
         # Only the certificate is replaced: a key file beside it (issue-site) stays untouched.
         IssuedFiles(cert_path, folder / "sites" / f".{site_name}.no-key"),
-        common_name=site_name,
-        usages=[ExtendedKeyUsageOID.CLIENT_AUTH],
-        alt_names=[],
-        days=days,
+        days,
         overwrite=True,
-        what=f"site {site_name!r}",
         reissue="",
         public_key=public,
     )
     return cert_path
+
+
+def check_issuable_site_name(site_name: str) -> None:
+    """A site name the CA may issue: it matches ``SITE_NAME`` and is not ``coordinator``.
+
+    Raises:
+        ValidationError: naming the bad name and the rule.
+    """
+    check_site_name(site_name)
+    if site_name.casefold() == COORDINATOR_CN:
+        raise ValidationError(
+            f"site name {site_name!r} is reserved for the coordinator's certificate; "
+            "choose another site name"
+        )
+
+
+def _site_files(folder: Path, site_name: str) -> IssuedFiles:
+    return IssuedFiles(folder / "sites" / f"{site_name}.pem", folder / "sites" / f"{site_name}.key")
+
+
+def _issue_site_certificate(
+    folder: Path,
+    site_name: str,
+    files: IssuedFiles,
+    days: int,
+    overwrite: bool,
+    reissue: str,
+    public_key: ec.EllipticCurvePublicKey | None = None,
+) -> IssuedFiles:
+    """A site's client certificate (CN = its name, client auth only): the one shape that
+    issue-site, sign and renew all write."""
+    return _issue(
+        folder,
+        files,
+        common_name=site_name,
+        usages=[ExtendedKeyUsageOID.CLIENT_AUTH],
+        alt_names=[],
+        days=days,
+        overwrite=overwrite,
+        what=f"site {site_name!r}",
+        reissue=reissue,
+        public_key=public_key,
+    )
 
 
 @dataclass(frozen=True)
@@ -440,7 +463,7 @@ def revoke_site(folder: str | Path, site_name: str) -> Revoked:
     crl = builder.sign(ca_key, hashes.SHA256())
     temp = crl_path.with_name(".crl.pem.new")
     temp.unlink(missing_ok=True)
-    _write_new(temp, crl.public_bytes(serialization.Encoding.PEM), private=False)
+    write_new_file(temp, crl.public_bytes(serialization.Encoding.PEM), private=False)
     os.replace(temp, crl_path)
     return entry
 
@@ -530,8 +553,8 @@ def _issue(
     for path in existing:
         path.unlink()
     if key is not None:
-        _write_new(files.key, _key_pem(key), private=True)
-    _write_new(files.cert, cert.public_bytes(serialization.Encoding.PEM), private=False)
+        write_new_file(files.key, _key_pem(key), private=True)
+    write_new_file(files.cert, cert.public_bytes(serialization.Encoding.PEM), private=False)
     return files
 
 
@@ -684,21 +707,6 @@ def _make_private_dir(path: Path) -> None:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot create the folder ({exc.strerror})") from None
-
-
-def _write_new(path: Path, data: bytes, private: bool) -> None:
-    """Write a file that must not exist yet; keys are created 0600 (never briefly readable)."""
-    mode = 0o600 if private else 0o644
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    except FileExistsError:
-        raise ConfigError(f"{path}: already exists; refusing to overwrite it") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot create ({exc.strerror})") from None
-    with os.fdopen(fd, "wb") as handle:
-        # The umask may have narrowed the mode; make it exact either way.
-        os.fchmod(handle.fileno(), mode)
-        handle.write(data)
 
 
 class RevocationList:

@@ -42,6 +42,8 @@ SENSITIVITIES: tuple[str, ...] = ("identifier", "quasi-identifier", "sensitive",
 PRIVACY_MODES: tuple[str, ...] = ("off", "sdc", "dp")  # ordered from least to most strict
 
 _NAME = r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"
+#: a site's name (its certificate's subject), a study's or a token owner's id
+SITE_NAME = _NAME
 _VARIABLE = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 
 

@@ -1,9 +1,32 @@
-"""SQLite helpers both roles' stores use."""
+"""File and SQLite helpers both roles use."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
+
+from protocol.errors import ConfigError
+
+
+def write_new_file(path: Path, data: bytes, private: bool) -> None:
+    """Write a file that must not exist yet; a private one (a key) is 0600 from the start,
+    never briefly readable by others.
+
+    Raises:
+        ConfigError: the file exists already, or cannot be created.
+    """
+    mode = 0o600 if private else 0o644
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        raise ConfigError(f"{path}: already exists; refusing to overwrite it") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot create ({exc.strerror})") from None
+    with os.fdopen(fd, "wb") as handle:
+        # The umask may have narrowed the mode; make it exact either way.
+        os.fchmod(handle.fileno(), mode)
+        handle.write(data)
 
 
 def connect_read_only(path: Path) -> sqlite3.Connection:

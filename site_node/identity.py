@@ -8,7 +8,6 @@ allows nothing until the admin approves analyses and studies (default deny).
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +18,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from protocol.config import SiteConfig
+from protocol.config import SITE_NAME, SiteConfig
 from protocol.errors import ConfigError, ValidationError
 from protocol.signing import SigningKey
+from protocol.storage import write_new_file
 from site_node.runtime import SIGNING_KEY_FILE
-
-SITE_NAME = r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"
 
 
 @dataclass(frozen=True)
@@ -35,18 +33,6 @@ class SiteFolder:
     tls_key: Path
     csr: Path
     signing_key: Path
-
-
-def _write_new(path: Path, data: bytes, private: bool) -> None:
-    """Create ``path`` (it must not exist); a private file is 0600 from the start."""
-    mode = 0o600 if private else 0o644
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    except FileExistsError:
-        raise ConfigError(f"{path}: already exists; refusing to overwrite it") from None
-    with os.fdopen(fd, "wb") as handle:
-        os.fchmod(handle.fileno(), mode)
-        handle.write(data)
 
 
 def site_config_template(name: str, coordinator: str) -> dict[str, object]:
@@ -97,8 +83,8 @@ def init_site(
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write_new(tls / "site.key", key_pem, private=True)
-    _write_new(tls / "site.csr", csr.public_bytes(serialization.Encoding.PEM), private=False)
+    write_new_file(tls / "site.key", key_pem, private=True)
+    write_new_file(tls / "site.csr", csr.public_bytes(serialization.Encoding.PEM), private=False)
     state = folder / "state"
     state.mkdir(mode=0o700, parents=True, exist_ok=True)
     SigningKey.load_or_create(state / SIGNING_KEY_FILE)
@@ -107,5 +93,5 @@ def init_site(
         "# list allowed_analyses and approve studies under policy (see the README).\n"
         + yaml.safe_dump(template, sort_keys=False)
     )
-    _write_new(config_path, text.encode(), private=False)
+    write_new_file(config_path, text.encode(), private=False)
     return SiteFolder(config_path, tls / "site.key", tls / "site.csr", state / SIGNING_KEY_FILE)

@@ -81,6 +81,23 @@ def site_db(folders: Path, name: str = "cleveland") -> sqlite3.Connection:
     return db
 
 
+def delete_a_receipt(folders: Path, site: str = "hungarian") -> str:
+    """Delete one of ``site``'s receipts from the coordinator's store, as anyone holding the
+    file could (its guard dropped first); return the task it receipted."""
+    db = sqlite3.connect(folders / "coordinator" / "coordinator.db", isolation_level=None)
+    try:
+        db.execute("DROP TRIGGER alliance_receipts_no_delete")
+        task = str(
+            db.execute(
+                "SELECT task_id FROM alliance_receipts WHERE site = ? LIMIT 1", (site,)
+            ).fetchone()[0]
+        )
+        db.execute("DELETE FROM alliance_receipts WHERE task_id = ?", (task,))
+    finally:
+        db.close()
+    return task
+
+
 def entries(db: sqlite3.Connection) -> list[AuditEntry]:
     rows = db.execute(
         "SELECT seq, time, actor, action, detail, prev_hash, hash FROM audit ORDER BY seq"
@@ -260,11 +277,7 @@ def test_an_edited_stored_reply_is_named(folders: Path) -> None:
 
 
 def test_a_coordinator_receipt_deleted_is_named(folders: Path) -> None:
-    db = sqlite3.connect(folders / "coordinator" / "coordinator.db", isolation_level=None)
-    db.execute("DROP TRIGGER alliance_receipts_no_delete")
-    task = db.execute("SELECT task_id FROM alliance_receipts LIMIT 1").fetchone()[0]
-    db.execute("DELETE FROM alliance_receipts WHERE task_id = ?", (task,))
-    db.close()
+    task = delete_a_receipt(folders)
     result = verify(folders / "coordinator")
     assert result.exit_code == 1
     assert f"receipt for task {task} (listed in audit entry" in result.stdout
@@ -356,13 +369,7 @@ def test_a_rechained_log_is_caught_by_verify_and_a_resigned_one_by_the_cross_che
 
 
 def test_a_task_one_side_lacks_is_listed(folders: Path) -> None:
-    db = sqlite3.connect(folders / "coordinator" / "coordinator.db", isolation_level=None)
-    db.execute("DROP TRIGGER alliance_receipts_no_delete")
-    task = db.execute(
-        "SELECT task_id FROM alliance_receipts WHERE site = 'hungarian' LIMIT 1"
-    ).fetchone()[0]
-    db.execute("DELETE FROM alliance_receipts WHERE task_id = ?", (task,))
-    db.close()
+    task = delete_a_receipt(folders, "hungarian")
     result = cross_check(folders, "hungarian")
     assert result.exit_code == 1
     assert f"task {task}: hungarian answered it" in result.stdout
