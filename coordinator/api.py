@@ -41,7 +41,7 @@ from coordinator.registry import registry_entries, registry_html
 from coordinator.report import build_report
 from coordinator.scheduler import RequestFailed, Scheduler
 from coordinator.store import Store, now
-from coordinator.studies import StudyBook
+from coordinator.studies import ACTIVE, DRAFT, PROPOSED, StudyBook, StudyStateError
 from protocol.config import AnalysisRequest, StudyConfig, parse_model
 from protocol.crosscheck import cross_check, entries_from_answer
 from protocol.errors import AllianceError, ConfigError, ValidationError
@@ -267,6 +267,8 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _alliance_error(_: Request, exc: Exception) -> JSONResponse:
     status = 400 if isinstance(exc, (ValidationError, ConfigError)) else 500
+    if isinstance(exc, StudyStateError):
+        status = 409
     lines = str(exc).splitlines() or [type(exc).__name__]
     return JSONResponse(error_body(status, lines[0], lines), status_code=status)
 
@@ -455,13 +457,89 @@ async def sites(
     return {"ok": True, "sites": shown}
 
 
+def not_active(its: Services, study: StudyConfig, status: str, what: str) -> str:
+    """Why a study that is not active takes no ``what``, in words."""
+    if status == PROPOSED:
+        approved = its.studies.approved_sites(study)
+        return (
+            f"study {study.id!r} is proposed and takes no {what} until it is active: "
+            f"{len(approved)} of the {study.quorum} site approvals it needs (quorum) "
+            f"for version {study.version}; approved by: {', '.join(approved) or 'none yet'}"
+        )
+    if status == DRAFT:
+        return f"study {study.id!r} is a draft; the lead proposes it with `alliance study propose`"
+    return f"study {study.id!r} is {status}; it takes no {what}"
+
+
+def _changed(its: Services, changed: tuple[StudyConfig, str]) -> dict[str, Any]:
+    """Tell the invited sites; the response body of every lifecycle step."""
+    study, status = changed
+    told = its.registry.announce(study, status)
+    return {
+        "ok": True,
+        "study": study.model_dump(mode="json"),
+        "status": status,
+        "version": study.version,
+        "told": told,
+    }
+
+
 @router.post("/studies", responses=errors(400, 401, 403), openapi_extra=request_body("StudyConfig"))
 async def create_study(
-    request: Request, who: Principal = Depends(require("lead")), its: Services = Depends(services)
+    request: Request,
+    draft: bool = False,
+    who: Principal = Depends(require("lead")),
+    its: Services = Depends(services),
 ) -> dict[str, Any]:
     study = parse_model(StudyConfig, await body_json(request), "study")
-    await asyncio.to_thread(its.studies.create, study, who.user)
-    return {"ok": True, "study": study.model_dump(mode="json")}
+    changed = await asyncio.to_thread(its.studies.create, study, who.user, draft)
+    return _changed(its, changed)
+
+
+@router.put(
+    "/studies/{study_id}",
+    responses=errors(400, 401, 403, 404, 409),
+    openapi_extra=request_body("StudyConfig"),
+)
+async def amend_study(
+    study_id: str,
+    request: Request,
+    who: Principal = Depends(require("lead")),
+    its: Services = Depends(services),
+) -> dict[str, Any]:
+    visible_study(its, study_id, who)
+    study = parse_model(StudyConfig, await body_json(request), "study")
+    if study.id != study_id:
+        raise APIError(400, f"the amended study's id is {study.id!r}, not {study_id!r}")
+    return _changed(its, await asyncio.to_thread(its.studies.amend, study, who.user))
+
+
+@router.post("/studies/{study_id}/propose", responses=errors(400, 401, 403, 404, 409))
+async def propose_study(
+    study_id: str, who: Principal = Depends(require("lead")), its: Services = Depends(services)
+) -> dict[str, Any]:
+    visible_study(its, study_id, who)
+    return _changed(its, await asyncio.to_thread(its.studies.propose, study_id, who.user))
+
+
+@router.post("/studies/{study_id}/suspend", responses=errors(400, 401, 403, 404, 409))
+async def suspend_study(
+    study_id: str,
+    reason: str = "",
+    who: Principal = Depends(require("lead")),
+    its: Services = Depends(services),
+) -> dict[str, Any]:
+    visible_study(its, study_id, who)
+    changed = await asyncio.to_thread(its.studies.suspend, study_id, who.user, reason[:500])
+    return _changed(its, changed)
+
+
+@router.post("/studies/{study_id}/resume", responses=errors(400, 401, 403, 404, 409))
+async def resume_study(
+    study_id: str, who: Principal = Depends(require("lead")), its: Services = Depends(services)
+) -> dict[str, Any]:
+    visible_study(its, study_id, who)
+    return _changed(its, await asyncio.to_thread(its.studies.resume, study_id, who.user))
 
 
 @router.get("/studies", responses=errors(401))
@@ -483,6 +561,7 @@ async def show_study(
         "ok": True,
         "study": study.model_dump(mode="json"),
         "status": status,
+        "approvals": await asyncio.to_thread(its.store.study_decisions, study_id),
         "requests": [who.request_view(r) for r in reqs],
     }
 
@@ -505,8 +584,7 @@ async def close_study(
     study_id: str, who: Principal = Depends(require("lead")), its: Services = Depends(services)
 ) -> dict[str, Any]:
     visible_study(its, study_id, who)
-    await asyncio.to_thread(its.studies.close, study_id, who.user)
-    return {"ok": True, "study": study_id, "status": "closed"}
+    return _changed(its, await asyncio.to_thread(its.studies.close, study_id, who.user))
 
 
 @router.post(
@@ -524,8 +602,8 @@ async def submit(
     study, status = visible_study(its, study_id, who)
     if not who.can_run(study):  # the roles allowed here run what they may read
         raise not_found("study", study_id, who)
-    if status != "open":
-        raise APIError(409, f"study {study_id!r} is {status}; it takes no more requests")
+    if status != ACTIVE:
+        raise APIError(409, await asyncio.to_thread(not_active, its, study, status, "requests"))
     body = parse_model(AnalysisRequest, await body_json(request), "request")
     # A script request names its script by hash; its tasks carry the script.
     sent = await asyncio.to_thread(its.studies.expand_script, study, body)
@@ -546,8 +624,9 @@ async def submit(
         "finished": None,
         "result": None,
     }
+    versions = its.studies.site_versions(study)  # kept in memory between decisions
     job = asyncio.create_task(
-        _execute(its, study, body, params, who.user, request_id, sent), name=request_id
+        _execute(its, study, body, params, who.user, request_id, sent, versions), name=request_id
     )
     its.running[request_id] = job
     job.add_done_callback(lambda _: its.running.pop(request_id, None))
@@ -568,6 +647,7 @@ async def _execute(
     researcher: str,
     request_id: str,
     sent: AnalysisRequest | None = None,
+    versions: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Run one request and store it; never raises, so nothing hangs in "running".
 
@@ -577,7 +657,9 @@ async def _execute(
     result: dict[str, Any] | None = None
     error: str | None = None
     try:
-        outcome = await its.scheduler.run(study, sent or body, researcher, request_id, params)
+        outcome = await its.scheduler.run(
+            study, sent or body, researcher, request_id, params, site_versions=versions
+        )
         result = outcome.to_dict()
     except RequestFailed as exc:
         error = str(exc)
@@ -630,8 +712,8 @@ async def submit_script(
     study, status = visible_study(its, study_id, who)
     if not who.can_run(study):
         raise not_found("study", study_id, who)
-    if status != "open":
-        raise APIError(409, f"study {study_id!r} is {status}; it takes no more scripts")
+    if status not in (PROPOSED, ACTIVE):
+        raise APIError(409, f"study {study_id!r} is {status}; it takes no scripts")
     body = await body_json(request)
     if not (
         isinstance(body, dict)
@@ -737,6 +819,7 @@ def create_app(
     app.add_middleware(BodyLimit, limit=max_request_bytes)
     app.add_middleware(AuditCalls, store=store)
     book = studies or StudyBook(store, scheduler.dictionary)
+    registry.on_decision = book.receive_decision
     app.state.services = Services(store, registry, scheduler, tokens, book)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

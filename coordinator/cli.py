@@ -7,7 +7,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 import yaml
@@ -21,7 +21,10 @@ from protocol.tlsfiles import INSECURE
 
 coordinator_app = typer.Typer(help="Run the coordinator.", no_args_is_help=True)
 pki_app = typer.Typer(help="The alliance CA and its certificates.", no_args_is_help=True)
-study_app = typer.Typer(help="Create, list, show and close studies.", no_args_is_help=True)
+study_app = typer.Typer(
+    help="Create, propose, amend, suspend, resume, close, list and show studies.",
+    no_args_is_help=True,
+)
 token_app = typer.Typer(help="API tokens for people (the alliance lead).", no_args_is_help=True)
 script_app = typer.Typer(
     help="Researchers' own analyses: submit a script, or try it locally.", no_args_is_help=True
@@ -231,13 +234,64 @@ def sites_command(url: URL = "http://127.0.0.1:8080", token: TOKEN = "") -> None
         typer.echo("  ".join(parts))
 
 
+def _say_step(body: dict[str, Any], verb: str) -> None:
+    study = body["study"]
+    told = ", ".join(body.get("told", [])) or "no connected site"
+    typer.echo(
+        f"{verb} study {study['id']} version {body['version']}: now {body['status']} "
+        f"(sites told: {told})"
+    )
+
+
 @study_app.command("create")
-def study_create(path: Path, url: URL = "http://127.0.0.1:8080", token: TOKEN = "") -> None:
-    """Create the study described in a YAML file."""
+def study_create(
+    path: Path,
+    draft: Annotated[bool, typer.Option(help="keep it a draft (sent nowhere)")] = False,
+    url: URL = "http://127.0.0.1:8080",
+    token: TOKEN = "",
+) -> None:
+    """Create the study described in a YAML file, proposed to its sites for approval (or a
+    draft with --draft); it becomes active once `quorum` sites approved it."""
     study = load_yaml(path, StudyConfig)
     with _client(url, token) as client:
-        created = client.create_study(study.model_dump(mode="json"))
-    typer.echo(f"created study {created['id']}: {created['title']}")
+        created = client.create_study(study.model_dump(mode="json"), draft)
+        status = client.study(created["id"])["status"]
+    typer.echo(f"created study {created['id']}: {created['title']} ({status})")
+
+
+@study_app.command("propose")
+def study_propose(study_id: str, url: URL = "http://127.0.0.1:8080", token: TOKEN = "") -> None:
+    """Send a draft study to its sites for review and approval."""
+    with _client(url, token) as client:
+        _say_step(client.study_step(study_id, "propose"), "proposed")
+
+
+@study_app.command("amend")
+def study_amend(path: Path, url: URL = "http://127.0.0.1:8080", token: TOKEN = "") -> None:
+    """Amend a study from a YAML file: a new version, which each site must approve (until it
+    does, a site answers under the version it last approved, or refuses)."""
+    study = load_yaml(path, StudyConfig)
+    with _client(url, token) as client:
+        _say_step(client.amend_study(study.model_dump(mode="json")), "amended")
+
+
+@study_app.command("suspend")
+def study_suspend(
+    study_id: str,
+    reason: Annotated[str, typer.Option(help="why (the sites and the audit log keep it)")] = "",
+    url: URL = "http://127.0.0.1:8080",
+    token: TOKEN = "",
+) -> None:
+    """Suspend a study: no requests, and its sites refuse its tasks, until it is resumed."""
+    with _client(url, token) as client:
+        _say_step(client.study_step(study_id, "suspend", reason), "suspended")
+
+
+@study_app.command("resume")
+def study_resume(study_id: str, url: URL = "http://127.0.0.1:8080", token: TOKEN = "") -> None:
+    """Resume a suspended study."""
+    with _client(url, token) as client:
+        _say_step(client.study_step(study_id, "resume"), "resumed")
 
 
 @study_app.command("list")
@@ -245,7 +299,10 @@ def study_list(url: URL = "http://127.0.0.1:8080", token: TOKEN = "") -> None:
     """List studies."""
     with _client(url, token) as client:
         for study in client.studies():
-            typer.echo(f"{study['id']:<24} {study['status']:<8} {study['title']}")
+            typer.echo(
+                f"{study['id']:<24} {study['status']:<10} v{study.get('version', 1):<3} "
+                f"{study['title']}"
+            )
 
 
 @study_app.command("show")
@@ -258,6 +315,14 @@ def study_show(study_id: str, url: URL = "http://127.0.0.1:8080", token: TOKEN =
             {
                 "study": body["study"],
                 "status": body["status"],
+                "approvals": [
+                    {
+                        k: a[k]
+                        for k in ("site", "version", "decision", "reason", "decided_at")
+                        if a.get(k) not in (None, "")
+                    }
+                    for a in body.get("approvals", [])
+                ],
                 "requests": [
                     {k: r[k] for k in ("request_id", "analysis", "status", "error")}
                     for r in body["requests"]
@@ -299,8 +364,7 @@ def study_report(
 def study_close(study_id: str, url: URL = "http://127.0.0.1:8080", token: TOKEN = "") -> None:
     """Close a study: no more requests."""
     with _client(url, token) as client:
-        client.close_study(study_id)
-    typer.echo(f"closed study {study_id}")
+        _say_step(client.study_step(study_id, "close"), "closed")
 
 
 def run_command(

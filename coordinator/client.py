@@ -149,9 +149,20 @@ class AllianceClient:
         """Every site the coordinator knows, with its state."""
         return list(self._call("GET", "/api/sites")["sites"])
 
-    def create_study(self, study: dict[str, Any]) -> dict[str, Any]:
-        """Create a study (alliance lead)."""
-        return dict(self._call("POST", "/api/studies", json=study)["study"])
+    def create_study(self, study: dict[str, Any], draft: bool = False) -> dict[str, Any]:
+        """Create a study, proposed to its sites (or a draft) (alliance lead)."""
+        params = {"draft": "true"} if draft else None
+        return dict(self._call("POST", "/api/studies", json=study, params=params)["study"])
+
+    def study_step(self, study_id: str, step: str, reason: str = "") -> dict[str, Any]:
+        """A lifecycle step: propose, suspend, resume or close (alliance lead); the body
+        holds the study, its status and version, and the sites told."""
+        params = {"reason": reason} if reason else None
+        return self._call("POST", f"/api/studies/{study_id}/{step}", params=params)
+
+    def amend_study(self, study: dict[str, Any]) -> dict[str, Any]:
+        """Keep a new version of a study (alliance lead)."""
+        return self._call("PUT", f"/api/studies/{study['id']}", json=study)
 
     def studies(self) -> list[dict[str, Any]]:
         """Every study."""
@@ -171,7 +182,7 @@ class AllianceClient:
 
     def close_study(self, study_id: str) -> dict[str, Any]:
         """Close a study (alliance lead)."""
-        return self._call("POST", f"/api/studies/{study_id}/close")
+        return self.study_step(study_id, "close")
 
     def submit(self, study_id: str, request: dict[str, Any], wait: bool = True) -> dict[str, Any]:
         """Submit a request; with ``wait`` the body holds its status, error and result."""

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,8 @@ import grpc
 
 from coordinator.pki import RevocationList
 from coordinator.store import Store
+from protocol.audit import canonical_json
+from protocol.config import StudyConfig
 from protocol.errors import AllianceError
 from protocol.signing import (
     Receipt,
@@ -25,6 +28,7 @@ from protocol.signing import (
     fingerprint,
     is_hex,
     reply_digest,
+    sign_message,
     sign_task,
     task_digest,
 )
@@ -33,6 +37,14 @@ from protocol.wire import alliance_pb2 as pb
 from protocol.wire import alliance_pb2_grpc as pb_grpc
 
 log = logging.getLogger("alliance.coordinator")
+
+#: (site, its signed decision, the key its Hello presented) -> (what is wrong, or None; the
+#: study and its new state when the decision changed it)
+DecisionHandler = Callable[
+    [str, pb.StudyDecision, str], tuple[str | None, tuple[StudyConfig, str] | None]
+]
+#: states stored before the study lifecycle existed
+LEGACY_STATES = {"open": "active"}
 
 
 class SiteUnavailable(AllianceError):
@@ -88,6 +100,9 @@ class SiteRegistry:
         self.disconnected_at: dict[str, float] = {}
         self._outstanding: dict[str, dict[str, _Outstanding]] = {}
         self.changed = asyncio.Condition()
+        # The study book's handler of a site's signed decision (set by the HTTP app): what is
+        # wrong with it, and a study whose state it changed.
+        self.on_decision: DecisionHandler | None = None
 
     def connected(self) -> list[str]:
         """Names of the connected sites, sorted."""
@@ -120,6 +135,8 @@ class SiteRegistry:
         if self.store is not None:  # scripts its admin may want to review before any task
             for script in await asyncio.to_thread(self.store.offered_scripts, session.name):
                 session.outbox.put_nowait(script_offer(script))
+            for study, state in await asyncio.to_thread(self._invited, session.name):
+                session.outbox.put_nowait(self.notice(study, state))
         async with self.changed:
             self.changed.notify_all()
 
@@ -130,6 +147,71 @@ class SiteRegistry:
             self.disconnected_at[session.name] = time.time()
             async with self.changed:
                 self.changed.notify_all()
+
+    def _invited(self, site: str) -> list[tuple[StudyConfig, str]]:
+        """Every study past its draft that invites ``site`` (or every site), with its state."""
+        assert self.store is not None
+        out = []
+        for row in self.store.studies():
+            found = self.store.study(row["id"])
+            state = LEGACY_STATES.get(row["status"], row["status"])
+            if found is None or state == "draft":
+                continue
+            study = StudyConfig.model_validate(found["config"])
+            if not study.sites or site in study.sites:
+                out.append((study, state))
+        return out
+
+    def notice(self, study: StudyConfig, state: str) -> pb.CoordinatorMessage:
+        """A signed notice of a study's current version and state."""
+        notice = pb.StudyNotice(
+            study_id=study.id,
+            version=study.version,
+            state=state,
+            study_json=canonical_json(study.model_dump(mode="json")),
+            sent_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
+        sign_message(notice, self.signing_key)
+        return pb.CoordinatorMessage(study_notice=notice)
+
+    def announce(self, study: StudyConfig, state: str) -> list[str]:
+        """Tell the invited, connected sites a study's version and state (the others are told
+        when they connect); return those told. A draft is sent nowhere."""
+        if state == "draft":
+            return []
+        message = self.notice(study, state)
+        told = []
+        for name in study.sites or list(self.sessions):
+            session = self.sessions.get(name)
+            if session is not None:
+                session.outbox.put_nowait(message)
+                told.append(name)
+        return told
+
+    async def receive_decisions(
+        self, site: str, decisions: list[pb.StudyDecision], public_key: str
+    ) -> None:
+        """Hand a site's signed decisions to the study book; announce a study they activate."""
+        if self.on_decision is None:
+            return
+        for decision in decisions:
+            problem, changed = await asyncio.to_thread(self.on_decision, site, decision, public_key)
+            if problem is not None:
+                log.warning(
+                    "discarded site %s's decision on study %s: %s",
+                    site,
+                    decision.study_id[:64],
+                    problem,
+                )
+                if self.store is not None:
+                    await asyncio.to_thread(
+                        self.store.audit,
+                        "decision_rejected",
+                        {"site": site, "study": decision.study_id[:64], "why": problem},
+                    )
+            elif changed is not None:
+                log.info("study %s is %s", changed[0].id, changed[1])
+                self.announce(*changed)
 
     def offer_script(self, sites: list[str], script: dict[str, Any]) -> list[str]:
         """Send a submitted script to the named sites that are connected (the others get it
@@ -366,6 +448,10 @@ class SiteLinkService(pb_grpc.SiteLinkServicer):
             )
             return
         session = SiteSession(hello.site_id, hello)
+        # Before the site counts as connected: a study created next sees its approvals.
+        await self.registry.receive_decisions(
+            hello.site_id, list(hello.decisions), hello.signing_key
+        )
         await self.registry.attach(session)
         # Never a count: how many records a site holds is the site's to publish.
         log.info(
@@ -430,6 +516,10 @@ class SiteLinkService(pb_grpc.SiteLinkServicer):
                     self.registry.deliver(session.name, message.refusal.task_id, message)
                 elif kind == "audit_answer":
                     self.registry.answer_audit(message.audit_answer)
+                elif kind == "study_decision":
+                    await self.registry.receive_decisions(
+                        session.name, [message.study_decision], session.hello.signing_key
+                    )
         except (grpc.aio.AioRpcError, asyncio.CancelledError):
             pass
         finally:

@@ -61,6 +61,8 @@ def registry_entries(store: Store) -> list[dict[str, Any]]:
     """One public entry per study, in the order studies were created."""
     entries = []
     for row in store.studies():
+        if row["status"] == "draft":  # the lead's, not yet proposed to any hospital
+            continue
         study_id = row["id"]
         found = store.study(study_id)
         config = found["config"] if found is not None else {}
@@ -74,7 +76,7 @@ def registry_entries(store: Store) -> list[dict[str, Any]]:
                 "title": config.get("title", ""),
                 "purpose": config.get("purpose", ""),
                 "lead": config.get("lead") or "",
-                "status": row["status"],
+                "status": {"open": "active"}.get(row["status"], row["status"]),
                 "hospitals": took_part,
                 "invited": list(config.get("sites") or []),
                 "results": dict(sorted(analyses.items())),

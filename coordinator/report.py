@@ -63,6 +63,7 @@ class StudyReport:
     by_researcher: dict[str, dict[str, float]]
     refusals: list[dict[str, Any]]
     sites_joined: list[dict[str, Any]]
+    approvals: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The report as one JSON document."""
@@ -75,7 +76,12 @@ class StudyReport:
                 "created": self.created,
                 "invited_sites": list(self.study.get("sites") or []),
                 "privacy": self.study.get("privacy", {}),
+                "version": int(self.study.get("version", 1)),
+                "quorum": int(self.study.get("quorum", 1)),
+                "lead": self.study.get("lead", ""),
+                "agreement": self.study.get("agreement", ""),
             },
+            "approvals": self.approvals,
             "requests": self.requests,
             "privacy_spent": {
                 "by_site": {c.site: c.epsilon.epsilon for c in self.contributions},
@@ -112,7 +118,12 @@ class StudyReport:
                 "purpose": study["purpose"],
                 "sites": study["invited_sites"],
                 "privacy": study["privacy"],
+                "version": study.get("version", 1),
+                "quorum": study.get("quorum", 1),
+                "lead": study.get("lead", ""),
+                "agreement": study.get("agreement", ""),
             },
+            approvals=list(body.get("approvals", [])),
             status=study["status"],
             created=study["created"],
             requests=list(body["requests"]),
@@ -159,7 +170,19 @@ class StudyReport:
             for r in self.refusals
         ]
         joined = [[s["site"], s["first_seen"], s["key"]] for s in self.sites_joined]
+        approvals = [
+            [a["site"], str(a["version"]), a["decision"], a["decided_at"], a["reason"] or ""]
+            for a in self.approvals
+        ]
         return [
+            (
+                "Approvals",
+                ["site", "version", "decision", "decided", "reason"],
+                approvals,
+                "Each decision is signed with the site's own key (verified on arrival); the "
+                "latest decision of a site is the one in force. A site answers a task only under "
+                "the version it last approved (default deny).",
+            ),
             (
                 "Contributions",
                 [
@@ -199,8 +222,7 @@ class StudyReport:
                 "Sites that took part",
                 ["site", "first answered", "signing key (fingerprint)"],
                 joined,
-                "Each site's approval of the study is in its own policy; a site answers only "
-                "studies it approved (default deny).",
+                "",
             ),
         ]
 
@@ -209,7 +231,9 @@ class StudyReport:
         return [
             ("Study", f"{self.study['id']}: {self.study.get('title', '')}"),
             ("Purpose", str(self.study.get("purpose", ""))),
-            ("Status", self.status),
+            ("Status", f"{self.status}, version {self.study.get('version', 1)}"),
+            ("Lead", str(self.study.get("lead") or "-")),
+            ("Data-sharing agreement", str(self.study.get("agreement") or "-")),
             ("Created", self.created),
             ("Invited sites", ", ".join(self.study.get("sites") or []) or "every connected site"),
             (
@@ -340,7 +364,7 @@ def build_report(store: Store, study_id: str) -> StudyReport:
             first_seen[site] = {"site": site, "first_seen": row["received"], "key": key}
     return StudyReport(
         study=found["config"],
-        status=found["status"],
+        status={"open": "active"}.get(found["status"], found["status"]),
         created=found.get("created", ""),
         requests=[
             {
@@ -360,6 +384,10 @@ def build_report(store: Store, study_id: str) -> StudyReport:
             for who, sites in by_researcher.items()
         },
         refusals=refusals,
+        approvals=[
+            {k: a[k] for k in ("site", "version", "decision", "reason", "decided_at", "decided_by")}
+            for a in store.study_decisions(study_id)
+        ],
         sites_joined=sorted(first_seen.values(), key=lambda s: s["site"]),
     )
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -35,10 +36,11 @@ from protocol.wire.messages import RefusalMessage, ReplyMessage, TaskMessage
 __all__ = ["RequestFailed", "Scheduler"]
 
 
-def _with_id(wire: pb.Task, task_id: str) -> pb.Task:
+def _with_id(wire: pb.Task, task_id: str, study_version: int) -> pb.Task:
     task = pb.Task()
     task.CopyFrom(wire)
     task.task_id = task_id
+    task.study_version = study_version
     return task
 
 
@@ -59,11 +61,14 @@ class Scheduler:
         researcher: str,
         request_id: str | None = None,
         params: Any = None,
+        site_versions: Mapping[str, int] | None = None,
     ) -> AnalysisResult:
         """Run ``request`` in ``study`` and return its result object.
 
         ``params`` are the parameters ``coordinator.studies.check_request`` returned, when the
         caller checked the request already (the HTTP API does, before it stores the request).
+        ``site_versions`` is the study version each site runs it under (the latest it
+        approved; ``StudyBook.site_versions``); a site not named gets the current version.
 
         Raises:
             ValidationError: the request is invalid (nothing was sent to any site).
@@ -98,12 +103,14 @@ class Scheduler:
             min_quality=study.min_quality,
             filter=request.filter or "",
             privacy_mode=mode,
+            study_version=study.version,
         )
         # A researcher's script combines in the sandbox, which takes a second or more: in a
         # worker thread, so the site link and other requests go on meanwhile.
         runs_code = analysis.reviewed_code(params) is not None
+        versions = dict(site_versions or {})
         while (step := driver.next_round()) is not None:
-            answers = await self._dispatch(driver, step, base)
+            answers = await self._dispatch(driver, step, base, versions)
             if runs_code:
                 await asyncio.to_thread(driver.receive, answers)
             else:
@@ -118,7 +125,7 @@ class Scheduler:
         return result
 
     async def _dispatch(
-        self, driver: RoundDriver, step: RoundTask, base: TaskMessage
+        self, driver: RoundDriver, step: RoundTask, base: TaskMessage, versions: dict[str, int]
     ) -> dict[str, SiteAnswer]:
         """Send one round's task to every active site and collect the answers."""
         # Numbered by rounds dispatched, not the round number: after a restart round 1 is asked
@@ -133,7 +140,13 @@ class Scheduler:
         )
         wire = task.to_proto().task  # serialised once; each site's copy differs by its id
         messages = await asyncio.gather(
-            *[self._ask(site, _with_id(wire, f"{prefix}.{site}")) for site in step.sites]
+            *[
+                self._ask(
+                    site,
+                    _with_id(wire, f"{prefix}.{site}", versions.get(site, base.study_version)),
+                )
+                for site in step.sites
+            ]
         )
         return {
             site: self._collect(driver, message)

@@ -396,7 +396,41 @@ class StudyConfig(_Model):
         le=2000,
         description="most design columns a model (glm formula, cox covariates) may have",
     )
-    expires: dt.date | None = None
+    version: int = Field(
+        default=1,
+        ge=1,
+        description="the study's version: 1 at creation, one more at each amendment (set by the "
+        "coordinator; each version needs its own approval at each site)",
+    )
+    quorum: int = Field(
+        default=1,
+        ge=0,
+        description="how many invited sites must approve its version before the study becomes "
+        "active (0: active at once; each site still answers only what it approved)",
+    )
+    starts: dt.date | None = Field(default=None, description="no request runs before this day")
+    expires: dt.date | None = Field(
+        default=None, description="the study's end date: after it, it closes and sites refuse it"
+    )
+    agreement: str = Field(
+        default="",
+        max_length=200,
+        description="the data-sharing agreement's reference, as the sites and the report show it",
+    )
+
+    @model_validator(mode="after")
+    def _dates_and_quorum(self) -> StudyConfig:
+        if self.starts is not None and self.expires is not None and self.expires < self.starts:
+            raise ValueError(
+                f"expires ({self.expires}) is before starts ({self.starts}); the study would "
+                "never run"
+            )
+        if self.sites and self.quorum > len(self.sites):
+            raise ValueError(
+                f"quorum {self.quorum} is more than the {len(self.sites)} invited sites "
+                f"({', '.join(self.sites)}); the study could never become active"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------- site
@@ -421,6 +455,12 @@ class StudyApproval(_Model):
     """A site's approval of one study: its privacy mode and its budget there."""
 
     id: str = Field(pattern=_NAME)
+    version: int = Field(
+        default=1,
+        ge=1,
+        description="the study version approved; a newer version runs here only once approved "
+        "(`alliance site approve`)",
+    )
     mode: PrivacyMode = "dp"
     budget: Epsilon = Field(default=PureDP(3.0), description="epsilon this site allows the study")
     epsilon_per_request: PositiveEpsilon = Field(
@@ -428,6 +468,7 @@ class StudyApproval(_Model):
         description="the most epsilon one request may spend here, summed over its rounds",
     )
     analyses: list[str] | None = Field(default=None, description="None: the site allow-list")
+    starts: dt.date | None = Field(default=None, description="no task runs here before this day")
     expires: dt.date | None = None
     researcher_budget: Epsilon | None = Field(
         default=None, description="the most one researcher may spend on this study here"

@@ -235,3 +235,38 @@ class Receipt:
             public_key=public_key,
             signature=reply.signature,
         )
+
+
+# ---------------------------------------------------------------------- study decisions, notices
+DECISION_CONTEXT = "alliance-study-decision-v1"
+NOTICE_CONTEXT = "alliance-study-notice-v1"
+
+
+def study_digest(study_json: str) -> str:
+    """SHA-256 of a study version's canonical JSON (what a site approves)."""
+    return hashlib.sha256(study_json.encode()).hexdigest()
+
+
+def _unsigned_digest(message: pb.StudyDecision | pb.StudyNotice) -> str:
+    signature = message.signature
+    message.signature = ""  # restored below: the digest is over the message without it
+    try:
+        return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
+    finally:
+        message.signature = signature
+
+
+def _signed_bytes(message: pb.StudyDecision | pb.StudyNotice) -> bytes:
+    context = DECISION_CONTEXT if isinstance(message, pb.StudyDecision) else NOTICE_CONTEXT
+    return canonical_json([context, _unsigned_digest(message)]).encode()
+
+
+def sign_message(message: pb.StudyDecision | pb.StudyNotice, key: SigningKey) -> None:
+    """Set ``message.signature``: ``key``'s signature over the message without it (a decision
+    and a notice are signed under different context tags, so one never passes as the other)."""
+    message.signature = key.sign(_signed_bytes(message))
+
+
+def message_signature_valid(message: pb.StudyDecision | pb.StudyNotice, public_hex: str) -> bool:
+    """Whether ``message`` carries ``public_hex``'s signature over exactly its content."""
+    return verify_signature(public_hex, _signed_bytes(message), message.signature)

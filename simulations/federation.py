@@ -46,6 +46,8 @@ class SiteSpec:
     denied_variables: list[str] = field(default_factory=list)
     #: more fields of the study's approval: sdc populations and models, budgets, ...
     approval: dict[str, Any] = field(default_factory=dict)
+    #: False: site.yaml approves no study (its admin approves with `alliance site approve`)
+    approves: bool = True
 
 
 def child_env() -> dict[str, str]:
@@ -169,7 +171,9 @@ class LocalFederation:
                         "epsilon_per_request": site.epsilon_per_request,
                         **site.approval,
                     }
-                ],
+                ]
+                if site.approves
+                else [],
             },
         }
         if self.tls:

@@ -25,8 +25,15 @@ from site_node.ledger import SiteStore, period_name
 from site_node.link import SiteLink
 from site_node.mapping import apply_mapping, closest, columns_needed
 from site_node.pushdown import pushdown_lines
-from site_node.review import approve_script, review_script
+from site_node.review import (
+    approve_script,
+    approve_study,
+    refuse_study,
+    review_script,
+    review_study,
+)
 from site_node.runtime import SiteRuntime
+from site_node.studies import decision_lines
 
 log = logging.getLogger("alliance.site")
 
@@ -274,7 +281,8 @@ def site_check(config: CONFIG) -> None:
     if not policy.allowed_analyses or not policy.studies:
         typer.echo(
             "policy: this site will refuse every task until it allows an analysis and "
-            "approves a study (default deny)"
+            "approves a study (default deny; site.yaml policy.studies, or `alliance site "
+            "approve STUDY`)"
         )
     if "script" in policy.allowed_analyses:
         problems += _check_sandbox(settings)
@@ -300,6 +308,8 @@ def site_check(config: CONFIG) -> None:
         if store is None:
             typer.echo(f"audit log: none yet ({db} is created by `alliance site serve`)")
         else:
+            for line in decision_lines(store):
+                typer.echo(line)
             problems += _audit_lines(store)
     finally:
         if store is not None:
@@ -441,5 +451,8 @@ def budget_lines(settings: SiteConfig, store: SiteStore, study: str | None) -> l
     return lines
 
 
+site_app.command("review")(review_study)
+site_app.command("approve")(approve_study)
+site_app.command("refuse")(refuse_study)
 site_app.command("review-script")(review_script)
 site_app.command("approve-script")(approve_script)

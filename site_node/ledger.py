@@ -36,7 +36,13 @@ from protocol.budget import (
 )
 from protocol.config import PeriodBudget, SDCThresholds
 from protocol.errors import AllianceError, BudgetError, InternalError, RefusedError
-from protocol.signing import Receipt, reply_digest, task_digest, task_signature_valid
+from protocol.signing import (
+    Receipt,
+    reply_digest,
+    study_digest,
+    task_digest,
+    task_signature_valid,
+)
 from protocol.storage import connect_read_only
 from protocol.wire import alliance_pb2 as pb
 from protocol.wire.messages import TaskMessage
@@ -63,6 +69,27 @@ CREATE TABLE IF NOT EXISTS scripts (
         CHECK (status IN ('pending', 'approved', 'refused')),
     decided TEXT, decided_by TEXT, reason TEXT
 );
+CREATE TABLE IF NOT EXISTS study_notices (
+    seq INTEGER PRIMARY KEY, study_id TEXT NOT NULL, version INTEGER NOT NULL,
+    state TEXT NOT NULL, study_json TEXT NOT NULL, received TEXT NOT NULL, message BLOB NOT NULL,
+    starts TEXT NOT NULL DEFAULT '', expires TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS study_decisions (
+    seq INTEGER PRIMARY KEY, study_id TEXT NOT NULL, version INTEGER NOT NULL,
+    study_digest TEXT NOT NULL, decision TEXT NOT NULL CHECK (decision IN ('approved', 'refused')),
+    reason TEXT NOT NULL, decided_by TEXT NOT NULL, decided_at TEXT NOT NULL,
+    terms_json TEXT NOT NULL, source TEXT NOT NULL, message BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS study_notices_study ON study_notices (study_id, seq);
+CREATE INDEX IF NOT EXISTS study_decisions_study ON study_decisions (study_id, seq);
+CREATE TRIGGER IF NOT EXISTS study_notices_no_update BEFORE UPDATE ON study_notices
+    BEGIN SELECT RAISE(ABORT, 'study notices are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS study_notices_no_delete BEFORE DELETE ON study_notices
+    BEGIN SELECT RAISE(ABORT, 'study notices are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS study_decisions_no_update BEFORE UPDATE ON study_decisions
+    BEGIN SELECT RAISE(ABORT, 'study decisions are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS study_decisions_no_delete BEFORE DELETE ON study_decisions
+    BEGIN SELECT RAISE(ABORT, 'study decisions are append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
@@ -402,6 +429,139 @@ class SiteStore:
                 f"script_{status}",
                 {"hash": digest, "name": row[0], "version": row[1], "by": by, "reason": reason},
             )
+
+    # ------------------------------------------------------------------ studies
+    def receive_notice(self, notice: pb.StudyNotice, starts: str = "", expires: str = "") -> bool:
+        """Keep a study notice from the coordinator (its version and state, and the study's
+        dates as ISO days, "" for none), audited; a notice equal to the study's latest one is
+        not kept again. Returns whether it was new."""
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT version, state, study_json FROM study_notices WHERE study_id = ? "
+                "ORDER BY seq DESC LIMIT 1",
+                (notice.study_id,),
+            ).fetchone()
+            if row is not None and tuple(row) == (
+                notice.version,
+                notice.state,
+                notice.study_json,
+            ):
+                return False
+            db.execute(
+                "INSERT INTO study_notices (study_id, version, state, study_json, received, "
+                "message, starts, expires) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    notice.study_id,
+                    notice.version,
+                    notice.state,
+                    notice.study_json,
+                    now(),
+                    notice.SerializeToString(deterministic=True),
+                    starts,
+                    expires,
+                ),
+            )
+            self._append_audit(
+                db,
+                "study_notice",
+                {
+                    "study": notice.study_id,
+                    "version": notice.version,
+                    "state": notice.state,
+                    "study_digest": study_digest(notice.study_json),
+                    "signature": notice.signature,
+                },
+            )
+        return True
+
+    def notices(self, study_id: str | None = None) -> list[dict[str, Any]]:
+        """Study notices received (of one study, or all), oldest first."""
+        where, args = ("WHERE study_id = ?", (study_id,)) if study_id else ("", ())
+        with self._lock:
+            cursor = self._db.execute(
+                "SELECT seq, study_id, version, state, study_json, received FROM study_notices "
+                f"{where} ORDER BY seq",
+                args,
+            )
+            names = [c[0] for c in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def record_decision(self, decision: pb.StudyDecision, source: str) -> int:
+        """Keep a signed decision on a study version, audited; in force from the next task.
+        Returns its sequence number."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO study_decisions (study_id, version, study_digest, decision, reason, "
+                "decided_by, decided_at, terms_json, source, message) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    decision.study_id,
+                    decision.version,
+                    decision.study_digest,
+                    decision.decision,
+                    decision.reason,
+                    decision.decided_by,
+                    decision.decided_at,
+                    decision.terms_json,
+                    source,
+                    decision.SerializeToString(deterministic=True),
+                ),
+            )
+            self._append_audit(
+                db,
+                f"study_{decision.decision}",
+                {
+                    "study": decision.study_id,
+                    "version": decision.version,
+                    "study_digest": decision.study_digest,
+                    "by": decision.decided_by,
+                    "reason": decision.reason,
+                    "source": source,
+                    "signature": decision.signature,
+                },
+            )
+            return int(cursor.lastrowid or 0)
+
+    def decisions(self, after: int = 0) -> list[tuple[int, str, pb.StudyDecision]]:
+        """Every decision after sequence number ``after``: (seq, source, the signed message),
+        oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, source, message FROM study_decisions WHERE seq > ? ORDER BY seq",
+                (after,),
+            ).fetchall()
+        return [
+            (int(seq), str(source), pb.StudyDecision.FromString(raw)) for seq, source, raw in rows
+        ]
+
+    def last_decision_seq(self) -> int:
+        """The sequence number of the newest decision (0: none)."""
+        with self._lock:
+            row = self._db.execute("SELECT max(seq) FROM study_decisions").fetchone()
+        return int(row[0] or 0)
+
+    def latest_decision(self, study_id: str) -> pb.StudyDecision | None:
+        """The decision in force on one study, or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT message FROM study_decisions WHERE study_id = ? ORDER BY seq DESC LIMIT 1",
+                (study_id,),
+            ).fetchone()
+        return None if row is None else pb.StudyDecision.FromString(row[0])
+
+    def notice_states(self, study_id: str) -> list[tuple[str, str, str, str]]:
+        """(state, received, starts, expires) of every notice of one study, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT state, received, starts, expires FROM study_notices WHERE study_id = ? "
+                "ORDER BY seq",
+                (study_id,),
+            ).fetchall()
+        return [(str(a), str(b), str(c), str(d)) for a, b, c, d in rows]
+
+    def latest_decisions(self) -> dict[str, pb.StudyDecision]:
+        """Each study's latest decision (the one in force)."""
+        return {decision.study_id: decision for _, _, decision in self.decisions()}
 
     def audit_entries(self) -> list[AuditEntry]:
         """Every audit entry, in order."""

@@ -30,6 +30,8 @@ _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]  # absent from the stubs
 
 #: Sites with at most this many rows answer tasks on the event loop itself.
 #: After a permanent refusal: the first retry within this many seconds, doubling up to the cap.
+#: how often a connected site looks for decisions its admin made in another process
+DECISION_POLL_SECONDS = 0.5
 REFUSED_FIRST_SECONDS = 30.0
 REFUSED_MAX_SECONDS = 300.0
 PERMANENT = "this will not change until the site's config (or the coordinator's) changes"
@@ -228,11 +230,16 @@ class SiteLink:
             channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         else:
             channel = grpc.aio.secure_channel(target, self._credentials, options=CHANNEL_OPTIONS)
+        # Decisions after this point are sent as they are made (the Hello holds the rest). Read
+        # before the call starts: a write must follow the call's start at once, or a refused
+        # connection shows as a finished call instead of its gRPC error.
+        reported = self.runtime.store.last_decision_seq()
+        hello = self.runtime.hello()
         async with channel:
             stub = pb_grpc.SiteLinkStub(channel)  # type: ignore[no-untyped-call]
             call = stub.Connect()
             write_lock = asyncio.Lock()
-            await call.write(pb.SiteMessage(hello=self.runtime.hello()))
+            await call.write(pb.SiteMessage(hello=hello))
             first = await call.read()
             if first is _EOF or not first.HasField("welcome"):
                 log.warning("the coordinator closed the link before welcoming this site")
@@ -255,6 +262,7 @@ class SiteLink:
             )
             self.connected.set()
             heartbeat = asyncio.create_task(self._heartbeats(call, write_lock))
+            decisions = asyncio.create_task(self._report_decisions(call, write_lock, reported))
             stopper = asyncio.create_task(self._stopping.wait())
             # One reader for the whole session, raced once against a stop request (not a new
             # task and wait per message: that cost more than a small task's answer).
@@ -270,6 +278,7 @@ class SiteLink:
                 await call.done_writing()
             finally:
                 heartbeat.cancel()
+                decisions.cancel()
                 stopper.cancel()
                 reader.cancel()
 
@@ -293,6 +302,8 @@ class SiteLink:
                 await self._answer(call, lock, message.task)
             elif message.HasField("script_offer"):
                 await asyncio.to_thread(self.runtime.receive_offer, message.script_offer)
+            elif message.HasField("study_notice"):
+                await asyncio.to_thread(self.runtime.receive_notice, message.study_notice)
             elif message.HasField("audit_query"):
                 answer = await asyncio.to_thread(self.runtime.audit_answer, message.audit_query)
                 async with lock:
@@ -328,6 +339,24 @@ class SiteLink:
         async with lock:
             await call.write(outcome.message)
         self.tasks_answered += 1
+
+    async def _report_decisions(
+        self, call: grpc.aio.StreamStreamCall[Any, Any], lock: asyncio.Lock, after: int
+    ) -> None:
+        """Send each decision the site admin makes (`alliance site approve | refuse`, another
+        process) to the coordinator as it lands in the store."""
+        while True:
+            await asyncio.sleep(DECISION_POLL_SECONDS)
+            for seq, _, decision in await asyncio.to_thread(self.runtime.store.decisions, after):
+                async with lock:
+                    await call.write(pb.SiteMessage(study_decision=decision))
+                log.info(
+                    "reported the decision on study %s (%s, version %d) to the coordinator",
+                    decision.study_id,
+                    decision.decision,
+                    decision.version,
+                )
+                after = seq
 
     async def _heartbeats(
         self, call: grpc.aio.StreamStreamCall[Any, Any], lock: asyncio.Lock

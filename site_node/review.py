@@ -1,5 +1,6 @@
 """``alliance site review-script`` and ``approve-script``: a site admin's review of
-researchers' scripts, by hash.
+researchers' scripts, by hash; and ``alliance site review | approve | refuse`` for studies
+(``site_node.studies``).
 
 A site keeps every script a task brought (its module and manifest, exactly); it runs one only
 after its admin approved that exact hash, so a changed byte is a new script and a new review.
@@ -9,6 +10,7 @@ Decisions are audited in the site's hash-chained log and are in force at once.
 from __future__ import annotations
 
 import difflib
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,8 +19,11 @@ import typer
 
 from analyses.scripts import ScriptBundle
 from protocol.config import DataDictionary, SiteConfig, load_yaml
-from protocol.errors import ValidationError
+from protocol.errors import ConfigError, ValidationError
 from site_node.ledger import SiteStore
+from site_node.policy import check_approval_terms
+from site_node.studies import approval_terms, signed_decision, study_at, study_json
+from site_node.studies import review_lines as review_study_lines
 
 
 def _open_store(config: Path, read_only: bool) -> tuple[SiteConfig, SiteStore]:
@@ -168,3 +173,130 @@ def approve_script(
         f"{verb} script {script['name']!r} {script['version']} ({script['hash']}) at "
         f"{settings.name}; in force from the next task"
     )
+
+
+# ---------------------------------------------------------------------- studies
+def _study_store(config: Path) -> tuple[SiteConfig, SiteStore]:
+    settings = load_yaml(config, SiteConfig)
+    db = settings.state_dir / "site.db"
+    if not db.exists():
+        typer.echo(
+            f"no study has reached site {settings.name} yet (its store {db} does not exist; "
+            "`alliance site serve` creates it)",
+            err=True,
+        )
+        raise typer.Exit(1)
+    return settings, SiteStore(db, settings.name)
+
+
+def review_study(
+    study: Annotated[str, typer.Argument(help="the study id")],
+    config: Annotated[Path, typer.Option("--config", help="site.yaml")],
+) -> None:
+    """Show what a study may do with this site's data if approved, and what changed since the
+    version this site last approved. Changes nothing."""
+    settings = load_yaml(config, SiteConfig)
+    db = settings.state_dir / "site.db"
+    if not db.exists():
+        typer.echo(f"no study has reached site {settings.name} yet ({db} does not exist)", err=True)
+        raise typer.Exit(1)
+    store = SiteStore(db, settings.name, read_only=True)
+    try:
+        dictionary = load_yaml(settings.dictionary, DataDictionary)
+        lines = review_study_lines(
+            store, settings.name, study, dictionary, settings.policy.approval(study)
+        )
+    except ValidationError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except sqlite3.OperationalError:  # a store the site node has not yet opened with studies
+        typer.echo(f"error: study {study!r} has not reached this site yet", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        store.close()
+    for line in lines:
+        typer.echo(line)
+    typer.echo(
+        f"\napprove it with: alliance site approve {study} --config {config}\n"
+        f"refuse it with:  alliance site refuse {study} --reason '...' --config {config}"
+    )
+
+
+def _decide_study(
+    study_id: str, config: Path, by: str, approve: bool, reason: str, budget: float | None
+) -> None:
+    from protocol.budget import PureDP
+    from protocol.signing import SigningKey, study_digest
+    from site_node.runtime import SIGNING_KEY_FILE
+
+    settings, store = _study_store(config)
+    try:
+        try:
+            study = study_at(store, study_id)
+        except ValidationError as exc:
+            typer.echo(f"error: cannot decide: {exc}", err=True)
+            raise typer.Exit(1) from None
+        dictionary = load_yaml(settings.dictionary, DataDictionary)
+        terms = None
+        if approve:
+            terms = approval_terms(study, dictionary, settings.policy.approval(study_id))
+            try:
+                check_approval_terms(terms, dictionary, settings.name)
+            except ConfigError as exc:
+                typer.echo(f"error: cannot approve: {exc}", err=True)
+                raise typer.Exit(1) from None
+            if budget is not None:
+                if not budget > 0 or budget > terms.budget.epsilon:
+                    typer.echo(
+                        f"error: --budget {budget:g}: must be above 0 and at most the study's "
+                        f"{terms.budget.epsilon:g} (a site may only lower it)",
+                        err=True,
+                    )
+                    raise typer.Exit(1)
+                terms = terms.model_copy(update={"budget": PureDP(budget)})
+        key = SigningKey.load(settings.state_dir / SIGNING_KEY_FILE)
+        decision = signed_decision(
+            settings.name,
+            key,
+            study.id,
+            study.version,
+            study_digest(study_json(study)),
+            approve,
+            by,
+            reason,
+            terms,
+        )
+        store.record_decision(decision, "command line")
+    finally:
+        store.close()
+    verb = "approved" if approve else "refused"
+    typer.echo(
+        f"{verb} study {study.id} version {study.version} at {settings.name}; in force from the "
+        "next task (a running site node reports it to the coordinator within a second)"
+    )
+
+
+def approve_study(
+    study: Annotated[str, typer.Argument(help="the study id")],
+    config: Annotated[Path, typer.Option("--config", help="site.yaml")],
+    by: Annotated[str, typer.Option(help="who approves (for the audit log)")] = "site admin",
+    budget: Annotated[
+        float | None, typer.Option(help="a lower epsilon budget for the study at this site")
+    ] = None,
+) -> None:
+    """Approve the newest version of a study, signed with this site's key: in force at once,
+    without a restart, audited, and reported to the coordinator."""
+    _decide_study(study, config, by, True, "", budget)
+
+
+def refuse_study(
+    study: Annotated[str, typer.Argument(help="the study id")],
+    config: Annotated[Path, typer.Option("--config", help="site.yaml")],
+    reason: Annotated[str, typer.Option(help="why (the coordinator and the lead see it)")],
+    by: Annotated[str, typer.Option(help="who refuses (for the audit log)")] = "site admin",
+) -> None:
+    """Refuse a study (or withdraw an approval): in force at once, signed and reported."""
+    if not reason.strip():
+        typer.echo("error: --reason must say why the study is refused", err=True)
+        raise typer.Exit(1)
+    _decide_study(study, config, by, False, reason.strip()[:500], None)

@@ -44,6 +44,7 @@ from protocol.filters import RowFilter, parse_filter
 from protocol.signing import (
     Receipt,
     SigningKey,
+    message_signature_valid,
     reply_digest,
     task_digest,
     task_signature_valid,
@@ -66,6 +67,7 @@ from site_node.mapping import apply_mapping, columns_needed
 from site_node.policy import TaskScope, canonical_filter, check_approval_terms, check_task
 from site_node.privacy import privatize
 from site_node.pushdown import PushdownSource, why_not_pushdown
+from site_node.studies import StudyGate
 
 #: Filtered frames kept for the later rounds of iterative analyses.
 FILTER_CACHE_SIZE = 8
@@ -184,6 +186,11 @@ class SiteRuntime:
         self.store = SiteStore(config.state_dir / "site.db", actor=config.name)
         # The site's own key: it signs every reply's receipt and never leaves the state folder.
         self.signing_key = SigningKey.load_or_create(config.state_dir / SIGNING_KEY_FILE)
+        # The admin's decisions on studies, consulted at every task (so a decision made with
+        # `alliance site approve | refuse` holds without a restart).
+        self.studies = StudyGate(
+            self.store, self.name, self.signing_key, list(config.policy.studies)
+        )
         # The coordinator's public key, from its Welcome: every task must carry its signature.
         # Empty until a coordinator has welcomed this site (tasks handed in directly, in
         # process, are not signed).
@@ -313,6 +320,8 @@ class SiteRuntime:
                     "signing_key": runtime.signing_key.public_hex,
                 },
             )
+            for study_id in runtime.studies.adopt_site_yaml():
+                log.info("recorded site.yaml's approval of study %s", study_id)
         return runtime
 
     def close(self) -> None:
@@ -329,7 +338,30 @@ class SiteRuntime:
             allowed_analyses=list(self.config.policy.allowed_analyses),
             dictionary_digest=self._digest,
             signing_key=self.signing_key.public_hex,
+            decisions=self.studies.latest(),
         )
+
+    def receive_notice(self, notice: pb.StudyNotice) -> None:
+        """Keep a study notice the coordinator signed (a version, a state); one that is
+        unsigned, forged or malformed is logged and dropped."""
+        if not message_signature_valid(notice, self.coordinator_key):
+            log.warning(
+                "dropped a notice of study %s: it does not carry the coordinator's signature",
+                notice.study_id[:64],
+            )
+            return
+        problem = self.studies.receive_notice(notice)
+        if problem is not None:
+            log.warning("dropped a notice of study %s: %s", notice.study_id[:64], problem)
+        else:
+            log.info(
+                "study %s is %s at version %d (the coordinator's notice); review it with "
+                "`alliance site review %s`",
+                notice.study_id,
+                notice.state,
+                notice.version,
+                notice.study_id,
+            )
 
     def audit_answer(self, query: pb.AuditQuery) -> pb.SiteMessage:
         """This site's audit head and its reply entries of one study, for the coordinator's
@@ -451,8 +483,10 @@ class SiteRuntime:
             row_filter,
             analysis.model_key(params),
         )
+        in_force = self.studies.approval(task.study_id, task.study_version)
+        policy = self.config.policy.model_copy(update={"studies": [in_force]})
         approval, mode = check_task(
-            self.config.policy, self.name, task.study_id, scope, task.privacy_mode, self.dictionary
+            policy, self.name, task.study_id, scope, task.privacy_mode, self.dictionary
         )
         reviewed = analysis.reviewed_code(params)
         if reviewed is not None:

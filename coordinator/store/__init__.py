@@ -255,8 +255,8 @@ class Store:
         return verify_chain(self.audit_entries())
 
     # ------------------------------------------------------------------ studies
-    def create_study(self, study: dict[str, Any], actor: str) -> None:
-        """Store a new study (its id must be new)."""
+    def create_study(self, study: dict[str, Any], actor: str, status: str = "active") -> None:
+        """Store a new study (its id must be new) and its first version."""
         from protocol.errors import ValidationError
 
         with self._transaction() as conn:
@@ -270,11 +270,106 @@ class Store:
                     title=study["title"],
                     purpose=study["purpose"],
                     config_json=json.dumps(study, default=str),
-                    status="open",
+                    status=status,
                     created=now(),
                 )
             )
-            self._append_audit(conn, "study_created", {"study": study}, actor)
+            self._insert_version(conn, study, actor)
+            self._append_audit(conn, "study_created", {"study": study, "status": status}, actor)
+
+    def _insert_version(self, conn: Connection, study: dict[str, Any], actor: str) -> None:
+        conn.execute(
+            insert(models.study_versions).values(
+                study_id=study["id"],
+                version=int(study.get("version", 1)),
+                config_json=json.dumps(study, default=str),
+                created=now(),
+                actor=actor,
+            )
+        )
+
+    def amend_study(self, study: dict[str, Any], actor: str) -> None:
+        """Keep a new version of a study (its ``version`` one more than the current's)."""
+        with self._transaction() as conn:
+            conn.execute(
+                update(models.studies)
+                .where(models.studies.c.id == study["id"])
+                .values(
+                    title=study["title"],
+                    purpose=study["purpose"],
+                    config_json=json.dumps(study, default=str),
+                )
+            )
+            self._insert_version(conn, study, actor)
+            self._append_audit(
+                conn,
+                "study_amended",
+                {"study": study, "version": int(study.get("version", 1))},
+                actor,
+            )
+
+    def study_versions(self, study_id: str) -> list[dict[str, Any]]:
+        """Every version of a study, oldest first: version, config, created, actor."""
+        table = models.study_versions
+        with self.engine.connect() as conn:
+            rows = (
+                conn.execute(
+                    select(table).where(table.c.study_id == study_id).order_by(table.c.version)
+                )
+                .mappings()
+                .all()
+            )
+        return [
+            {
+                "version": int(r["version"]),
+                "config": json.loads(r["config_json"]),
+                "created": r["created"],
+                "actor": r["actor"],
+            }
+            for r in rows
+        ]
+
+    def set_study_status(
+        self, study_id: str, status: str, actor: str, detail: dict[str, Any] | None = None
+    ) -> None:
+        """Change a study's state (audited as ``study_<status>``)."""
+        with self._transaction() as conn:
+            conn.execute(
+                update(models.studies).where(models.studies.c.id == study_id).values(status=status)
+            )
+            self._append_audit(
+                conn, f"study_{status}", {"study": study_id, **(detail or {})}, actor
+            )
+
+    def record_study_decision(self, row: dict[str, Any]) -> bool:
+        """Keep a site's verified decision (once per signature, audited); whether it was new."""
+        table = models.study_decisions
+        with self._transaction() as conn:
+            if conn.execute(
+                select(table.c.signature).where(table.c.signature == row["signature"])
+            ).first():
+                return False
+            conn.execute(insert(table).values(**row, received=now()))
+            detail = {k: row[k] for k in ("site", "study_id", "version", "decision", "reason")}
+            self._append_audit(
+                conn, "study_decision", {**detail, "signature": row["signature"]}, row["site"]
+            )
+        return True
+
+    def study_decisions(self, study_id: str) -> list[dict[str, Any]]:
+        """Every decision the sites sent on a study, in the order they were made."""
+        table = models.study_decisions
+        with self.engine.connect() as conn:
+            rows = (
+                conn.execute(
+                    select(table)
+                    .where(table.c.study_id == study_id)
+                    .order_by(table.c.decided_at, table.c.received)
+                )
+                .mappings()
+                .all()
+            )
+        return [{k: v for k, v in r.items() if k != "message"} for r in rows]
 
     # ------------------------------------------------------------------ scripts
     def submit_script(
@@ -329,7 +424,7 @@ class Store:
                 conn.execute(
                     select(scripts, studies.c.config_json)
                     .join(studies, studies.c.id == scripts.c.study_id)
-                    .where(studies.c.status == "open")
+                    .where(studies.c.status.in_(("open", "proposed", "active")))
                     .order_by(scripts.c.submitted)
                 )
                 .mappings()
@@ -391,13 +486,7 @@ class Store:
 
     def close_study(self, study_id: str, actor: str) -> None:
         """Mark a study closed (no more requests)."""
-        with self._transaction() as conn:
-            conn.execute(
-                update(models.studies)
-                .where(models.studies.c.id == study_id)
-                .values(status="closed")
-            )
-            self._append_audit(conn, "study_closed", {"study": study_id}, actor)
+        self.set_study_status(study_id, "closed", actor)
 
     # ------------------------------------------------------------------ requests and results
     def record_request(

@@ -13,8 +13,38 @@ studies = Table(
     Column("title", Text, nullable=False),
     Column("purpose", String(64), nullable=False),
     Column("config_json", Text, nullable=False),
-    Column("status", String(16), nullable=False),  # open, closed
+    # draft, proposed, active, suspended, closed ("open" in stores before the lifecycle: active)
+    Column("status", String(16), nullable=False),
     Column("created", String(40), nullable=False),
+)
+
+# Every version of every study, as the lead wrote it (version 1 at creation, one per amendment).
+study_versions = Table(
+    "alliance_study_versions",
+    metadata,
+    Column("study_id", String(64), primary_key=True),
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("config_json", Text, nullable=False),
+    Column("created", String(40), nullable=False),
+    Column("actor", String(128), nullable=False),
+)
+
+# Every site decision on a study version, as the site signed it (verified on arrival).
+study_decisions = Table(
+    "alliance_study_decisions",
+    metadata,
+    Column("signature", String(128), primary_key=True),
+    Column("site", String(64), nullable=False, index=True),
+    Column("study_id", String(64), nullable=False, index=True),
+    Column("version", Integer, nullable=False),
+    Column("study_digest", String(64), nullable=False),
+    Column("decision", String(16), nullable=False),  # approved, refused
+    Column("reason", Text, nullable=False),
+    Column("decided_by", String(128), nullable=False),
+    Column("decided_at", String(40), nullable=False),
+    Column("public_key", String(64), nullable=False),
+    Column("message", Text, nullable=False),  # the signed message, hex
+    Column("received", String(40), nullable=False),
 )
 
 requests = Table(
@@ -108,4 +138,6 @@ APPEND_ONLY = (
     "alliance_requests",
     "alliance_results",
     "alliance_site_keys",
+    "alliance_study_decisions",
+    "alliance_study_versions",
 )

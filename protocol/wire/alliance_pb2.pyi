@@ -7,18 +7,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Hello(_message.Message):
-    __slots__ = ("site_id", "software_version", "allowed_analyses", "dictionary_digest", "signing_key")
+    __slots__ = ("site_id", "software_version", "allowed_analyses", "dictionary_digest", "signing_key", "decisions")
     SITE_ID_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_ANALYSES_FIELD_NUMBER: _ClassVar[int]
     DICTIONARY_DIGEST_FIELD_NUMBER: _ClassVar[int]
     SIGNING_KEY_FIELD_NUMBER: _ClassVar[int]
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
     site_id: str
     software_version: str
     allowed_analyses: _containers.RepeatedScalarFieldContainer[str]
     dictionary_digest: str
     signing_key: str
-    def __init__(self, site_id: _Optional[str] = ..., software_version: _Optional[str] = ..., allowed_analyses: _Optional[_Iterable[str]] = ..., dictionary_digest: _Optional[str] = ..., signing_key: _Optional[str] = ...) -> None: ...
+    decisions: _containers.RepeatedCompositeFieldContainer[StudyDecision]
+    def __init__(self, site_id: _Optional[str] = ..., software_version: _Optional[str] = ..., allowed_analyses: _Optional[_Iterable[str]] = ..., dictionary_digest: _Optional[str] = ..., signing_key: _Optional[str] = ..., decisions: _Optional[_Iterable[_Union[StudyDecision, _Mapping]]] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("accepted", "reason", "coordinator", "software_version", "signing_key")
@@ -35,7 +37,7 @@ class Welcome(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., coordinator: _Optional[str] = ..., software_version: _Optional[str] = ..., signing_key: _Optional[str] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "study_id", "purpose", "analysis", "params_json", "filter", "privacy_mode", "epsilon", "researcher", "round", "state_json", "request_id", "min_quality", "rho", "signature")
+    __slots__ = ("task_id", "study_id", "purpose", "analysis", "params_json", "filter", "privacy_mode", "epsilon", "researcher", "round", "state_json", "request_id", "min_quality", "rho", "signature", "study_version")
     class MinQualityEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +60,7 @@ class Task(_message.Message):
     MIN_QUALITY_FIELD_NUMBER: _ClassVar[int]
     RHO_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    STUDY_VERSION_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     study_id: str
     purpose: str
@@ -73,7 +76,8 @@ class Task(_message.Message):
     min_quality: _containers.ScalarMap[str, float]
     rho: float
     signature: str
-    def __init__(self, task_id: _Optional[str] = ..., study_id: _Optional[str] = ..., purpose: _Optional[str] = ..., analysis: _Optional[str] = ..., params_json: _Optional[str] = ..., filter: _Optional[str] = ..., privacy_mode: _Optional[str] = ..., epsilon: _Optional[float] = ..., researcher: _Optional[str] = ..., round: _Optional[int] = ..., state_json: _Optional[str] = ..., request_id: _Optional[str] = ..., min_quality: _Optional[_Mapping[str, float]] = ..., rho: _Optional[float] = ..., signature: _Optional[str] = ...) -> None: ...
+    study_version: int
+    def __init__(self, task_id: _Optional[str] = ..., study_id: _Optional[str] = ..., purpose: _Optional[str] = ..., analysis: _Optional[str] = ..., params_json: _Optional[str] = ..., filter: _Optional[str] = ..., privacy_mode: _Optional[str] = ..., epsilon: _Optional[float] = ..., researcher: _Optional[str] = ..., round: _Optional[int] = ..., state_json: _Optional[str] = ..., request_id: _Optional[str] = ..., min_quality: _Optional[_Mapping[str, float]] = ..., rho: _Optional[float] = ..., signature: _Optional[str] = ..., study_version: _Optional[int] = ...) -> None: ...
 
 class NamedArray(_message.Message):
     __slots__ = ("name", "shape", "values", "kind", "mechanism", "scale", "epsilon", "rho")
@@ -172,18 +176,44 @@ class AuditAnswer(_message.Message):
     def __init__(self, query_id: _Optional[str] = ..., head_seq: _Optional[int] = ..., head_hash: _Optional[str] = ..., replies: _Optional[_Iterable[_Union[AuditEntryRecord, _Mapping]]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class SiteMessage(_message.Message):
-    __slots__ = ("hello", "reply", "refusal", "heartbeat", "audit_answer")
+    __slots__ = ("hello", "reply", "refusal", "heartbeat", "audit_answer", "study_decision")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     REPLY_FIELD_NUMBER: _ClassVar[int]
     REFUSAL_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     AUDIT_ANSWER_FIELD_NUMBER: _ClassVar[int]
+    STUDY_DECISION_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     reply: Reply
     refusal: Refusal
     heartbeat: Heartbeat
     audit_answer: AuditAnswer
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., reply: _Optional[_Union[Reply, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., audit_answer: _Optional[_Union[AuditAnswer, _Mapping]] = ...) -> None: ...
+    study_decision: StudyDecision
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., reply: _Optional[_Union[Reply, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., audit_answer: _Optional[_Union[AuditAnswer, _Mapping]] = ..., study_decision: _Optional[_Union[StudyDecision, _Mapping]] = ...) -> None: ...
+
+class StudyDecision(_message.Message):
+    __slots__ = ("site", "study_id", "version", "study_digest", "decision", "reason", "decided_by", "decided_at", "terms_json", "signature")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    STUDY_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STUDY_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_BY_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_AT_FIELD_NUMBER: _ClassVar[int]
+    TERMS_JSON_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    study_id: str
+    version: int
+    study_digest: str
+    decision: str
+    reason: str
+    decided_by: str
+    decided_at: str
+    terms_json: str
+    signature: str
+    def __init__(self, site: _Optional[str] = ..., study_id: _Optional[str] = ..., version: _Optional[int] = ..., study_digest: _Optional[str] = ..., decision: _Optional[str] = ..., reason: _Optional[str] = ..., decided_by: _Optional[str] = ..., decided_at: _Optional[str] = ..., terms_json: _Optional[str] = ..., signature: _Optional[str] = ...) -> None: ...
 
 class AuditQuery(_message.Message):
     __slots__ = ("query_id", "study_id")
@@ -204,15 +234,33 @@ class ScriptOffer(_message.Message):
     def __init__(self, study_id: _Optional[str] = ..., module: _Optional[str] = ..., manifest: _Optional[str] = ...) -> None: ...
 
 class CoordinatorMessage(_message.Message):
-    __slots__ = ("welcome", "task", "heartbeat", "script_offer", "audit_query")
+    __slots__ = ("welcome", "task", "heartbeat", "script_offer", "audit_query", "study_notice")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     SCRIPT_OFFER_FIELD_NUMBER: _ClassVar[int]
     AUDIT_QUERY_FIELD_NUMBER: _ClassVar[int]
+    STUDY_NOTICE_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     task: Task
     heartbeat: Heartbeat
     script_offer: ScriptOffer
     audit_query: AuditQuery
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., task: _Optional[_Union[Task, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., script_offer: _Optional[_Union[ScriptOffer, _Mapping]] = ..., audit_query: _Optional[_Union[AuditQuery, _Mapping]] = ...) -> None: ...
+    study_notice: StudyNotice
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., task: _Optional[_Union[Task, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., script_offer: _Optional[_Union[ScriptOffer, _Mapping]] = ..., audit_query: _Optional[_Union[AuditQuery, _Mapping]] = ..., study_notice: _Optional[_Union[StudyNotice, _Mapping]] = ...) -> None: ...
+
+class StudyNotice(_message.Message):
+    __slots__ = ("study_id", "version", "state", "study_json", "sent_at", "signature")
+    STUDY_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STUDY_JSON_FIELD_NUMBER: _ClassVar[int]
+    SENT_AT_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    study_id: str
+    version: int
+    state: str
+    study_json: str
+    sent_at: str
+    signature: str
+    def __init__(self, study_id: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[str] = ..., study_json: _Optional[str] = ..., sent_at: _Optional[str] = ..., signature: _Optional[str] = ...) -> None: ...

@@ -62,6 +62,8 @@ class TaskMessage:
         state: the public round state (validated by the site against the analysis).
         min_quality: the study's least usable share per variable (the site applies the
             higher of it and its own approval's).
+        study_version: the study version the task runs under at this site (the latest this
+            site approved; 0 on the wire means 1).
     """
 
     task_id: str
@@ -78,6 +80,7 @@ class TaskMessage:
     state: Mapping[str, Any] = field(default_factory=dict)
     min_quality: Mapping[str, float] = field(default_factory=dict)
     rho: float = 0.0
+    study_version: int = 1
 
     def __post_init__(self) -> None:
         for name in ("task_id", "request_id", "study_id", "analysis", "researcher", "purpose"):
@@ -87,6 +90,7 @@ class TaskMessage:
         _require("TaskMessage", "epsilon", self.epsilon, (int, float))
         _require("TaskMessage", "rho", self.rho, (int, float))
         _require("TaskMessage", "round", self.round, int)
+        _require("TaskMessage", "study_version", self.study_version, int)
         _require("TaskMessage", "params", self.params, Mapping)
         _require("TaskMessage", "state", self.state, Mapping)
         _require("TaskMessage", "min_quality", self.min_quality, Mapping)
@@ -96,6 +100,8 @@ class TaskMessage:
                 raise ValidationError(f"a task's min_quality for {name!r}: {problem}")
         if self.round < 0:
             raise ValidationError(f"a task's round must be >= 0, got {self.round}")
+        if self.study_version < 1:
+            raise ValidationError(f"a task's study version must be >= 1, got {self.study_version}")
         object.__setattr__(self, "epsilon", float(self.epsilon))
         object.__setattr__(self, "rho", float(self.rho))
         object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
@@ -121,6 +127,7 @@ class TaskMessage:
                 state_json=json.dumps(dict(self.state), allow_nan=False),
                 min_quality=dict(self.min_quality),
                 rho=self.rho,
+                study_version=self.study_version,
             )
         )
 
@@ -147,6 +154,7 @@ class TaskMessage:
             state=_json_object(task.state_json, "task round state"),
             min_quality=dict(task.min_quality),
             rho=task.rho,
+            study_version=task.study_version or 1,
         )
 
 

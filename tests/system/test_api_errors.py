@@ -93,6 +93,7 @@ ROLES = (
 )
 NEW_STUDY = {"id": "walk-created", "title": "created by the lead during the walk"}
 COUNT = {"analysis": "count"}
+AMENDED = {"id": "walk-close", "title": "closed by the lead during the walk, amended"}
 # Every endpoint, and the status each role gets, in the order of ROLES. {study} is a study that
 # names the researcher and invites cleveland; {request} one of its requests; {closable} a study
 # the lead may close. A study or request someone may not see answers exactly as a missing one.
@@ -108,6 +109,11 @@ WALK: list[tuple[str, str, dict[str, object] | None, tuple[int, ...]]] = [
     ("POST", "/api/studies/nope/requests", COUNT, (404, 404, 404, 403, 403, 401, 401)),
     ("GET", "/api/requests/{request}", None, (200, 200, 404, 200, 404, 401, 401)),
     ("GET", "/api/requests/nope", None, (404, 404, 404, 404, 404, 401, 401)),
+    # The lifecycle is the lead's alone: a researcher or a site admin can neither suspend,
+    # resume, amend nor close (a site approves with its own key, at the site).
+    ("POST", "/api/studies/{closable}/suspend", None, (200, 403, 403, 403, 403, 401, 401)),
+    ("POST", "/api/studies/{closable}/resume", None, (200, 403, 403, 403, 403, 401, 401)),
+    ("PUT", "/api/studies/{closable}", AMENDED, (200, 403, 403, 403, 403, 401, 401)),
     ("POST", "/api/studies/{closable}/close", None, (200, 403, 403, 403, 403, 401, 401)),
     ("GET", "/api/audit/verify", None, (200, 403, 403, 403, 403, 401, 401)),
     ("GET", "/api/studies/{study}/report", None, (200, 200, 404, 403, 403, 401, 401)),
@@ -327,7 +333,7 @@ def test_the_public_registry_says_who_uses_the_data_and_publishes_no_value(
     assert listed.status_code == 200 and page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")
     [entry] = [s for s in listed.json()["studies"] if s["id"] == "s1"]
-    assert entry["status"] == "open" and entry["purpose"] == "research"
+    assert entry["status"] == "active" and entry["purpose"] == "research"
     assert entry["hospitals"] == sorted(SITES)
     assert entry["results"]["count"] >= 1
     assert "counts of patients" in entry["summary"] or "a count of patients" in entry["summary"]

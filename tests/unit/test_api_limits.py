@@ -17,17 +17,13 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
-from coordinator.api import create_app
-from coordinator.auth import TokenBook
-from coordinator.link import SiteRegistry
-from coordinator.scheduler import Scheduler
 from coordinator.store import Store
 from coordinator.studies import StudyBook
-from protocol.config import AnalysisRequest, APIToken, StudyConfig
+from protocol.config import AnalysisRequest, StudyConfig
 from simulations.heart import heart_dictionary
 from tests.api_shape import assert_api_error
+from tests.served_api import served_app
 
 LEAD = "lead-token-for-the-limit-tests"
 AUTH = {"Authorization": f"Bearer {LEAD}"}
@@ -58,32 +54,16 @@ class Served:
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Served]:
-    dictionary = heart_dictionary()
     store = Store(f"sqlite:///{tmp_path / 'coordinator.db'}")
-    registry = SiteRegistry(store, dictionary.digest())
-    scheduler = Scheduler(registry, dictionary, task_timeout=2.0)
-    studies = ProbedStudies(store, dictionary)
-    tokens = TokenBook([APIToken(token=LEAD, user="lead", role="lead")])
-    app = create_app(store, registry, scheduler, tokens, studies=studies)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "the test server did not start"
-        time.sleep(0.01)
-    url = f"http://127.0.0.1:{port}"
-    study = {"id": "s1", "title": "limits", "privacy": {"mode": "off"}}
-    assert httpx.post(f"{url}/api/studies", headers=AUTH, json=study).status_code == 200
+    studies = ProbedStudies(store, heart_dictionary())
     try:
-        yield Served(url, "127.0.0.1", port, studies)
+        with served_app(store, LEAD, studies=studies, task_timeout=2.0) as port:
+            url = f"http://127.0.0.1:{port}"
+            # quorum 0: active at once (no site approves in these HTTP tests)
+            study = {"id": "s1", "title": "limits", "privacy": {"mode": "off"}, "quorum": 0}
+            assert httpx.post(f"{url}/api/studies", headers=AUTH, json=study).status_code == 200
+            yield Served(url, "127.0.0.1", port, studies)
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
         store.close()
 
 
@@ -246,6 +226,7 @@ def test_a_study_sets_its_own_column_limit_for_cox_too(served: Served) -> None:
         "title": "small models",
         "max_model_columns": 5,
         "privacy": {"mode": "off"},
+        "quorum": 0,
     }
     assert httpx.post(f"{served.url}/api/studies", headers=AUTH, json=small).status_code == 200
     cox = {"time": "age", "event": "disease", "covariates": ["cp", "restecg"]}  # 3 + 2 columns

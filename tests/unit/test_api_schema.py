@@ -9,8 +9,6 @@ and invalid, with the lead's token.
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +16,6 @@ from pathlib import Path
 import httpx
 import pytest
 import schemathesis
-import uvicorn
-from fastapi import FastAPI
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import (
     content_type_conformance,
@@ -27,13 +23,8 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from coordinator.api import create_app
-from coordinator.auth import TokenBook
-from coordinator.link import SiteRegistry
-from coordinator.scheduler import Scheduler
 from coordinator.store import Store
-from protocol.config import APIToken
-from simulations.heart import heart_dictionary
+from tests.served_api import coordinator_app, served_app
 
 LEAD = "lead-token-for-the-schema-tests"
 AUTH = {"Authorization": f"Bearer {LEAD}"}
@@ -47,41 +38,20 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def served(folder: Path) -> Iterator[str]:
     store = Store(f"sqlite:///{folder / 'coordinator.db'}")
-    app = _app(store)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "the test server did not start"
-        time.sleep(0.01)
-    url = f"http://127.0.0.1:{port}"
-    study = {"id": "s1", "title": "schema", "privacy": {"mode": "off"}}
-    assert httpx.post(f"{url}/api/studies", headers=AUTH, json=study).status_code == 200
     try:
-        yield url
+        with served_app(store, LEAD, log_level="critical") as port:
+            url = f"http://127.0.0.1:{port}"
+            study = {"id": "s1", "title": "schema", "privacy": {"mode": "off"}, "quorum": 0}
+            assert httpx.post(f"{url}/api/studies", headers=AUTH, json=study).status_code == 200
+            yield url
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
         store.close()
-
-
-def _app(store: Store) -> FastAPI:
-    dictionary = heart_dictionary()
-    registry = SiteRegistry(store, dictionary.digest())
-    scheduler = Scheduler(registry, dictionary, task_timeout=1.0)
-    tokens = TokenBook([APIToken(token=LEAD, user="lead", role="lead")])
-    return create_app(store, registry, scheduler, tokens)
 
 
 # The document the served app gives (it depends on no state; schemathesis' lazy fixture loader
 # does not run on pytest 9, so the operations are collected from the same document here).
 _DOCUMENT_STORE = Store("sqlite://")
-schema = schemathesis.openapi.from_dict(_app(_DOCUMENT_STORE).openapi())
+schema = schemathesis.openapi.from_dict(coordinator_app(_DOCUMENT_STORE, LEAD).openapi())
 _DOCUMENT_STORE.close()
 
 

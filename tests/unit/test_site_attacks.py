@@ -177,7 +177,10 @@ def test_hello_carries_no_count_of_the_sites_records(
     tmp_path: Path, frame: pd.DataFrame, heart_dict: DataDictionary
 ) -> None:
     site = make_site(tmp_path, frame, heart_dict, policy())
-    hello = site.hello().SerializeToString()
+    message = site.hello()
+    for decision in message.decisions:  # random signature hex may hold any digits
+        decision.signature = ""
+    hello = message.SerializeToString()
     assert str(len(frame)).encode() not in hello
     assert len(frame).to_bytes(2, "little") not in hello  # nor as a varint-sized integer
 

@@ -250,4 +250,5 @@ def test_site_check_leaves_the_site_folder_byte_for_byte_unchanged(
         db = tmp_path / "site" / "state" / "site.db"
         assert f"audit log: none yet ({db} is created by `alliance site serve`)" in lines
     else:
-        assert any(line.startswith("audit log intact: 2 entries") for line in lines), lines
+        # site_started, site.yaml's approval recorded as a decision, site_stopped
+        assert any(line.startswith("audit log intact: 3 entries") for line in lines), lines

@@ -121,6 +121,21 @@ def test_the_tables_written_once_refuse_update_and_delete(store: Store, table: s
         receipts=[signed_receipt("r9.0.va")],
     )
     store.register_site_key("va", SITE_KEY.public_hex)
+    store.record_study_decision(
+        {
+            "signature": "ab" * 64,
+            "site": "va",
+            "study_id": "s9",
+            "version": 1,
+            "study_digest": "",
+            "decision": "approved",
+            "reason": "",
+            "decided_by": "it",
+            "decided_at": "2026-12-04T00:00:00+00:00",
+            "public_key": SITE_KEY.public_hex,
+            "message": "",
+        }
+    )
     for statement in (
         f"UPDATE {table} SET {_first_column(table)} = {_first_column(table)}",
         f"DELETE FROM {table}",
