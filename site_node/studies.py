@@ -120,14 +120,29 @@ class StudyGate:
 
     def adopt_site_yaml(self, approvals: list[StudyApproval] | None = None) -> list[str]:
         """Record each site.yaml approval whose terms were never recorded from site.yaml
-        (a first start, or an edited entry); return the studies recorded."""
+        (a first start, or an edited entry), and a refusal for each study whose decision in
+        force is a site.yaml approval no longer listed; return the studies recorded."""
         approvals = self.site_yaml if approvals is None else approvals
-        seen = {
-            (decision.study_id, decision.terms_json)
-            for _, source, decision in self.store.decisions()
-            if source == SITE_YAML
-        }
+        history = self.store.decisions()
+        seen = {(d.study_id, d.terms_json) for _, source, d in history if source == SITE_YAML}
+        in_force = {d.study_id: (source, d) for _, source, d in history}
         recorded = []
+        listed = {approval.id for approval in approvals}
+        for study_id, (source, decision) in sorted(in_force.items()):
+            # An approval taken out of site.yaml ends: the admin's edit is a refusal.
+            if source == SITE_YAML and decision.decision == APPROVED and study_id not in listed:
+                refusal = signed_decision(
+                    self.site,
+                    self.key,
+                    study_id,
+                    decision.version,
+                    "",
+                    False,
+                    SITE_YAML,
+                    "removed from site.yaml",
+                )
+                self.store.record_decision(refusal, SITE_YAML)
+                recorded.append(study_id)
         for approval in approvals:
             terms = approval.model_dump_json()
             if (approval.id, terms) in seen:

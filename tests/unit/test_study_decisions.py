@@ -71,6 +71,21 @@ def test_a_refusal_overrides_an_approval_from_site_yaml(gate: StudyGate) -> None
     assert gate.approval("s1", 1).budget.epsilon == 1.0
 
 
+def test_an_approval_taken_out_of_site_yaml_ends(gate: StudyGate) -> None:
+    gate.adopt_site_yaml([StudyApproval(id="s1"), StudyApproval(id="s2")])
+    assert gate.adopt_site_yaml([StudyApproval(id="s2")]) == ["s1"]  # restarted without s1
+    with pytest.raises(RefusedError, match=r"removed from site\.yaml"):
+        gate.approval("s1", 1)
+    assert gate.approval("s2", 1).id == "s2"
+    assert gate.adopt_site_yaml([StudyApproval(id="s2")]) == []  # nothing more to record
+    # A study approved from the command line is not the file's to end.
+    gate.store.record_decision(
+        signed_decision("a", gate.key, "s3", 1, "", True, "it", "", StudyApproval(id="s3")), "cli"
+    )
+    assert gate.adopt_site_yaml([StudyApproval(id="s2")]) == []
+    assert gate.approval("s3", 1).id == "s3"
+
+
 def test_suspension_and_closing_stop_tasks_at_the_site(gate: StudyGate, heart_dict) -> None:
     coordinator = SigningKey.generate()
     study = StudyConfig.model_validate(STUDY)
