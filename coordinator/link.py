@@ -43,8 +43,6 @@ log = logging.getLogger("alliance.coordinator")
 DecisionHandler = Callable[
     [str, pb.StudyDecision, str], tuple[str | None, tuple[StudyConfig, str] | None]
 ]
-#: states stored before the study lifecycle existed
-LEGACY_STATES = {"open": "active"}
 
 
 class SiteUnavailable(AllianceError):
@@ -154,7 +152,7 @@ class SiteRegistry:
         out = []
         for row in self.store.studies():
             found = self.store.study(row["id"])
-            state = LEGACY_STATES.get(row["status"], row["status"])
+            state = row["status"]
             if found is None or state == "draft":
                 continue
             study = StudyConfig.model_validate(found["config"])

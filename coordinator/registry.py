@@ -76,7 +76,7 @@ def registry_entries(store: Store) -> list[dict[str, Any]]:
                 "title": config.get("title", ""),
                 "purpose": config.get("purpose", ""),
                 "lead": config.get("lead") or "",
-                "status": {"open": "active"}.get(row["status"], row["status"]),
+                "status": row["status"],
                 "hospitals": took_part,
                 "invited": list(config.get("sites") or []),
                 "results": dict(sorted(analyses.items())),

@@ -364,7 +364,7 @@ def build_report(store: Store, study_id: str) -> StudyReport:
             first_seen[site] = {"site": site, "first_seen": row["received"], "key": key}
     return StudyReport(
         study=found["config"],
-        status={"open": "active"}.get(found["status"], found["status"]),
+        status=found["status"],
         created=found.get("created", ""),
         requests=[
             {

@@ -29,8 +29,6 @@ from protocol.wire import alliance_pb2 as pb
 
 #: A study's states (only an active study takes requests).
 DRAFT, PROPOSED, ACTIVE, SUSPENDED, CLOSED = "draft", "proposed", "active", "suspended", "closed"
-#: states stored before the lifecycle existed
-LEGACY = {"open": ACTIVE}
 
 
 class StudyStateError(ValidationError):
@@ -191,7 +189,7 @@ class StudyBook:
                 if found is None:
                     return None
                 study = StudyConfig.model_validate(found["config"])
-                status = LEGACY.get(str(found["status"]), str(found["status"]))
+                status = str(found["status"])
                 self._studies[study_id] = (study, status)
             else:
                 study, status = cached

@@ -462,7 +462,7 @@ class Store:
             return None
         return {
             "config": json.loads(row["config_json"]),
-            "status": row["status"],
+            "status": _study_status(row["status"]),
             "created": row["created"],
         }
 
@@ -482,7 +482,7 @@ class Store:
                 .mappings()
                 .all()
             )
-        return [dict(r) for r in rows]
+        return [{**r, "status": _study_status(r["status"])} for r in rows]
 
     def close_study(self, study_id: str, actor: str) -> None:
         """Mark a study closed (no more requests)."""
@@ -819,3 +819,8 @@ class Store:
         with self.engine.connect() as conn:
             rows = conn.execute(select(models.sites).order_by(models.sites.c.name)).mappings().all()
         return [dict(r) for r in rows]
+
+
+def _study_status(stored: str) -> str:
+    """A study's state as stored; "open", written before the study lifecycle, is active."""
+    return "active" if stored == "open" else stored

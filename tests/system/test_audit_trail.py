@@ -81,6 +81,21 @@ def site_db(folders: Path, name: str = "cleveland") -> sqlite3.Connection:
     return db
 
 
+def cut_off_newest_reply(db: sqlite3.Connection) -> tuple[str, int]:
+    """Cut a site's log from its newest reply entry on, with that reply's ledger row and stored
+    reply (a shorter file, consistent in itself); close ``db``; return the reply's task and
+    its audit entry's number."""
+    try:
+        last_reply = reply_seqs(db)[-1]
+        task = task_of(db, last_reply)
+        db.execute("DELETE FROM audit WHERE seq >= ?", (last_reply,))
+        db.execute("DELETE FROM ledger WHERE task_id = ?", (task,))
+        db.execute("DELETE FROM replies WHERE task_id = ?", (task,))
+    finally:
+        db.close()
+    return task, last_reply
+
+
 def delete_a_receipt(folders: Path, site: str = "hungarian") -> str:
     """Delete one of ``site``'s receipts from the coordinator's store, as anyone holding the
     file could (its guard dropped first); return the task it receipted."""
@@ -287,14 +302,8 @@ def test_a_coordinator_receipt_deleted_is_named(folders: Path) -> None:
 
 
 def test_a_cut_off_tail_passes_verify_but_not_the_cross_check(folders: Path) -> None:
-    db = site_db(folders)
-    last_reply = reply_seqs(db)[-1]
-    task = task_of(db, last_reply)
     # Cut the log, the ledger row and the stored reply: a shorter site file, consistent.
-    db.execute("DELETE FROM audit WHERE seq >= ?", (last_reply,))
-    db.execute("DELETE FROM ledger WHERE task_id = ?", (task,))
-    db.execute("DELETE FROM replies WHERE task_id = ?", (task,))
-    db.close()
+    task, last_reply = cut_off_newest_reply(site_db(folders))
     assert verify(folders / "sites" / "cleveland").exit_code == 0  # alone, it looks fine
     result = cross_check(folders)
     assert result.exit_code == 1
@@ -475,13 +484,7 @@ def test_the_online_cross_check_asks_each_site_and_catches_a_cut_off_tail(
         # Someone cuts the newest reply out of cleveland's file while it is stopped: log,
         # ledger and stored reply together, so the site starts again without complaint.
         fed.stop_site("cleveland")
-        db = site_db(fed.root)
-        last_reply = reply_seqs(db)[-1]
-        task = task_of(db, last_reply)
-        db.execute("DELETE FROM audit WHERE seq >= ?", (last_reply,))
-        db.execute("DELETE FROM ledger WHERE task_id = ?", (task,))
-        db.execute("DELETE FROM replies WHERE task_id = ?", (task,))
-        db.close()
+        task, last_reply = cut_off_newest_reply(site_db(fed.root))
         fed.start_site(specs[0], "s1")
         fed.wait_for_sites(["cleveland"])
         caught = runner.invoke(app, [*online, "--token", fed.lead_token])
