@@ -13,6 +13,7 @@ from analyses import (  # noqa: F401
     scripts,
     survival,
     tables,
+    training,
 )
 from analyses.base import Analysis, AnalysisContext, NextRound
 from analyses.registry import analysis, get_analysis, registered_analyses

@@ -161,6 +161,8 @@ class AnalysisContext:
             ``DUPLICATE_ID``: the row is the first of a patient id with several rows).
         sandbox: the limits (``analyses.sandbox.SandboxLimits``) for analyses that run a
             researcher's code; None: the defaults.
+        sites: at the coordinator, the sites the round driver is asking (in its order).
+        site: at a site, its own name.
     """
 
     dictionary: DataDictionary
@@ -172,6 +174,8 @@ class AnalysisContext:
     cache: ScopedCache | None = None
     source: pd.DataFrame | None = None
     sandbox: Any = None
+    sites: tuple[str, ...] = ()
+    site: str = ""
 
 
 #: The column of ``AnalysisContext.source`` that flags a duplicated patient id (no dictionary
@@ -200,6 +204,9 @@ class Analysis(ABC, Generic[P]):
     reads_source: ClassVar[bool] = False
     #: a dp run may finish before its budgeted ``dp_rounds`` (spending less than asked)
     may_finish_early: ClassVar[bool] = False
+    #: when a site leaves after round 0, finish with :meth:`partial_result` instead of
+    #: restarting without it (training keeps the model of its last complete round)
+    finishes_when_sites_leave: ClassVar[bool] = False
 
     name: ClassVar[str]
     params_model: ClassVar[type[BaseModel]]
@@ -327,6 +334,11 @@ class Analysis(ABC, Generic[P]):
         self, records: Mapping[str, AggregateRecord], params: P, ctx: AnalysisContext
     ) -> Any:
         """Pool the sites' records into a result, or a :class:`NextRound` to go on."""
+
+    def partial_result(self, params: P, ctx: AnalysisContext, reason: str) -> AnalysisResult:
+        """Analyses that set ``finishes_when_sites_leave``: the result when round ``ctx.round``
+        lost a site (``reason`` says which and why); ``ctx`` holds that round's state and memo."""
+        raise NotImplementedError(f"{self.name} does not finish when sites leave")
 
 
 def rows_used(data: pd.DataFrame, columns: list[str]) -> pd.DataFrame:

@@ -200,7 +200,13 @@ class RoundDriver:
         mode: str | None = None,
     ) -> AnalysisContext:
         return AnalysisContext(
-            self.dictionary, mode or self.mode, self.sdc, round_no, state or {}, memo or {}
+            self.dictionary,
+            mode or self.mode,
+            self.sdc,
+            round_no,
+            state or {},
+            memo or {},
+            sites=tuple(self.active) if hasattr(self, "active") else (),
         )
 
     def _start(self) -> None:
@@ -255,6 +261,23 @@ class RoundDriver:
             entry.mode = answer.mode
             entry.records = self.analysis.site_records(answer.record)
             modes.append(answer.mode)
+        if (
+            self._round > 0
+            and len(records) < len(self.active)
+            and self.analysis.finishes_when_sites_leave
+        ):
+            # Training keeps the model of its last complete round rather than start again
+            # (or fail, when every site stopped at once: all their budgets ran out together).
+            gone = [s for s in self.active if s not in records]
+            reason = "; ".join(f"{s}: {self.contributions[s].reason}" for s in gone)
+            self.active = [s for s in self.active if s in records]
+            ctx = self._ctx(self._round, self._state, self._memo)
+            outcome = self.analysis.partial_result(
+                self.params, ctx, f"round {self._round + 1} lost {reason}"
+            )
+            self._records = records
+            self._result = self._finish(outcome, records, modes[0] if modes else self.mode)
+            return
         if not records:
             reasons = "; ".join(
                 f"{c.name}: {c.reason}" for c in self.contributions.values() if c.status != "ok"

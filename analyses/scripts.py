@@ -193,6 +193,31 @@ class ScriptManifest(BaseModel):
         )
 
 
+def content_hash(domain: bytes, module: str, manifest: str) -> str:
+    """SHA-256 over a module and its manifest, length-prefixed so no byte can move between
+    them, in its own ``domain`` (a script's hash is never a training app's)."""
+    module_bytes, manifest_bytes = module.encode(), manifest.encode()
+    digest = hashlib.sha256(domain)
+    digest.update(len(module_bytes).to_bytes(8, "big") + module_bytes)
+    digest.update(len(manifest_bytes).to_bytes(8, "big") + manifest_bytes)
+    return digest.hexdigest()
+
+
+def manifest_mapping(text: str, where: str) -> dict[str, Any]:
+    """A manifest's YAML as a mapping.
+
+    Raises:
+        ValidationError: not YAML, or not a mapping.
+    """
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValidationError(f"{where}: not YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ValidationError(f"{where}: must be a mapping of fields")
+    return raw
+
+
 @dataclass(frozen=True)
 class ScriptBundle:
     """A script's module and manifest, exactly as submitted: its hash covers every byte."""
@@ -209,11 +234,7 @@ class ScriptBundle:
     @functools.cached_property
     def hash(self) -> str:
         """SHA-256 over both texts, length-prefixed so no byte can move between them."""
-        module, manifest = self.module.encode(), self.manifest_text.encode()
-        digest = hashlib.sha256(b"alliance-script/1\n")
-        digest.update(len(module).to_bytes(8, "big") + module)
-        digest.update(len(manifest).to_bytes(8, "big") + manifest)
-        return digest.hexdigest()
+        return content_hash(b"alliance-script/1\n", self.module, self.manifest_text)
 
     @functools.cached_property
     def manifest(self) -> ScriptManifest:
@@ -222,12 +243,7 @@ class ScriptBundle:
         Raises:
             ValidationError: what is wrong with it.
         """
-        try:
-            raw = yaml.safe_load(self.manifest_text)
-        except yaml.YAMLError as exc:
-            raise ValidationError(f"script manifest: not YAML ({exc})") from None
-        if not isinstance(raw, dict):
-            raise ValidationError("script manifest: must be a mapping of fields")
+        raw = manifest_mapping(self.manifest_text, "script manifest")
         try:
             return ScriptManifest.model_validate(raw)
         except pydantic.ValidationError as exc:

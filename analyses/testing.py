@@ -20,7 +20,7 @@ import pandas as pd
 from analyses.base import AnalysisContext, Arrays, WorkCache
 from analyses.driver import RoundDriver, RoundTask, SiteAnswer, SiteReply
 from analyses.registry import get_analysis
-from protocol.budget import PureDP
+from protocol.budget import ZCDP, PureDP
 from protocol.config import DataDictionary, SDCThresholds
 from protocol.records import AggregateRecord, RecordSpec
 
@@ -50,6 +50,7 @@ def federate(
     sdc: SDCThresholds | None = None,
     on_round: RoundHook | None = None,
     profile: list[dict[str, Any]] | None = None,
+    rho: float | None = None,
 ) -> Any:
     """Run analysis ``name`` over in-memory site frames and return its result object.
 
@@ -65,6 +66,9 @@ def federate(
         on_round: called after every round (tests inspect tasks and records with it).
         profile: if given, gets one entry per round: each site's seconds in ``local``
             (``"sites"``) and the coordinator's seconds in ``combine`` (``"combine"``).
+        rho: the request's zCDP rho per site (dp mode, Gaussian releases), split over
+            ``dp_rounds``; ``release`` gets the round's epsilon only, so a release that adds
+            Gaussian noise takes its round's rho from the caller.
     """
     analysis = get_analysis(name)
     parsed = analysis.parse_params(params, dictionary)
@@ -77,6 +81,7 @@ def federate(
         list(frames),
         PureDP(epsilon) if epsilon is not None else None,
         thresholds,
+        ZCDP(rho) if rho is not None else None,
     )
     work = WorkCache()  # one per run: each site keeps its design between rounds, as sites do
     while (step := driver.next_round()) is not None:
@@ -87,12 +92,14 @@ def federate(
         answers: dict[str, SiteAnswer] = {}
         seconds: dict[str, float] = {}
         for site in step.sites:
-            site_ctx = replace(ctx, cache=work.scope(site))
+            site_ctx = replace(ctx, cache=work.scope(site), site=site)
             started = time.perf_counter()
             arrays = analysis.local(frames[site], parsed, site_ctx)
             seconds[site] = time.perf_counter() - started
             record = release(site, spec, arrays, site_ctx, step.epsilon)
-            answers[site] = SiteReply(record, mode, step.epsilon or PureDP(0.0))
+            answers[site] = SiteReply(
+                record, mode, step.epsilon or PureDP(0.0), step.rho or ZCDP(0.0)
+            )
         if on_round is not None:
             on_round(step, spec, answers)
         started = time.perf_counter()

@@ -64,6 +64,9 @@ class StudyReport:
     refusals: list[dict[str, Any]]
     sites_joined: list[dict[str, Any]]
     approvals: list[dict[str, Any]] = field(default_factory=list)
+    #: per training request with credit asked for: each site's Shapley value and leave-one-out
+    #: difference of the model's held-out AUC
+    model_credit: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The report as one JSON document."""
@@ -90,6 +93,7 @@ class StudyReport:
             },
             "refusals": self.refusals,
             "contributions": [c.to_json() for c in self.contributions],
+            "model_credit": self.model_credit,
             "sites_joined": self.sites_joined,
         }
 
@@ -131,6 +135,7 @@ class StudyReport:
             by_researcher=dict(body["privacy_spent"]["by_researcher"]),
             refusals=list(body["refusals"]),
             sites_joined=list(body["sites_joined"]),
+            model_credit=list(body.get("model_credit", [])),
         )
 
     # ------------------------------------------------------------------ documents
@@ -174,6 +179,16 @@ class StudyReport:
             [a["site"], str(a["version"]), a["decision"], a["decided_at"], a["reason"] or ""]
             for a in self.approvals
         ]
+        credit = [
+            [
+                c["request_id"],
+                c["site"],
+                "" if c["shapley"] is None else f"{c['shapley']:+.4f}",
+                f"{c['leave_one_out']:+.4f}",
+                c["method"],
+            ]
+            for c in self.model_credit
+        ]
         return [
             (
                 "Approvals",
@@ -199,6 +214,15 @@ class StudyReport:
                 "records: the site's largest contribution to one analysis; `~` marks a noisy "
                 "count (differential privacy). epsilon spent: what the site's ledger charged "
                 "for this study's requests, as it reported with each reply.",
+            ),
+            (
+                "Credit for trained models",
+                ["request", "site", "Shapley value", "leave-one-out", "method"],
+                credit,
+                "Each site's share of a trained model's held-out AUC: its Shapley value over "
+                "coalition models trained alongside on subsets of the sites (exact up to 6 sites, "
+                "sampled orders beyond; the values add up to the AUC gained over the initial "
+                "model), and how much the AUC drops without it. Noisy under dp.",
             ),
             (
                 "Privacy spent per researcher",
@@ -355,6 +379,19 @@ def build_report(store: Store, study_id: str) -> StudyReport:
                     "reason": site.get("reason"),
                 }
             )
+    model_credit = [
+        {
+            "request_id": request["request_id"],
+            "site": site,
+            "shapley": (credit.get("shapley") or {}).get(site),
+            "leave_one_out": drop,
+            "method": credit.get("method", ""),
+        }
+        for request in requests
+        if request["analysis"] == "train"
+        for credit in [(request.get("result") or {}).get("contributions") or {}]
+        for site, drop in (credit.get("leave_one_out") or {}).items()
+    ]
     first_seen: dict[str, dict[str, Any]] = {}
     for row in store.study_receipts(study_id):  # oldest first
         site = row["site"]
@@ -389,6 +426,7 @@ def build_report(store: Store, study_id: str) -> StudyReport:
             for a in store.study_decisions(study_id)
         ],
         sites_joined=sorted(first_seen.values(), key=lambda s: s["site"]),
+        model_credit=model_credit,
     )
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from analyses import get_analysis
 from analyses.model_size import COLUMN_COUNT_CAP, model_columns
-from analyses.scripts import ScriptBundle
+from analyses.training.app import TrainingApp, reviewed_bundle
 from coordinator.store import Store
 from protocol.audit import canonical_json
 from protocol.budget import over_request_cap
@@ -403,12 +403,14 @@ class StudyBook:
         Raises:
             ValidationError: what is wrong with the script.
         """
-        bundle = ScriptBundle(module, manifest)
+        bundle = reviewed_bundle(module, manifest)
         bundle.check_source()
         parsed = bundle.manifest
-        for variable in parsed.variables:
+        # A training app reads what each request names (checked then); a script, its manifest's.
+        read = [] if isinstance(bundle, TrainingApp) else list(parsed.variables)  # type: ignore[union-attr]
+        for variable in read:
             self.dictionary.variable(variable)
-        outside = sorted(set(parsed.variables) - set(study.variables)) if study.variables else []
+        outside = sorted(set(read) - set(study.variables)) if study.variables else []
         if outside:
             raise ValidationError(
                 f"script {bundle.label} reads {', '.join(outside)}, outside study {study.id!r}'s "
@@ -427,6 +429,8 @@ class StudyBook:
         Raises:
             ValidationError: no such script was submitted to the study.
         """
+        if request.analysis == "train":
+            return self._expand_training_app(study, request)
         if request.analysis != "script":
             return request
         digest = request.params.get("hash")
@@ -435,12 +439,42 @@ class StudyBook:
                 "a script request's params are {hash: <the hash `alliance script submit` "
                 f"printed>}}, got keys {sorted(request.params)}"
             )
+        found = self._submitted(study, digest, "script")
+        params = {"hash": found["hash"], "module": found["module"], "manifest": found["manifest"]}
+        return request.model_copy(update={"params": params})
+
+    def _submitted(self, study: StudyConfig, digest: str, what: str) -> dict[str, Any]:
         found = self.store.script(study.id, digest.lower())
         if found is None:
             raise ValidationError(
-                f"no script with hash {digest[:64]!r} was submitted to study {study.id!r}; "
+                f"no {what} with hash {digest[:64]!r} was submitted to study {study.id!r}; "
                 "submit it with `alliance script submit MODULE MANIFEST --study "
                 f"{study.id}`"
             )
-        params = {"hash": found["hash"], "module": found["module"], "manifest": found["manifest"]}
+        return found
+
+    def _expand_training_app(self, study: StudyConfig, request: AnalysisRequest) -> AnalysisRequest:
+        """A training request names its app by hash (``params.app``); the app must have been
+        submitted to the study, as a training app, and its tasks carry its texts."""
+        digest = request.params.get("app")
+        extra = {"module", "manifest"} & set(request.params)
+        if not isinstance(digest, str) or extra:
+            raise ValidationError(
+                "a train request names its training app by hash: params.app = <the hash "
+                "`alliance script submit` printed>; module and manifest are filled in by the "
+                f"coordinator (got keys {sorted(request.params)})"
+            )
+        found = self._submitted(study, digest, "training app")
+        bundle = reviewed_bundle(found["module"], found["manifest"])
+        if not isinstance(bundle, TrainingApp):
+            raise ValidationError(
+                f"{bundle.label} is a script, not a training app (its manifest has no "
+                "kind: flower_client_app)"
+            )
+        params = {
+            **request.params,
+            "app": found["hash"],
+            "module": found["module"],
+            "manifest": found["manifest"],
+        }
         return request.model_copy(update={"params": params})

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from analyses.scripts import ScriptBundle
+from analyses.training.app import TrainingApp, reviewed_bundle
 from protocol.config import DataDictionary, SiteConfig, load_yaml
 from protocol.errors import ConfigError, ValidationError
 from site_node.ledger import SiteStore
@@ -50,12 +50,16 @@ def review_lines(
     script: dict[str, Any], earlier: dict[str, Any] | None, settings: SiteConfig
 ) -> list[str]:
     """The review in words: what the script may read and do here, and what changed."""
-    bundle = ScriptBundle(script["module"], script["manifest"])
+    bundle = reviewed_bundle(script["module"], script["manifest"])
+    training = isinstance(bundle, TrainingApp)
     lines = [
-        f"script {script['name']!r} version {script['version']}",
+        f"{'training app' if training else 'script'} {script['name']!r} version "
+        f"{script['version']}",
         f"  hash:     {script['hash']}",
         f"  status:   {script['status']} at {settings.name} (received {script['received']})",
     ]
+    if isinstance(bundle, TrainingApp):
+        return [*lines, *_training_lines(bundle, settings), *_changes(script, earlier)]
     try:
         manifest = bundle.manifest
         dictionary = load_yaml(settings.dictionary, DataDictionary)
@@ -79,6 +83,31 @@ def review_lines(
             "  NOTE: this site's policy does not allow the analysis 'script' "
             "(policy.allowed_analyses): approved scripts still do not run"
         )
+    return [*lines, *_changes(script, earlier)]
+
+
+def _training_lines(bundle: TrainingApp, settings: SiteConfig) -> list[str]:
+    """What a training app may do here."""
+    lines = []
+    try:
+        lines.append(f"  may:      {bundle.manifest.describe()}")
+    except ValidationError as exc:
+        lines.append(f"  manifest: INVALID: {exc}")
+    lines.append(
+        "  runs in:  the site node's own process (a Flower ClientApp), with the site node's "
+        "rights: read its module (above) before approving"
+    )
+    if "train" not in settings.policy.allowed_analyses:
+        lines.append(
+            "  NOTE: this site's policy does not allow the analysis 'train' "
+            "(policy.allowed_analyses): an approved training app still does not run"
+        )
+    return lines
+
+
+def _changes(script: dict[str, Any], earlier: dict[str, Any] | None) -> list[str]:
+    """The differences from the earlier version this site decided on, or why there are none."""
+    lines: list[str] = []
     if earlier is not None:
         lines.append(
             f"  changes since {earlier['version']} ({earlier['hash'][:12]}, {earlier['status']}):"
@@ -160,8 +189,9 @@ def approve_script(
     try:
         script = _find(store, digest)
         try:
-            ScriptBundle(script["module"], script["manifest"]).check_source()
-            _ = ScriptBundle(script["module"], script["manifest"]).manifest
+            bundle = reviewed_bundle(script["module"], script["manifest"])
+            bundle.check_source()
+            _ = bundle.manifest
         except ValidationError as exc:
             typer.echo(f"error: cannot approve: {exc}", err=True)
             raise typer.Exit(1) from None

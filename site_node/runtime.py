@@ -30,6 +30,7 @@ from analyses.base import DUPLICATE_ID, Analysis, WorkCache
 from analyses.pushdown import MAX_COLUMNS
 from analyses.sandbox import SandboxLimits, ScriptStopped
 from analyses.scripts import ScriptBundle
+from analyses.training.app import TrainingApp, reviewed_bundle
 from protocol.audit import AuditEntry
 from protocol.budget import ZCDP, PureDP
 from protocol.config import DataDictionary, SiteConfig, SiteMapping, StudyApproval, load_yaml
@@ -531,6 +532,7 @@ class SiteRuntime:
             state,
             cache=cache,
             sandbox=SandboxLimits(**self.config.policy.scripts.model_dump()),
+            site=self.name,
         )
         spec = analysis.declare(params, ctx)
         released: RecordSet | None = None
@@ -713,7 +715,7 @@ class SiteRuntime:
         its admin approve it). A malformed offer, or one past the pending limit, is logged and
         dropped; nothing is answered."""
         try:
-            bundle = ScriptBundle(offer.module, offer.manifest)
+            bundle = reviewed_bundle(offer.module, offer.manifest)
             manifest = bundle.manifest
         except AllianceError as exc:
             log.warning("dropped a script offered for study %s: %s", offer.study_id, exc)
@@ -740,7 +742,7 @@ class SiteRuntime:
             digest,
         )
 
-    def _check_reviewed(self, bundle: ScriptBundle) -> None:
+    def _check_reviewed(self, bundle: ScriptBundle | TrainingApp) -> None:
         """Run a researcher's code only when this site's admin approved its exact hash; keep
         code seen for the first time for review.
 
@@ -748,6 +750,7 @@ class SiteRuntime:
             RefusedError: code ``script``, saying how to review and approve it.
         """
         digest = bundle.hash
+        what = bundle.label if isinstance(bundle, TrainingApp) else f"script {bundle.label}"
         status = self.store.script_status(digest)
         if status == "approved":
             return
@@ -757,11 +760,9 @@ class SiteRuntime:
                 digest, manifest.name, manifest.version, bundle.module, bundle.manifest_text
             )
         if status == "refused":
-            raise RefusedError(
-                f"script {bundle.label} was refused at this site by its admin", code="script"
-            )
+            raise RefusedError(f"{what} was refused at this site by its admin", code="script")
         raise RefusedError(
-            f"script {bundle.label} is not approved at this site: its admin reviews it with "
+            f"{what} is not approved at this site: its admin reviews it with "
             f"`alliance site review-script {digest}` and approves it with "
             f"`alliance site approve-script {digest}`",
             code="script",

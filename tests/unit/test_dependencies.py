@@ -35,6 +35,13 @@ def runtime_dependencies() -> set[str]:
     }
 
 
+def extra_dependencies() -> set[str]:
+    """What the optional extras add (``pip install 'alliance[sklearn]'``): imported lazily,
+    inside the function that needs them, which says which extra to install."""
+    extras = pyproject()["project"]["optional-dependencies"].values()
+    return {canonicalize_name(Requirement(s).name) for specs in extras for s in specs}
+
+
 def dev_only() -> set[str]:
     dev = {canonicalize_name(Requirement(s).name) for s in pyproject()["dependency-groups"]["dev"]}
     return dev - runtime_dependencies()
@@ -86,7 +93,29 @@ def undeclared_imports(paths: list[Path], declared: set[str]) -> list[str]:
 def test_every_import_of_the_project_is_a_runtime_dependency() -> None:
     # Otherwise `pip install .` gives a site node that dies on an ImportError, or one that
     # needs a test tool (statsmodels, lifelines, pytest) installed at the hospital.
-    assert undeclared_imports(runtime_modules(), runtime_dependencies()) == []
+    declared = runtime_dependencies() | extra_dependencies()
+    assert undeclared_imports(runtime_modules(), declared) == []
+
+
+def test_an_extra_is_imported_only_inside_the_function_that_needs_it() -> None:
+    # `pip install .` without the extra must still import every module.
+    extras = extra_dependencies() - runtime_dependencies()
+    problems = []
+    for path in runtime_modules():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in tree.body:
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            for name in names:
+                if distributions(name.split(".")[0]) & extras:
+                    problems.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {name}")
+    assert problems == []
+    assert {"scikit-learn", "skl2onnx"} <= extras
 
 
 def test_the_import_check_would_catch_a_test_tool_in_runtime_code(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,10 +22,12 @@ from analyses.base import AnalysisContext, NoState
 from analyses.driver import RoundTask, SiteAnswer, SiteReply
 from analyses.scripts import ScriptBundle
 from analyses.testing import federate
+from analyses.training.app import TrainingApp, builtin_app_paths
 from protocol.config import DataDictionary
 from protocol.errors import ValidationError
 from tests import dp_noise
 
+_TRAINING_APP = TrainingApp(*(Path(path).read_text() for path in builtin_app_paths()))
 _AGE_SCRIPT = ScriptBundle(
     "import numpy as np\n\n\ndef per_record(frame):\n"
     "    return np.column_stack([frame.age.to_numpy(), np.ones(len(frame))])\n\n\n"
@@ -35,6 +38,15 @@ _AGE_SCRIPT = ScriptBundle(
 
 #: One request per analysis, over the synthetic cohort's dictionary.
 REQUESTS: dict[str, dict[str, Any]] = {
+    "train": {
+        "app": _TRAINING_APP.hash,
+        "module": _TRAINING_APP.module,
+        "manifest": _TRAINING_APP.manifest_text,
+        "features": ["age", "sex", "stage"],
+        "outcome": "event",
+        "rounds": 3,
+        "contributions": "shapley",
+    },
     "script": {
         "hash": _AGE_SCRIPT.hash,
         "module": _AGE_SCRIPT.module,
@@ -68,6 +80,12 @@ def test_no_task_carries_a_key_the_analysis_did_not_declare_public(
 ) -> None:
     declared = set(get_analysis(name).state_model.model_fields)
     seen: list[dict[str, Any]] = []
+    if name == "train" and mode != "off":
+        # Training refuses sdc (no rule protects weights) and spends rho, not epsilon, in dp.
+        refusal = "no disclosure-control rule" if mode == "sdc" else "spends zCDP rho"
+        with pytest.raises(ValidationError, match=refusal):
+            federate(name, sites, REQUESTS[name], syn_dict, mode, epsilon=5.0)
+        return
     federate(
         name,
         sites,
