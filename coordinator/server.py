@@ -155,7 +155,13 @@ async def serve(
         )
     tokens = LiveTokenBook(config.tokens, tokens_file(config))
     app = create_app(store, registry, scheduler, tokens, config.max_request_bytes)
-    web = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+    # h11 and no websockets, whatever else is installed: flwr brings uvicorn[standard]
+    # (httptools, websockets), which uvicorn would otherwise pick up on its own.
+    web = uvicorn.Server(
+        uvicorn.Config(
+            app, log_level="warning", access_log=False, lifespan="off", http="h11", ws="none"
+        )
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

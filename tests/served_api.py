@@ -49,7 +49,11 @@ def served_app(
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = int(sock.getsockname()[1])
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off"))
+    # As coordinator/server.py serves it: h11, no websockets, asyncio's own loop.
+    config = uvicorn.Config(
+        app, log_level=log_level, lifespan="off", http="h11", ws="none", loop="asyncio"
+    )
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
