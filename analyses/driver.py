@@ -154,6 +154,7 @@ class RoundDriver:
         self.dictionary = dictionary
         self.mode = mode
         self.sdc = sdc or SDCThresholds()
+        self.active = list(sites)
         self.rounds_budgeted = 1
         self.epsilon_round: PureDP | None = None
         self.rho_round: ZCDP | None = None
@@ -182,7 +183,6 @@ class RoundDriver:
                     "is below the ledger's unit (1e-9) per round; ask for more"
                 )
         self.contributions = {name: SiteContribution(name, "ok") for name in sites}
-        self.active = list(sites)
         self.rounds_run = 0
         self.restarts = 0
         self._round = 0
@@ -206,7 +206,7 @@ class RoundDriver:
             round_no,
             state or {},
             memo or {},
-            sites=tuple(self.active) if hasattr(self, "active") else (),
+            sites=tuple(self.active),
         )
 
     def _start(self) -> None:

@@ -407,7 +407,7 @@ class StudyBook:
         bundle.check_source()
         parsed = bundle.manifest
         # A training app reads what each request names (checked then); a script, its manifest's.
-        read = [] if isinstance(bundle, TrainingApp) else list(parsed.variables)  # type: ignore[union-attr]
+        read = [] if isinstance(bundle, TrainingApp) else list(bundle.manifest.variables)
         for variable in read:
             self.dictionary.variable(variable)
         outside = sorted(set(read) - set(study.variables)) if study.variables else []
